@@ -13,4 +13,11 @@
 //! - [`config`]: limits and settings, loadable from TOML.
 //! - [`tls`]: certificates and the quinn endpoint configuration.
 
+pub mod client;
+pub mod config;
 pub mod protocol;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use server::{LocalServer, run};

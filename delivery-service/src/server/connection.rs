@@ -1,0 +1,673 @@
+//! One task per QUIC connection: frame reading on the connection's single stream, the
+//! authentication phase, dispatch of requests to handlers, the writer that batches outgoing
+//! frames, and the delivery task that pushes each group's messages in order without gaps.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::ReadExactError;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
+
+use super::handlers::{self, RequestContext, store_error};
+use super::hub::{Hub, Notification, SESSION_QUEUE, SessionHandle};
+use crate::config::Limits;
+use crate::protocol::{
+    AUTHENTICATE_LABEL, Authenticated, AuthenticationTbs, EXPORTER_LABEL, EXPORTER_LEN, ErrorCode,
+    FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, GroupId, Pong, REGISTER_LABEL,
+    SIGNATURE_KEY_LEN, Seq, UserName,
+};
+use crate::store::{Membership, Store, StoreError};
+
+/// Frames queued for the writer before producers wait.
+const OUTBOX: usize = 1024;
+/// Deliveries read from the store per page during catch-up.
+const CATCH_UP_PAGE: u32 = 256;
+
+/// State shared by every connection of one server.
+pub struct Shared<S> {
+    pub store: Arc<S>,
+    pub hub: Arc<Hub>,
+    pub limits: Arc<Limits>,
+    pub next_session_id: AtomicU64,
+}
+
+enum Outgoing {
+    Frame(Bytes),
+    /// Finish the stream, wait (briefly) until the peer has it all, then answer.
+    Finish(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+struct Outbox(mpsc::Sender<Outgoing>);
+
+impl Outbox {
+    async fn send(&self, frame: Frame) -> bool {
+        self.send_bytes(Bytes::from(frame.encode())).await
+    }
+
+    async fn send_bytes(&self, frame: Bytes) -> bool {
+        self.0.send(Outgoing::Frame(frame)).await.is_ok()
+    }
+
+    async fn finish(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.0.send(Outgoing::Finish(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+/// Writes outgoing frames, coalescing whatever is queued into one write.
+async fn write_frames(mut send: quinn::SendStream, mut queue: mpsc::Receiver<Outgoing>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    while let Some(first) = queue.recv().await {
+        let mut finish = None;
+        match first {
+            Outgoing::Frame(frame) => batch.push(frame),
+            Outgoing::Finish(done) => finish = Some(done),
+        }
+        while finish.is_none() && batch.len() < 256 {
+            match queue.try_recv() {
+                Ok(Outgoing::Frame(frame)) => batch.push(frame),
+                Ok(Outgoing::Finish(done)) => finish = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() && send.write_all_chunks(&mut batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+        if let Some(done) = finish {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Why reading stopped.
+enum ReadFailure {
+    /// The peer broke a protocol rule: answer with this code and close.
+    Fatal(ErrorCode, String),
+    /// The stream or connection went away.
+    Gone,
+}
+
+struct FrameReader {
+    recv: quinn::RecvStream,
+    max_send_bytes: u32,
+}
+
+impl FrameReader {
+    /// The next frame, or `None` at a clean end of stream.
+    async fn next(&mut self) -> Result<Option<Frame>, ReadFailure> {
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        match self.recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(ReadExactError::FinishedEarly(_)) => {
+                return Err(ReadFailure::Fatal(
+                    ErrorCode::MalformedFrame,
+                    "stream ended inside a frame header".into(),
+                ));
+            }
+            Err(ReadExactError::ReadError(_)) => return Err(ReadFailure::Gone),
+        }
+        // The header is checked before anything is allocated for the body.
+        let header = FrameHeader::parse(&header).map_err(|error| {
+            let code = match error {
+                FrameError::UnknownKind(_) => ErrorCode::UnknownFrameKind,
+                FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                FrameError::TruncatedHeader | FrameError::Malformed(_) => ErrorCode::MalformedFrame,
+            };
+            ReadFailure::Fatal(code, error.to_string())
+        })?;
+        if header.kind as u16 & 0x8000 != 0 {
+            return Err(ReadFailure::Fatal(
+                ErrorCode::UnexpectedFrame,
+                format!("{:?} frames are sent by the DS, not to it", header.kind),
+            ));
+        }
+        if header.kind == FrameKind::Send && header.body_len > self.max_send_bytes {
+            return Err(ReadFailure::Fatal(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "Send of {} bytes exceeds this DS's limit of {} bytes",
+                    header.body_len, self.max_send_bytes
+                ),
+            ));
+        }
+        let mut body = vec![0u8; header.body_len as usize];
+        match self.recv.read_exact(&mut body).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(_)) => {
+                return Err(ReadFailure::Fatal(
+                    ErrorCode::MalformedFrame,
+                    "stream ended inside a frame body".into(),
+                ));
+            }
+            Err(ReadExactError::ReadError(_)) => return Err(ReadFailure::Gone),
+        }
+        Frame::decode(header.kind, &body)
+            .map(Some)
+            .map_err(|error| ReadFailure::Fatal(ErrorCode::MalformedFrame, error.to_string()))
+    }
+}
+
+/// Token bucket for the per-connection request rate.
+struct RateLimiter {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    refilled_at: Instant,
+}
+
+impl RateLimiter {
+    fn new(limits: &Limits) -> RateLimiter {
+        let burst = f64::from(limits.request_burst.max(1));
+        RateLimiter {
+            tokens: burst,
+            burst,
+            per_second: f64::from(limits.requests_per_second),
+            refilled_at: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.refilled_at = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn verify_signature(signature_key: &[u8], signed: &[u8], signature: &[u8]) -> bool {
+    let Ok(key) = <[u8; SIGNATURE_KEY_LEN]>::try_from(signature_key) else {
+        return false;
+    };
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
+        return false;
+    };
+    let Ok(signature) = ed25519_dalek::Signature::from_slice(signature) else {
+        return false;
+    };
+    key.verify_strict(signed, &signature).is_ok()
+}
+
+/// The end of a connection.
+struct Closing {
+    request_id: u32,
+    code: ErrorCode,
+    message: String,
+}
+
+impl Closing {
+    fn new(request_id: u32, code: ErrorCode, message: impl Into<String>) -> Closing {
+        Closing {
+            request_id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Sends the closing error as a frame (best effort) and as the QUIC close reason (authoritative).
+async fn close_with(connection: &quinn::Connection, outbox: &Outbox, closing: Closing) {
+    tracing::debug!(code = %closing.code, reason = %closing.message, "closing connection");
+    outbox
+        .send(Frame::error(
+            closing.request_id,
+            closing.code,
+            None,
+            &closing.message,
+        ))
+        .await;
+    outbox.finish().await;
+    connection.close((closing.code as u16).into(), closing.message.as_bytes());
+}
+
+enum AuthOutcome {
+    Authenticated(UserName),
+    Closed(Closing),
+    Gone,
+}
+
+async fn authenticate<S: Store>(
+    connection: &quinn::Connection,
+    reader: &mut FrameReader,
+    outbox: &Outbox,
+    shared: &Shared<S>,
+) -> AuthOutcome {
+    let mut exporter = [0u8; EXPORTER_LEN];
+    if connection
+        .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .is_err()
+    {
+        return AuthOutcome::Closed(Closing::new(
+            0,
+            ErrorCode::Internal,
+            "cannot derive the authentication challenge",
+        ));
+    }
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(ReadFailure::Gone) => return AuthOutcome::Gone,
+            Err(ReadFailure::Fatal(code, message)) => {
+                return AuthOutcome::Closed(Closing::new(0, code, message));
+            }
+        };
+        match frame {
+            Frame::Register(register) => {
+                let id = register.request_id;
+                let key = register.signature_key.as_slice();
+                let signed = AuthenticationTbs::to_signed_bytes(
+                    REGISTER_LABEL,
+                    &exporter,
+                    &register.user_name,
+                    key,
+                );
+                // SECURITY: the signature covers this connection's exporter value, so it proves
+                // possession of the key now and cannot be replayed on another connection.
+                if !verify_signature(key, &signed, register.signature.as_slice()) {
+                    return AuthOutcome::Closed(Closing::new(
+                        id,
+                        ErrorCode::AuthenticationFailed,
+                        "the signature does not verify",
+                    ));
+                }
+                match shared.store.register_user(&register.user_name, key).await {
+                    Ok(_) => {
+                        let name = register.user_name;
+                        outbox
+                            .send(Frame::Authenticated(Authenticated {
+                                request_id: id,
+                                user_name: name.clone(),
+                            }))
+                            .await;
+                        return AuthOutcome::Authenticated(name);
+                    }
+                    Err(failure) => {
+                        outbox.send(store_error(id, failure)).await;
+                    }
+                }
+            }
+            Frame::Authenticate(authenticate) => {
+                let id = authenticate.request_id;
+                let key = match shared.store.user_key(&authenticate.user_name).await {
+                    Ok(Some(key)) => key,
+                    Ok(None) => {
+                        return AuthOutcome::Closed(Closing::new(
+                            id,
+                            ErrorCode::AuthenticationFailed,
+                            "unknown user",
+                        ));
+                    }
+                    Err(failure) => {
+                        tracing::error!(%failure, "store failure during authentication");
+                        return AuthOutcome::Closed(Closing::new(
+                            id,
+                            ErrorCode::Internal,
+                            "internal storage error",
+                        ));
+                    }
+                };
+                let signed = AuthenticationTbs::to_signed_bytes(
+                    AUTHENTICATE_LABEL,
+                    &exporter,
+                    &authenticate.user_name,
+                    &key,
+                );
+                if !verify_signature(&key, &signed, authenticate.signature.as_slice()) {
+                    return AuthOutcome::Closed(Closing::new(
+                        id,
+                        ErrorCode::AuthenticationFailed,
+                        "the signature does not verify",
+                    ));
+                }
+                let name = authenticate.user_name;
+                outbox
+                    .send(Frame::Authenticated(Authenticated {
+                        request_id: id,
+                        user_name: name.clone(),
+                    }))
+                    .await;
+                return AuthOutcome::Authenticated(name);
+            }
+            other => {
+                let id = other.request_id().unwrap_or(0);
+                return AuthOutcome::Closed(Closing::new(
+                    id,
+                    ErrorCode::NotAuthenticated,
+                    "authenticate first",
+                ));
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends, the peer breaks the protocol, or the server shuts down.
+pub async fn serve<S: Store>(
+    connection: quinn::Connection,
+    shared: Arc<Shared<S>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("connection", id = connection.stable_id(), remote = %connection.remote_address());
+    serve_inner(connection, shared, shutdown)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_inner<S: Store>(
+    connection: quinn::Connection,
+    shared: Arc<Shared<S>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let deadline = tokio::time::Instant::now() + shared.limits.auth_timeout();
+    let (send, recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            connection.close(
+                (ErrorCode::AuthenticationTimeout as u16).into(),
+                b"no stream opened in time",
+            );
+            return;
+        }
+    };
+    let (queue, queued) = mpsc::channel(OUTBOX);
+    let outbox = Outbox(queue);
+    let writer = tokio::spawn(write_frames(send, queued));
+    let mut reader = FrameReader {
+        recv,
+        max_send_bytes: shared.limits.max_send_bytes,
+    };
+
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline, authenticate(&connection, &mut reader, &outbox, &shared)) => {
+            outcome.unwrap_or_else(|_| AuthOutcome::Closed(Closing::new(0, ErrorCode::AuthenticationTimeout, "authentication took too long")))
+        }
+        _ = shutdown.changed() => AuthOutcome::Closed(Closing::new(0, ErrorCode::ShuttingDown, "the DS is shutting down")),
+    };
+    let user = match outcome {
+        AuthOutcome::Authenticated(user) => user,
+        AuthOutcome::Closed(closing) => {
+            close_with(&connection, &outbox, closing).await;
+            return;
+        }
+        AuthOutcome::Gone => return,
+    };
+    tracing::info!(%user, "authenticated");
+
+    let session_id = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let (notifications, notified) = mpsc::channel(SESSION_QUEUE);
+    let lagged = Arc::new(Notify::new());
+    let handle = SessionHandle {
+        id: session_id,
+        notifications,
+        lagged: Arc::clone(&lagged),
+        connection: connection.clone(),
+    };
+    if let Some(replaced) = shared.hub.attach(&user, handle) {
+        replaced.close(
+            (ErrorCode::SessionReplaced as u16).into(),
+            b"another connection authenticated as this user",
+        );
+    }
+    let delivery = tokio::spawn(
+        deliver(
+            user.clone(),
+            session_id,
+            Arc::clone(&shared.store),
+            Arc::clone(&shared.hub),
+            notified,
+            lagged,
+            outbox.clone(),
+        )
+        .in_current_span(),
+    );
+
+    let context = Arc::new(RequestContext {
+        user: user.clone(),
+        store: Arc::clone(&shared.store),
+        hub: Arc::clone(&shared.hub),
+        limits: Arc::clone(&shared.limits),
+    });
+    let in_flight = Arc::new(Semaphore::new(shared.limits.max_in_flight_requests.max(1)));
+    let mut handlers = JoinSet::new();
+    let mut rate = RateLimiter::new(&shared.limits);
+    let closing = loop {
+        while handlers.try_join_next().is_some() {}
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break Some(Closing::new(0, ErrorCode::ShuttingDown, "the DS is shutting down")),
+            next = reader.next() => next,
+        };
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(ReadFailure::Gone) => break None,
+            Err(ReadFailure::Fatal(code, message)) => break Some(Closing::new(0, code, message)),
+        };
+        if !rate.allow() {
+            if let Some(id) = frame.request_id() {
+                outbox
+                    .send(Frame::error(
+                        id,
+                        ErrorCode::RateLimited,
+                        None,
+                        "too many requests; slow down",
+                    ))
+                    .await;
+            }
+            continue;
+        }
+        let request_id = frame.request_id().unwrap_or(0);
+        match frame {
+            Frame::Register(_) | Frame::Authenticate(_) => {
+                outbox
+                    .send(Frame::error(
+                        request_id,
+                        ErrorCode::AlreadyAuthenticated,
+                        None,
+                        "this connection is already authenticated",
+                    ))
+                    .await;
+            }
+            Frame::Ping(ping) => {
+                outbox
+                    .send(Frame::Pong(Pong {
+                        request_id: ping.request_id,
+                    }))
+                    .await;
+            }
+            request => {
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                    break None;
+                };
+                let context = Arc::clone(&context);
+                let outbox = outbox.clone();
+                handlers.spawn(
+                    async move {
+                        if let Some(response) = dispatch(&context, request).await {
+                            outbox.send(response).await;
+                        }
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
+            }
+        }
+    };
+    // Let in-flight requests finish: their writes are durable and their answers get sent.
+    while handlers.join_next().await.is_some() {}
+    shared.hub.detach(&user, session_id);
+    delivery.abort();
+    match closing {
+        Some(closing) => close_with(&connection, &outbox, closing).await,
+        None => outbox.finish().await,
+    }
+    drop(outbox);
+    let _ = writer.await;
+    tracing::info!(%user, "connection ended");
+}
+
+/// Runs one authenticated request; `None` for requests without a reply (`Ack`).
+async fn dispatch<S: Store>(context: &RequestContext<S>, request: Frame) -> Option<Frame> {
+    let response = match request {
+        Frame::UploadKeyPackages(request) => handlers::upload_key_packages(context, request).await,
+        Frame::ClaimKeyPackage(request) => handlers::claim_key_package(context, request).await,
+        Frame::CountKeyPackages(request) => handlers::count_key_packages(context, request).await,
+        Frame::CreateGroup(request) => handlers::create_group(context, request).await,
+        Frame::Send(request) => handlers::send(context, request).await,
+        Frame::Fetch(request) => handlers::fetch(context, request).await,
+        Frame::Ack(ack) => {
+            if let Err(failure) = context
+                .store
+                .ack(&context.user, &ack.group_id, ack.seq)
+                .await
+            {
+                tracing::warn!(%failure, "ack not stored");
+            }
+            return None;
+        }
+        other => {
+            // Responses were rejected when their header was read; the rest are handled inline.
+            let id = other.request_id().unwrap_or(0);
+            Frame::error(id, ErrorCode::UnexpectedFrame, None, "unexpected frame")
+        }
+    };
+    Some(response)
+}
+
+/// Pushes every group's messages to one session: first the backlog after the user's cursor,
+/// then live messages. Per group, frames go out in seq order without gaps; a wake-up that
+/// arrives ahead of a missing seq, or a lost wake-up, is repaired from the store.
+async fn deliver<S: Store>(
+    user: UserName,
+    session_id: u64,
+    store: Arc<S>,
+    hub: Arc<Hub>,
+    mut notifications: mpsc::Receiver<Notification>,
+    lagged: Arc<Notify>,
+    outbox: Outbox,
+) {
+    let memberships = match store.memberships(&user).await {
+        Ok(memberships) => memberships,
+        Err(failure) => {
+            tracing::error!(%failure, "cannot load memberships");
+            return;
+        }
+    };
+    // Follow first, then read the backlog: a message accepted in between is then either in the
+    // backlog or announced, never neither.
+    hub.follow(
+        &user,
+        session_id,
+        memberships
+            .iter()
+            .map(|membership| membership.group_id.clone()),
+    );
+    let mut delivered: HashMap<GroupId, Seq> = HashMap::new();
+    for Membership { group_id, cursor } in memberships {
+        if !catch_up(&user, &*store, &outbox, &group_id, cursor, &mut delivered).await {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            notification = notifications.recv() => {
+                let Some(notification) = notification else { return };
+                if !on_notification(&user, &*store, &outbox, notification, &mut delivered).await {
+                    return;
+                }
+            }
+            _ = lagged.notified() => {
+                tracing::debug!("session lagged; resyncing from the store");
+                let groups: Vec<(GroupId, Seq)> = delivered.iter().map(|(group, seq)| (group.clone(), *seq)).collect();
+                for (group_id, seq) in groups {
+                    if !catch_up(&user, &*store, &outbox, &group_id, seq, &mut delivered).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Returns false when the connection is gone.
+async fn on_notification<S: Store>(
+    user: &UserName,
+    store: &S,
+    outbox: &Outbox,
+    notification: Notification,
+    delivered: &mut HashMap<GroupId, Seq>,
+) -> bool {
+    let last = match delivered.get(&notification.group_id) {
+        Some(last) => *last,
+        None => match store.cursor(user, &notification.group_id).await {
+            Ok(Some(cursor)) => cursor,
+            Ok(None) => return true,
+            Err(failure) => {
+                tracing::error!(%failure, "cannot read a delivery cursor");
+                return true;
+            }
+        },
+    };
+    if notification.seq <= last {
+        return true;
+    }
+    if notification.seq == last + 1 {
+        if !outbox.send_bytes(notification.frame).await {
+            return false;
+        }
+        delivered.insert(notification.group_id, notification.seq);
+        return true;
+    }
+    catch_up(user, store, outbox, &notification.group_id, last, delivered).await
+}
+
+/// Sends everything stored after `after` in one group. Returns false when the connection is gone.
+async fn catch_up<S: Store>(
+    user: &UserName,
+    store: &S,
+    outbox: &Outbox,
+    group_id: &GroupId,
+    mut after: Seq,
+    delivered: &mut HashMap<GroupId, Seq>,
+) -> bool {
+    loop {
+        let page = match store.fetch(user, group_id, after, CATCH_UP_PAGE).await {
+            Ok(page) => page,
+            Err(StoreError::NotMember) => {
+                delivered.remove(group_id);
+                return true;
+            }
+            Err(failure) => {
+                tracing::error!(%failure, "cannot read the backlog");
+                return true;
+            }
+        };
+        for delivery in page.deliveries {
+            after = delivery.seq;
+            if !outbox.send(Frame::Deliver(delivery)).await {
+                return false;
+            }
+        }
+        delivered.insert(group_id.clone(), after);
+        if !page.more {
+            return true;
+        }
+    }
+}

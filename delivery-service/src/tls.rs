@@ -1,0 +1,338 @@
+//! TLS and QUIC setup: the DS certificate (generated self-signed on first start, or the
+//! operator's), certificate pinning for clients, and quinn endpoints with enlarged UDP buffers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+
+use crate::config::Limits;
+use crate::protocol::ALPN;
+
+const CERT_FILE: &str = "cert.pem";
+const KEY_FILE: &str = "key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no usable PEM {what}")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("cannot generate a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid QUIC TLS configuration: {0}")]
+    Quic(String),
+    #[error("cannot open the UDP socket on {address}: {source}")]
+    Socket {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("a certificate fingerprint is 64 hex digits (SHA-256)")]
+    BadFingerprint,
+}
+
+/// The SHA-256 of a DER certificate: what clients pin.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertFingerprint(pub [u8; 32]);
+
+impl CertFingerprint {
+    pub fn of(certificate_der: &[u8]) -> CertFingerprint {
+        CertFingerprint(Sha256::digest(certificate_der).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits; colons and spaces between them are allowed.
+    pub fn from_hex(text: &str) -> Result<CertFingerprint, TlsError> {
+        let digits: String = text.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+        let bytes = hex::decode(digits).map_err(|_| TlsError::BadFingerprint)?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| TlsError::BadFingerprint)?;
+        Ok(CertFingerprint(bytes))
+    }
+}
+
+impl std::fmt::Debug for CertFingerprint {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "CertFingerprint({})", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for CertFingerprint {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.to_hex())
+    }
+}
+
+/// The DS's certificate chain and private key.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// The fingerprint of the end-entity certificate.
+    pub fn fingerprint(&self) -> CertFingerprint {
+        CertFingerprint::of(
+            self.cert_chain
+                .first()
+                .map(|cert| cert.as_ref())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// A fresh self-signed certificate, kept in memory only (tests, embedded use).
+    pub fn self_signed() -> Result<ServerIdentity, TlsError> {
+        let generated = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])?;
+        Ok(ServerIdentity {
+            cert_chain: vec![generated.cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
+        })
+    }
+
+    /// Loads the operator's PEM files.
+    pub fn from_pem_files(cert_path: &Path, key_path: &Path) -> Result<ServerIdentity, TlsError> {
+        let cert_pem = read(cert_path)?;
+        let cert_chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|_| TlsError::Pem {
+                path: cert_path.to_path_buf(),
+                what: "certificate",
+            })?;
+        if cert_chain.is_empty() {
+            return Err(TlsError::Pem {
+                path: cert_path.to_path_buf(),
+                what: "certificate",
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(key_path)?).map_err(|_| TlsError::Pem {
+            path: key_path.to_path_buf(),
+            what: "private key",
+        })?;
+        Ok(ServerIdentity { cert_chain, key })
+    }
+
+    /// Loads `cert.pem`/`key.pem` from `data_dir`, generating a self-signed pair on first start.
+    /// Returns the identity and whether it was just generated.
+    pub fn load_or_generate(data_dir: &Path) -> Result<(ServerIdentity, bool), TlsError> {
+        let cert_path = data_dir.join(CERT_FILE);
+        let key_path = data_dir.join(KEY_FILE);
+        if cert_path.exists() && key_path.exists() {
+            return Ok((
+                ServerIdentity::from_pem_files(&cert_path, &key_path)?,
+                false,
+            ));
+        }
+        let generated = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])?;
+        write_private(&key_path, generated.signing_key.serialize_pem().as_bytes())?;
+        write_private(&cert_path, generated.cert.pem().as_bytes())?;
+        Ok((ServerIdentity::from_pem_files(&cert_path, &key_path)?, true))
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).map_err(|source| TlsError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| TlsError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The quinn server configuration: TLS 1.3 only, ALPN `mlschat/1`, no 0-RTT, and a transport
+/// tightened for a chat server (one stream per connection, bounded windows, idle timeout).
+pub fn server_config(
+    identity: ServerIdentity,
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.cert_chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // SECURITY: 0-RTT data is replayable (RFC 8446 §8); the DS never accepts it.
+    tls.max_early_data_size = 0;
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|error| TlsError::Quic(error.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((2u32 * 1024 * 1024).into())
+        .receive_window((4u32 * 1024 * 1024).into())
+        .send_window(16 * 1024 * 1024)
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(limits.idle_timeout().try_into().ok());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Accepts exactly one server certificate: the one whose SHA-256 is pinned. The name in it is
+/// irrelevant; trust comes from the pin (like SSH known_hosts), not from a CA.
+#[derive(Debug)]
+struct PinnedCertVerifier {
+    fingerprint: CertFingerprint,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if CertFingerprint::of(end_entity.as_ref()) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The quinn client configuration for a DS whose certificate fingerprint is `pinned`.
+pub fn client_config(pinned: CertFingerprint) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = crypto_provider();
+    let verifier = PinnedCertVerifier {
+        fingerprint: pinned,
+        provider: Arc::clone(&provider),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto =
+        QuicClientConfig::try_from(tls).map_err(|error| TlsError::Quic(error.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .max_idle_timeout(Duration::from_secs(60).try_into().ok())
+        .send_window(16 * 1024 * 1024)
+        .stream_receive_window((16u32 * 1024 * 1024).into())
+        .receive_window((32u32 * 1024 * 1024).into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Binds a UDP socket with `buffer_bytes` send and receive buffers and wraps it in a quinn
+/// endpoint. The kernel caps the sizes at `net.core.rmem_max`/`wmem_max`.
+pub fn bind_endpoint(
+    address: SocketAddr,
+    server_config: Option<quinn::ServerConfig>,
+    buffer_bytes: usize,
+) -> Result<quinn::Endpoint, TlsError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket_error = |source| TlsError::Socket { address, source };
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .map_err(socket_error)?;
+    if address.is_ipv6() {
+        // Best effort: dual-stack where the platform allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: an operator's sysctl limits may cap these, which only costs throughput.
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.bind(&address.into()).map_err(socket_error)?;
+    socket.set_nonblocking(true).map_err(socket_error)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server_config,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(socket_error)
+}
