@@ -86,19 +86,23 @@ impl FrameHeader {
 }
 
 /// Encodes `body` behind a header of the given kind.
+///
+/// The header's length is taken from the bytes actually written, so a frame can never claim a
+/// body it does not carry. Serialising into a `Vec` only fails for a vector over the varint
+/// limit (2^30 bytes), far beyond every frame limit; such a body is replaced by an empty one,
+/// which the receiver rejects as malformed instead of losing track of frame boundaries.
 pub fn encode_frame<T: Serialize + Size>(kind: FrameKind, body: &T) -> Vec<u8> {
-    let body_len = body.tls_serialized_len();
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body_len);
-    let header = FrameHeader {
-        kind,
-        // Bodies are built from values that already passed the size limits, all far below 4 GiB.
-        body_len: u32::try_from(body_len).unwrap_or(u32::MAX),
-    };
-    out.extend_from_slice(&header.to_bytes());
-    // Serialising into a Vec cannot fail for values below the varint limit of 2^30 bytes.
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.tls_serialized_len());
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
     if body.tls_serialize(&mut out).is_err() {
         out.truncate(FRAME_HEADER_LEN);
     }
+    let body_len = u32::try_from(out.len() - FRAME_HEADER_LEN).unwrap_or(0);
+    if body_len == 0 {
+        out.truncate(FRAME_HEADER_LEN);
+    }
+    let header = FrameHeader { kind, body_len };
+    out[..FRAME_HEADER_LEN].copy_from_slice(&header.to_bytes());
     out
 }
 

@@ -104,7 +104,7 @@ const UPLOAD_KEY_PACKAGES_HEX: &str = "00100000002d000000031a0c00010005000100010
 const CLAIM_KEY_PACKAGE_HEX: &str = "0011000000080000000403626f62";
 const COUNT_KEY_PACKAGES_HEX: &str = "00120000000400000005";
 const CREATE_GROUP_HEX: &str = "0020000000150000000610000102030405060708090a0b0c0d0e0f";
-const SEND_HEX: &str = "00210000005900000007c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c02c0001000110000102030405060708090a0b0c0d0e0f000000000000000001000000000003a1a2a3a4a5a6a7a801010a000100030001b1b2b3b40403626f62050464617665";
+const SEND_HEX: &str = "00210000005400000007c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c02c0001000110000102030405060708090a0b0c0d0e0f000000000000000001000000000003a1a2a3a4a5a6a7a801010a000100030001b1b2b3b40403626f6200";
 const FETCH_HEX: &str =
     "0022000000210000000810000102030405060708090a0b0c0d0e0f000000000000000100000064";
 const ACK_HEX: &str = "00230000001910000102030405060708090a0b0c0d0e0f0000000000000002";
@@ -175,7 +175,7 @@ fn vectors() -> Vec<(Frame, &'static str)> {
                 commit: Some(CommitRouting {
                     welcome: Some(welcome_message().into()),
                     added: vec![user("bob")],
-                    removed: vec![user("dave")],
+                    removed: Vec::new(),
                 }),
             }),
             SEND_HEX,
@@ -450,6 +450,10 @@ fn frame_bytes(kind: FrameKind, body: &[u8]) -> Vec<u8> {
 
 /// Decodes `bytes`, failing the test with the input in hex if decoding panics, and checks that
 /// whatever decodes re-encodes to exactly the same bytes (the encoding is canonical).
+///
+/// tls_codec 0.5.0 has a `debug_assert_eq!` in `VLBytes::tls_deserialize_bytes` that fires when a
+/// length prefix claims more bytes than remain (RustCrypto/formats#2414). Where tls_codec is
+/// built with debug assertions, the tests that feed such input fail here until that is fixed.
 fn decode_without_panic(bytes: &[u8]) -> Result<Frame, FrameError> {
     let result = catch_unwind(AssertUnwindSafe(|| Frame::decode_exact(bytes)))
         .unwrap_or_else(|_| panic!("decoding panicked on {}", hex::encode(bytes)));
