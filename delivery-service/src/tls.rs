@@ -275,6 +275,81 @@ impl ServerCertVerifier for PinnedCertVerifier {
     }
 }
 
+/// Trust on first use: accepts the pinned certificate, or any certificate when nothing is pinned
+/// yet, and records what the server presented so the caller can pin it (or report a change).
+/// The TLS handshake signature is verified either way, so the server holds the certificate's key.
+#[derive(Debug)]
+struct FirstUseVerifier {
+    expected: Option<CertFingerprint>,
+    presented: PresentedCertificate,
+    signatures: PinnedCertVerifier,
+}
+
+impl ServerCertVerifier for FirstUseVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = CertFingerprint::of(end_entity.as_ref());
+        if let Ok(mut slot) = self.presented.lock() {
+            *slot = Some(presented);
+        }
+        match self.expected {
+            Some(expected) if expected != presented => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.signatures.supported_verify_schemes()
+    }
+}
+
+/// What the server presented during a connection attempt with [`client_config_first_use`].
+pub type PresentedCertificate = Arc<std::sync::Mutex<Option<CertFingerprint>>>;
+
+/// A client configuration that trusts `expected` if given, else whatever the server presents
+/// (trust on first use); the returned slot tells which certificate the server presented.
+pub fn client_config_first_use(
+    expected: Option<CertFingerprint>,
+) -> Result<(quinn::ClientConfig, PresentedCertificate), TlsError> {
+    let provider = crypto_provider();
+    let presented = PresentedCertificate::default();
+    let verifier = FirstUseVerifier {
+        expected,
+        presented: Arc::clone(&presented),
+        signatures: PinnedCertVerifier {
+            fingerprint: CertFingerprint([0; 32]),
+            provider: Arc::clone(&provider),
+        },
+    };
+    Ok((client_config_with(provider, Arc::new(verifier))?, presented))
+}
+
 /// The quinn client configuration for a DS whose certificate fingerprint is `pinned`.
 pub fn client_config(pinned: CertFingerprint) -> Result<quinn::ClientConfig, TlsError> {
     let provider = crypto_provider();
@@ -282,10 +357,17 @@ pub fn client_config(pinned: CertFingerprint) -> Result<quinn::ClientConfig, Tls
         fingerprint: pinned,
         provider: Arc::clone(&provider),
     };
+    client_config_with(provider, Arc::new(verifier))
+}
+
+fn client_config_with(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;

@@ -1,0 +1,146 @@
+//! Slash commands, parsed the same way for the TUI and the headless mode.
+
+use mlschat_ds::protocol::UserName;
+
+/// One line typed by the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlashCommand {
+    Create(String),
+    Invite(Vec<UserName>),
+    Kick(UserName),
+    Leave,
+    Switch(String),
+    Members,
+    Update,
+    Fingerprint(Option<UserName>),
+    Verify(UserName),
+    Status,
+    Search(String),
+    Help,
+    Quit,
+    /// Not a command: text for the current group.
+    Message(String),
+}
+
+/// The command names, for help and completion.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("/create NAME", "create a group and switch to it"),
+    ("/invite USER...", "add users to the current group"),
+    ("/kick USER", "remove a user from the current group"),
+    ("/leave", "leave the current group"),
+    ("/switch NAME", "make another group the current one"),
+    ("/members", "list members with fingerprints"),
+    (
+        "/update",
+        "refresh your keys in the current group (post-compromise security)",
+    ),
+    ("/fingerprint [USER]", "show your fingerprint or a member's"),
+    ("/verify USER", "mark a user's fingerprint as verified"),
+    (
+        "/status",
+        "ciphersuite, epoch and verification code of the current group",
+    ),
+    ("/search TEXT", "search the current group's history"),
+    ("/help", "this list"),
+    ("/quit", "send what is queued and exit"),
+];
+
+fn user(word: &str) -> Result<UserName, String> {
+    UserName::new(word).map_err(|error| format!("{word:?}: {error}"))
+}
+
+/// Parses one line. Lines not starting with `/` are messages; `//` escapes a leading slash.
+pub fn parse(line: &str) -> Result<SlashCommand, String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if let Some(rest) = line.strip_prefix("//") {
+        return Ok(SlashCommand::Message(format!("/{rest}")));
+    }
+    let Some(command_line) = line.strip_prefix('/') else {
+        return Ok(SlashCommand::Message(line.to_string()));
+    };
+    let (command, argument) = match command_line.split_once(char::is_whitespace) {
+        Some((command, argument)) => (command, argument.trim()),
+        None => (command_line, ""),
+    };
+    let words: Vec<&str> = argument.split_whitespace().collect();
+    let one_user = |usage: &str| match words.as_slice() {
+        [word] => user(word),
+        _ => Err(format!("usage: {usage}")),
+    };
+    match command {
+        "create" if !argument.is_empty() => Ok(SlashCommand::Create(argument.to_string())),
+        "create" => Err("usage: /create NAME".into()),
+        "invite" if !words.is_empty() => words
+            .iter()
+            .map(|word| user(word))
+            .collect::<Result<_, _>>()
+            .map(SlashCommand::Invite),
+        "invite" => Err("usage: /invite USER...".into()),
+        "kick" => one_user("/kick USER").map(SlashCommand::Kick),
+        "leave" => Ok(SlashCommand::Leave),
+        "switch" if !argument.is_empty() => Ok(SlashCommand::Switch(argument.to_string())),
+        "switch" => Err("usage: /switch NAME".into()),
+        "members" => Ok(SlashCommand::Members),
+        "update" => Ok(SlashCommand::Update),
+        "fingerprint" => match words.as_slice() {
+            [] => Ok(SlashCommand::Fingerprint(None)),
+            [word] => user(word).map(|user| SlashCommand::Fingerprint(Some(user))),
+            _ => Err("usage: /fingerprint [USER]".into()),
+        },
+        "verify" => one_user("/verify USER").map(SlashCommand::Verify),
+        "status" => Ok(SlashCommand::Status),
+        "search" if !argument.is_empty() => Ok(SlashCommand::Search(argument.to_string())),
+        "search" => Err("usage: /search TEXT".into()),
+        "help" => Ok(SlashCommand::Help),
+        "quit" | "exit" => Ok(SlashCommand::Quit),
+        other => Err(format!(
+            "unknown command /{other}; /help lists the commands"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> UserName {
+        UserName::new(text).expect("valid name")
+    }
+
+    #[test]
+    fn commands_and_messages() {
+        assert_eq!(parse("hello"), Ok(SlashCommand::Message("hello".into())));
+        assert_eq!(
+            parse("//not a command"),
+            Ok(SlashCommand::Message("/not a command".into()))
+        );
+        assert_eq!(
+            parse("/create team chat"),
+            Ok(SlashCommand::Create("team chat".into()))
+        );
+        assert_eq!(
+            parse("/invite bob carol"),
+            Ok(SlashCommand::Invite(vec![name("bob"), name("carol")]))
+        );
+        assert_eq!(parse("/kick bob"), Ok(SlashCommand::Kick(name("bob"))));
+        assert_eq!(parse("/fingerprint"), Ok(SlashCommand::Fingerprint(None)));
+        assert_eq!(parse("/quit"), Ok(SlashCommand::Quit));
+    }
+
+    #[test]
+    fn bad_input_is_explained() {
+        assert!(
+            parse("/frobnicate")
+                .expect_err("unknown")
+                .contains("unknown command")
+        );
+        assert!(parse("/kick").expect_err("usage").contains("usage"));
+        assert!(
+            parse("/kick bob carol")
+                .expect_err("usage")
+                .contains("usage")
+        );
+        assert!(parse("/invite Bob").expect_err("bad name").contains("Bob"));
+        assert!(parse("/create").is_err());
+    }
+}

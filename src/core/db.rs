@@ -1,0 +1,612 @@
+//! The client's own tables in the profile database, beside openmls's: identity, groups with
+//! their delivery cursor, message history, the outbox of intents, and the keys seen per user.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::core::CoreError;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    signature_key BLOB NOT NULL,
+    registered INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE groups (
+    group_id BLOB PRIMARY KEY,
+    name TEXT,
+    cursor INTEGER NOT NULL,
+    active INTEGER NOT NULL,
+    announced INTEGER NOT NULL,
+    leaving INTEGER NOT NULL DEFAULT 0,
+    last_self_update INTEGER NOT NULL,
+    joined_at INTEGER NOT NULL
+);
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    seq INTEGER,
+    sender TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    outbox_id INTEGER,
+    state TEXT
+);
+CREATE INDEX history_by_group ON history (group_id, id);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    intent TEXT NOT NULL,
+    client_message_id BLOB NOT NULL,
+    payload BLOB,
+    welcome BLOB,
+    added TEXT,
+    removed TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX outbox_by_group ON outbox (group_id, id);
+CREATE TABLE known_keys (
+    user TEXT PRIMARY KEY,
+    signature_key BLOB NOT NULL,
+    previous_key BLOB,
+    verified INTEGER NOT NULL DEFAULT 0,
+    key_changed INTEGER NOT NULL DEFAULT 0
+);
+";
+
+fn sql(error: rusqlite::Error) -> CoreError {
+    CoreError::Database(error.to_string())
+}
+
+pub fn now_unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn open(path: &std::path::Path) -> Result<Connection, CoreError> {
+    let connection = Connection::open(path).map_err(sql)?;
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(sql)?;
+    Ok(connection)
+}
+
+pub fn migrate(connection: &Connection) -> Result<(), CoreError> {
+    let version: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(sql)?;
+    match version {
+        0 => connection
+            .execute_batch(&format!(
+                "BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
+            ))
+            .map_err(sql),
+        1 => Ok(()),
+        newer => Err(CoreError::Database(format!(
+            "the profile database has schema version {newer}, newer than this mlschat understands"
+        ))),
+    }
+}
+
+/// Runs `step` in one IMMEDIATE transaction: everything it writes, openmls state included,
+/// commits together or not at all.
+pub fn transaction<T>(
+    connection: &Connection,
+    step: impl FnOnce() -> Result<T, CoreError>,
+) -> Result<T, CoreError> {
+    connection.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+    match step() {
+        Ok(value) => match connection.execute_batch("COMMIT") {
+            Ok(()) => Ok(value),
+            Err(error) => {
+                let _ = connection.execute_batch("ROLLBACK");
+                Err(sql(error))
+            }
+        },
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityRow {
+    pub name: String,
+    pub signature_key: Vec<u8>,
+    pub registered: bool,
+}
+
+pub fn identity(connection: &Connection) -> Result<Option<IdentityRow>, CoreError> {
+    connection
+        .query_row(
+            "SELECT name, signature_key, registered FROM identity WHERE id = 1",
+            [],
+            |row| {
+                Ok(IdentityRow {
+                    name: row.get(0)?,
+                    signature_key: row.get(1)?,
+                    registered: row.get::<_, i64>(2)? != 0,
+                })
+            },
+        )
+        .optional()
+        .map_err(sql)
+}
+
+pub fn insert_identity(
+    connection: &Connection,
+    name: &str,
+    signature_key: &[u8],
+) -> Result<(), CoreError> {
+    connection
+        .execute(
+            "INSERT INTO identity (id, name, signature_key, registered) VALUES (1, ?1, ?2, 0)",
+            params![name, signature_key],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+pub fn set_registered(connection: &Connection, registered: bool) -> Result<(), CoreError> {
+    connection
+        .execute(
+            "UPDATE identity SET registered = ?1 WHERE id = 1",
+            params![i64::from(registered)],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupRow {
+    pub group_id: Vec<u8>,
+    pub name: Option<String>,
+    pub cursor: u64,
+    pub active: bool,
+    /// Whether the DS knows the group (CreateGroup answered).
+    pub announced: bool,
+    pub leaving: bool,
+    pub last_self_update: i64,
+}
+
+pub fn groups(connection: &Connection) -> Result<Vec<GroupRow>, CoreError> {
+    let mut statement = connection
+        .prepare("SELECT group_id, name, cursor, active, announced, leaving, last_self_update FROM groups ORDER BY joined_at")
+        .map_err(sql)?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok(GroupRow {
+                group_id: row.get(0)?,
+                name: row.get(1)?,
+                cursor: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                active: row.get::<_, i64>(3)? != 0,
+                announced: row.get::<_, i64>(4)? != 0,
+                leaving: row.get::<_, i64>(5)? != 0,
+                last_self_update: row.get(6)?,
+            })
+        })
+        .map_err(sql)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+}
+
+pub fn insert_group(
+    connection: &Connection,
+    group_id: &[u8],
+    name: Option<&str>,
+    cursor: u64,
+    announced: bool,
+) -> Result<(), CoreError> {
+    let now = now_unix_secs();
+    connection
+        .execute(
+            "INSERT OR REPLACE INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at)
+             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5)",
+            params![group_id, name, i64::try_from(cursor).unwrap_or(i64::MAX), i64::from(announced), now],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+pub fn set_cursor(connection: &Connection, group_id: &[u8], cursor: u64) -> Result<(), CoreError> {
+    connection
+        .prepare_cached("UPDATE groups SET cursor = ?2 WHERE group_id = ?1")
+        .and_then(|mut statement| {
+            statement.execute(params![group_id, i64::try_from(cursor).unwrap_or(i64::MAX)])
+        })
+        .map(|_| ())
+        .map_err(sql)
+}
+
+pub fn set_group_flag(
+    connection: &Connection,
+    group_id: &[u8],
+    column: GroupFlag,
+    value: bool,
+) -> Result<(), CoreError> {
+    let statement = match column {
+        GroupFlag::Active => "UPDATE groups SET active = ?2 WHERE group_id = ?1",
+        GroupFlag::Announced => "UPDATE groups SET announced = ?2 WHERE group_id = ?1",
+        GroupFlag::Leaving => "UPDATE groups SET leaving = ?2 WHERE group_id = ?1",
+    };
+    connection
+        .execute(statement, params![group_id, i64::from(value)])
+        .map(|_| ())
+        .map_err(sql)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum GroupFlag {
+    Active,
+    Announced,
+    Leaving,
+}
+
+pub fn set_group_name(
+    connection: &Connection,
+    group_id: &[u8],
+    name: &str,
+) -> Result<(), CoreError> {
+    connection
+        .execute(
+            "UPDATE groups SET name = ?2 WHERE group_id = ?1",
+            params![group_id, name],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+pub fn set_last_self_update(
+    connection: &Connection,
+    group_id: &[u8],
+    at: i64,
+) -> Result<(), CoreError> {
+    connection
+        .execute(
+            "UPDATE groups SET last_self_update = ?2 WHERE group_id = ?1",
+            params![group_id, at],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+/// What a user asked for, kept until the DS has sequenced its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Intent {
+    Text { text: String },
+    GroupName { name: String },
+    Invite { users: Vec<String> },
+    Kick { user: String },
+    Update,
+    CommitProposals,
+    Leave,
+}
+
+impl Intent {
+    /// Application messages can be pipelined; everything else is a handshake message that
+    /// must be alone in flight.
+    pub fn is_application(&self) -> bool {
+        matches!(self, Intent::Text { .. } | Intent::GroupName { .. })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub group_id: Vec<u8>,
+    pub intent: Intent,
+    pub client_message_id: [u8; 16],
+    /// The MLS message once encrypted; `None` while only the intent exists.
+    pub payload: Option<Vec<u8>>,
+    pub welcome: Option<Vec<u8>>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+pub fn outbox(connection: &Connection) -> Result<Vec<OutboxRow>, CoreError> {
+    let mut statement = connection
+        .prepare("SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed FROM outbox ORDER BY id")
+        .map_err(sql)?;
+    let parse_list = |list: Option<String>| -> Vec<String> {
+        list.and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    };
+    let rows = statement
+        .query_map([], |row| {
+            let intent: String = row.get(2)?;
+            let client_message_id: Vec<u8> = row.get(3)?;
+            Ok((
+                intent,
+                client_message_id,
+                OutboxRow {
+                    id: row.get(0)?,
+                    group_id: row.get(1)?,
+                    intent: Intent::Update,
+                    client_message_id: [0; 16],
+                    payload: row.get(4)?,
+                    welcome: row.get(5)?,
+                    added: parse_list(row.get(6)?),
+                    removed: parse_list(row.get(7)?),
+                },
+            ))
+        })
+        .map_err(sql)?;
+    let mut outbox = Vec::new();
+    for row in rows {
+        let (intent, client_message_id, mut entry) = row.map_err(sql)?;
+        entry.intent = serde_json::from_str(&intent)
+            .map_err(|error| CoreError::Database(format!("corrupt outbox intent: {error}")))?;
+        entry.client_message_id = client_message_id
+            .try_into()
+            .map_err(|_| CoreError::Database("corrupt outbox message id".into()))?;
+        outbox.push(entry);
+    }
+    Ok(outbox)
+}
+
+pub fn insert_outbox(
+    connection: &Connection,
+    group_id: &[u8],
+    intent: &Intent,
+) -> Result<i64, CoreError> {
+    let intent =
+        serde_json::to_string(intent).map_err(|error| CoreError::Database(error.to_string()))?;
+    let client_message_id: [u8; 16] = rand::random();
+    connection
+        .execute(
+            "INSERT INTO outbox (group_id, intent, client_message_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![group_id, intent, &client_message_id[..], now_unix_secs()],
+        )
+        .map_err(sql)?;
+    Ok(connection.last_insert_rowid())
+}
+
+/// Records the encrypted form of an intent (and, for commits, its routing).
+pub fn set_outbox_payload(
+    connection: &Connection,
+    id: i64,
+    payload: &[u8],
+    welcome: Option<&[u8]>,
+    added: &[String],
+    removed: &[String],
+) -> Result<(), CoreError> {
+    let added =
+        serde_json::to_string(added).map_err(|error| CoreError::Database(error.to_string()))?;
+    let removed =
+        serde_json::to_string(removed).map_err(|error| CoreError::Database(error.to_string()))?;
+    connection
+        .execute(
+            "UPDATE outbox SET payload = ?2, welcome = ?3, added = ?4, removed = ?5 WHERE id = ?1",
+            params![id, payload, welcome, added, removed],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+/// Forgets the encrypted form (it went stale) and picks a new message id for the retry.
+pub fn reset_outbox(connection: &Connection, id: i64) -> Result<[u8; 16], CoreError> {
+    let client_message_id: [u8; 16] = rand::random();
+    connection
+        .execute(
+            "UPDATE outbox SET payload = NULL, welcome = NULL, added = NULL, removed = NULL, client_message_id = ?2 WHERE id = ?1",
+            params![id, &client_message_id[..]],
+        )
+        .map_err(sql)?;
+    Ok(client_message_id)
+}
+
+pub fn delete_outbox(connection: &Connection, id: i64) -> Result<(), CoreError> {
+    connection
+        .execute("DELETE FROM outbox WHERE id = ?1", params![id])
+        .map(|_| ())
+        .map_err(sql)
+}
+
+pub fn delete_group_outbox(connection: &Connection, group_id: &[u8]) -> Result<(), CoreError> {
+    connection
+        .execute("DELETE FROM outbox WHERE group_id = ?1", params![group_id])
+        .map(|_| ())
+        .map_err(sql)
+}
+
+/// One line of a group's timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub id: i64,
+    pub seq: Option<u64>,
+    pub sender: String,
+    pub kind: String,
+    pub text: String,
+    pub at: i64,
+    pub state: Option<String>,
+}
+
+/// A new line for a group's timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct NewHistory<'a> {
+    pub seq: Option<u64>,
+    pub sender: &'a str,
+    /// `message` or `system`.
+    pub kind: &'a str,
+    pub text: &'a str,
+    /// For our own messages: the outbox item that will settle the line.
+    pub outbox_id: Option<i64>,
+    /// For our own messages: `sending`, `sent`, `failed: ...`.
+    pub state: Option<&'a str>,
+}
+
+impl<'a> NewHistory<'a> {
+    pub fn system(seq: Option<u64>, text: &'a str) -> NewHistory<'a> {
+        NewHistory {
+            seq,
+            sender: "",
+            kind: "system",
+            text,
+            outbox_id: None,
+            state: None,
+        }
+    }
+
+    pub fn message(seq: Option<u64>, sender: &'a str, text: &'a str) -> NewHistory<'a> {
+        NewHistory {
+            seq,
+            sender,
+            kind: "message",
+            text,
+            outbox_id: None,
+            state: None,
+        }
+    }
+}
+
+pub fn insert_history(
+    connection: &Connection,
+    group_id: &[u8],
+    line: NewHistory<'_>,
+) -> Result<i64, CoreError> {
+    connection
+        .prepare_cached(
+            "INSERT INTO history (group_id, seq, sender, kind, text, at, outbox_id, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .and_then(|mut statement| {
+            statement.execute(params![
+                group_id,
+                line.seq.map(|seq| i64::try_from(seq).unwrap_or(i64::MAX)),
+                line.sender,
+                line.kind,
+                line.text,
+                now_unix_secs(),
+                line.outbox_id,
+                line.state
+            ])
+        })
+        .map_err(sql)?;
+    Ok(connection.last_insert_rowid())
+}
+
+/// Marks the history line of an outbox item as sent with its seq, or failed.
+pub fn settle_history(
+    connection: &Connection,
+    outbox_id: i64,
+    seq: Option<u64>,
+    state: &str,
+) -> Result<(), CoreError> {
+    connection
+        .execute(
+            "UPDATE history SET seq = COALESCE(?2, seq), state = ?3, outbox_id = NULL WHERE outbox_id = ?1",
+            params![outbox_id, seq.map(|seq| i64::try_from(seq).unwrap_or(i64::MAX)), state],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+pub fn history(
+    connection: &Connection,
+    group_id: &[u8],
+    limit: u32,
+) -> Result<Vec<HistoryEntry>, CoreError> {
+    let mut statement = connection
+        .prepare(
+            "SELECT id, seq, sender, kind, text, at, state FROM history WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(sql)?;
+    let rows = statement
+        .query_map(params![group_id, limit], |row| {
+            Ok(HistoryEntry {
+                id: row.get(0)?,
+                seq: row
+                    .get::<_, Option<i64>>(1)?
+                    .and_then(|seq| u64::try_from(seq).ok()),
+                sender: row.get(2)?,
+                kind: row.get(3)?,
+                text: row.get(4)?,
+                at: row.get(5)?,
+                state: row.get(6)?,
+            })
+        })
+        .map_err(sql)?;
+    let mut entries = rows.collect::<Result<Vec<_>, _>>().map_err(sql)?;
+    entries.reverse();
+    Ok(entries)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownKey {
+    pub signature_key: Vec<u8>,
+    pub verified: bool,
+    pub key_changed: bool,
+}
+
+pub fn known_key(connection: &Connection, user: &str) -> Result<Option<KnownKey>, CoreError> {
+    connection
+        .prepare_cached(
+            "SELECT signature_key, verified, key_changed FROM known_keys WHERE user = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row(params![user], |row| {
+                    Ok(KnownKey {
+                        signature_key: row.get(0)?,
+                        verified: row.get::<_, i64>(1)? != 0,
+                        key_changed: row.get::<_, i64>(2)? != 0,
+                    })
+                })
+                .optional()
+        })
+        .map_err(sql)
+}
+
+/// What observing a user's key revealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyObservation {
+    New,
+    Same,
+    Changed,
+}
+
+/// Records the key seen for `user`. A different key for a known name is stored but flagged
+/// (and loses its verified mark): never silently accepted.
+pub fn observe_key(
+    connection: &Connection,
+    user: &str,
+    signature_key: &[u8],
+) -> Result<KeyObservation, CoreError> {
+    match known_key(connection, user)? {
+        None => {
+            connection
+                .execute(
+                    "INSERT INTO known_keys (user, signature_key) VALUES (?1, ?2)",
+                    params![user, signature_key],
+                )
+                .map_err(sql)?;
+            Ok(KeyObservation::New)
+        }
+        Some(known) if known.signature_key == signature_key => Ok(KeyObservation::Same),
+        Some(known) => {
+            connection
+                .execute(
+                    "UPDATE known_keys SET previous_key = ?2, signature_key = ?3, verified = 0, key_changed = 1 WHERE user = ?1",
+                    params![user, known.signature_key, signature_key],
+                )
+                .map_err(sql)?;
+            Ok(KeyObservation::Changed)
+        }
+    }
+}
+
+pub fn set_verified(connection: &Connection, user: &str) -> Result<bool, CoreError> {
+    let changed = connection
+        .execute(
+            "UPDATE known_keys SET verified = 1, key_changed = 0 WHERE user = ?1",
+            params![user],
+        )
+        .map_err(sql)?;
+    Ok(changed > 0)
+}

@@ -1,0 +1,2042 @@
+//! The core thread: owns the provider, the database connection, the signer and every group,
+//! and turns user commands and DS frames into MLS operations, one SQLite transaction per step.
+//!
+//! Ordering rules (see docs/architecture.md):
+//! - Deliveries of a group are processed strictly in seq order; the cursor moves in the same
+//!   transaction as the MLS state, so a crash never replays or skips a message.
+//! - One outbox item per group is in flight at a time. A commit is merged only when the DS
+//!   delivers it back (compared byte for byte with what we sent); if another commit won the
+//!   epoch, ours is discarded and its intent is rebuilt in the new epoch.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    BasicCredential, Capabilities, CredentialWithKey, ExtensionType, GroupId as MlsGroupId, KeyPackage, LeafNodeParameters,
+    MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn,
+    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage,
+    ProtocolVersion, StagedCommit, StagedWelcome,
+};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_sqlite_storage::Connection;
+use openmls_traits::OpenMlsProvider as _;
+use openmls_traits::signatures::Signer as _;
+use openmls_traits::types::SignatureScheme;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use mlschat_ds::protocol::{
+    AUTHENTICATE_LABEL, Ack, Authenticate, AuthenticationTbs, ClaimKeyPackage, CommitRouting,
+    CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode, ErrorResponse, Frame,
+    GroupId, REGISTER_LABEL, Register, Send, UploadKeyPackages, UserName,
+};
+
+use super::db::{self, GroupFlag, Intent, KeyObservation, NewHistory, OutboxRow};
+use super::provider::{ClientProvider, migrate_openmls_tables};
+use super::trust::{fingerprint, verification_code};
+use super::{
+    CIPHERSUITE, Command, ConnectionState, CoreConfig, CoreError, CoreEvent, CoreInput,
+    EventSender, GroupRef, MemberInfo,
+};
+use crate::net::{NetCommand, NetEvent};
+
+/// How often the loop wakes without input (auto-update, retries, quit deadline).
+const TICK: Duration = Duration::from_millis(250);
+/// Wait before retrying a request the DS refused for load (rate limit, internal error).
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// The longest group name, in characters.
+const MAX_GROUP_NAME: usize = 64;
+
+fn mls_error(error: impl std::fmt::Display) -> CoreError {
+    CoreError::Mls(error.to_string())
+}
+
+/// What an application message carries. Anything else that is UTF-8 is shown as text, so
+/// other MLS implementations can chat with plain payloads.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Envelope {
+    Text { text: String },
+    GroupName { name: String },
+}
+
+fn decode_envelope(bytes: &[u8]) -> Envelope {
+    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
+        return envelope;
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Envelope::Text {
+            text: text.to_string(),
+        },
+        Err(_) => Envelope::Text {
+            text: format!("[{} bytes that are not text]", bytes.len()),
+        },
+    }
+}
+
+fn identity_of(credential: &openmls::prelude::Credential) -> String {
+    match BasicCredential::try_from(credential.clone()) {
+        Ok(basic) => String::from_utf8_lossy(basic.identity()).into_owned(),
+        Err(_) => "(unknown credential)".to_string(),
+    }
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    // Joiners do not inherit the creator's settings: the wire policy must accept PublicMessage
+    // handshakes from other implementations here too.
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .build()
+}
+
+/// KeyPackage leaves advertise the last-resort extension (RFC 9420 §17.3, RFC 9750 §5.1), which
+/// the last-resort package carries; a leaf must list every extension its KeyPackage uses.
+fn key_package_capabilities() -> Capabilities {
+    Capabilities::builder().extensions(vec![ExtensionType::LastResort]).build()
+}
+
+fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, CoreError> {
+    message.to_bytes().map_err(mls_error)
+}
+
+struct Group {
+    mls: MlsGroup,
+    name: Option<String>,
+    cursor: u64,
+    active: bool,
+    announced: bool,
+    leaving: bool,
+    last_self_update: i64,
+    /// After a StaleEpoch answer: do not rebuild until the group reaches this epoch.
+    wait_for_epoch: Option<u64>,
+}
+
+enum Link {
+    Offline,
+    Authenticating { generation: u64 },
+    Online { generation: u64 },
+}
+
+enum Request {
+    Auth,
+    CreateGroup(GroupId),
+    Send(i64),
+    Claim { outbox: i64, user: UserName },
+    CountKeyPackages,
+    UploadKeyPackages,
+}
+
+#[derive(Default)]
+struct Claim {
+    outstanding: usize,
+    key_packages: Vec<(UserName, KeyPackage)>,
+    failures: Vec<String>,
+}
+
+struct Engine {
+    config: CoreConfig,
+    connection: Rc<Connection>,
+    provider: ClientProvider,
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+    me: UserName,
+    registered: bool,
+    groups: HashMap<GroupId, Group>,
+    events: EventSender,
+    net: UnboundedSender<NetCommand>,
+    link: Link,
+    next_request_id: u32,
+    requests: HashMap<u32, Request>,
+    /// Outbox items sent and not yet answered; `Some(seq)` once accepted.
+    in_flight: HashMap<i64, Option<u64>>,
+    claims: HashMap<i64, Claim>,
+    retry_at: HashMap<i64, Instant>,
+    ready_announced: bool,
+    quit_deadline: Option<Instant>,
+    stop: bool,
+}
+
+/// Starts the core thread. Returns once the profile is open (or failed to open), with the
+/// user's own fingerprint.
+pub fn spawn(
+    config: CoreConfig,
+    inputs: Receiver<CoreInput>,
+    events: EventSender,
+    net: UnboundedSender<NetCommand>,
+) -> Result<(String, std::thread::JoinHandle<()>), CoreError> {
+    let (opened, opening) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name("mlschat-core".into())
+        .spawn(move || match Engine::open(config, events, net) {
+            Ok(mut engine) => {
+                let _ = opened.send(Ok(fingerprint(engine.signer.public())));
+                engine.run(inputs);
+            }
+            Err(error) => {
+                let _ = opened.send(Err(error));
+            }
+        })
+        .map_err(|error| CoreError::Invalid(format!("cannot start the core thread: {error}")))?;
+    let own_fingerprint = opening.recv().map_err(|_| {
+        CoreError::Invalid("the core thread stopped while opening the profile".into())
+    })??;
+    Ok((own_fingerprint, handle))
+}
+
+impl Engine {
+    fn open(
+        config: CoreConfig,
+        events: EventSender,
+        net: UnboundedSender<NetCommand>,
+    ) -> Result<Engine, CoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+            CoreError::Invalid(format!(
+                "cannot create {}: {error}",
+                config.data_dir.display()
+            ))
+        })?;
+        let mut connection = db::open(&config.data_dir.join("mlschat.sqlite3"))?;
+        migrate_openmls_tables(&mut connection).map_err(CoreError::Database)?;
+        db::migrate(&connection)?;
+        let connection = Rc::new(connection);
+        let provider = ClientProvider::new(Rc::clone(&connection));
+        let me = config.name.clone();
+
+        let (signer, registered) = match db::identity(&connection)? {
+            Some(identity) => {
+                if identity.name != me.as_str() {
+                    return Err(CoreError::Invalid(format!(
+                        "the profile in {} belongs to {}, not {me}",
+                        config.data_dir.display(),
+                        identity.name
+                    )));
+                }
+                let signer = SignatureKeyPair::read(
+                    provider.storage(),
+                    &identity.signature_key,
+                    SignatureScheme::ED25519,
+                )
+                .ok_or_else(|| {
+                    CoreError::Database("the signature key is missing from the profile".into())
+                })?;
+                (signer, identity.registered)
+            }
+            None => {
+                let signer = SignatureKeyPair::new(SignatureScheme::ED25519).map_err(mls_error)?;
+                db::transaction(&connection, || {
+                    signer
+                        .store(provider.storage())
+                        .map_err(|error| CoreError::Database(error.to_string()))?;
+                    db::insert_identity(&connection, me.as_str(), signer.public())
+                })?;
+                (signer, false)
+            }
+        };
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(me.as_str().as_bytes().to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+
+        let mut groups = HashMap::new();
+        for row in db::groups(&connection)? {
+            let mls_id = MlsGroupId::from_slice(&row.group_id);
+            let Some(mls) = MlsGroup::load(provider.storage(), &mls_id).map_err(mls_error)? else {
+                tracing::warn!("a group listed in the profile has no MLS state; skipping it");
+                continue;
+            };
+            let Ok(group_id) = GroupId::new(row.group_id) else {
+                continue;
+            };
+            groups.insert(
+                group_id,
+                Group {
+                    mls,
+                    name: row.name,
+                    cursor: row.cursor,
+                    active: row.active,
+                    announced: row.announced,
+                    leaving: row.leaving,
+                    last_self_update: row.last_self_update,
+                    wait_for_epoch: None,
+                },
+            );
+        }
+        Ok(Engine {
+            config,
+            connection,
+            provider,
+            signer,
+            credential,
+            me,
+            registered,
+            groups,
+            events,
+            net,
+            link: Link::Offline,
+            next_request_id: 1,
+            requests: HashMap::new(),
+            in_flight: HashMap::new(),
+            claims: HashMap::new(),
+            retry_at: HashMap::new(),
+            ready_announced: false,
+            quit_deadline: None,
+            stop: false,
+        })
+    }
+
+    fn run(&mut self, inputs: Receiver<CoreInput>) {
+        let mut listed: Vec<(i64, GroupRef, bool)> = Vec::new();
+        if let Ok(rows) = db::groups(&self.connection) {
+            for (order, row) in rows.into_iter().enumerate() {
+                if let Ok(group_id) = GroupId::new(row.group_id) {
+                    listed.push((order as i64, self.group_ref(&group_id), row.active));
+                }
+            }
+        }
+        self.emit(CoreEvent::Groups {
+            groups: listed
+                .into_iter()
+                .map(|(_, group, active)| (group, active))
+                .collect(),
+        });
+        while !self.stop {
+            match inputs.recv_timeout(TICK) {
+                Ok(CoreInput::Command(command)) => self.on_command(command),
+                Ok(CoreInput::Net(event)) => self.on_net(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.on_tick();
+        }
+        let _ = self.net.send(NetCommand::Shutdown);
+        self.emit(CoreEvent::Stopped);
+    }
+
+    fn emit(&self, event: CoreEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn error(&self, message: impl Into<String>) {
+        self.emit(CoreEvent::Error {
+            message: message.into(),
+        });
+    }
+
+    fn group_ref(&self, group_id: &GroupId) -> GroupRef {
+        let name = self
+            .groups
+            .get(group_id)
+            .and_then(|group| group.name.clone())
+            .unwrap_or_else(|| {
+                format!(
+                    "group-{}",
+                    &group_id.to_hex()[..8.min(group_id.to_hex().len())]
+                )
+            });
+        GroupRef {
+            id: group_id.clone(),
+            name,
+        }
+    }
+
+    // ---- network ------------------------------------------------------------------------
+
+    fn generation(&self) -> Option<u64> {
+        match self.link {
+            Link::Offline => None,
+            Link::Authenticating { generation } | Link::Online { generation } => Some(generation),
+        }
+    }
+
+    fn online(&self) -> bool {
+        matches!(self.link, Link::Online { .. })
+    }
+
+    fn send_frame(&self, frame: &Frame) {
+        if let Some(generation) = self.generation() {
+            let _ = self.net.send(NetCommand::Send {
+                generation,
+                frame: frame.encode().into(),
+            });
+        }
+    }
+
+    fn request(&mut self, kind: Request, make: impl FnOnce(u32) -> Frame) {
+        let id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        self.requests.insert(id, kind);
+        let frame = make(id);
+        self.send_frame(&frame);
+    }
+
+    fn on_net(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Connected {
+                generation,
+                exporter,
+                server,
+            } => {
+                tracing::info!(%server, "connected; authenticating");
+                self.link = Link::Authenticating { generation };
+                self.forget_in_flight();
+                let name = self.me.clone();
+                let key = self.signer.public().to_vec();
+                let label = if self.registered {
+                    AUTHENTICATE_LABEL
+                } else {
+                    REGISTER_LABEL
+                };
+                let signed = AuthenticationTbs::to_signed_bytes(label, &exporter, &name, &key);
+                let signature = match self.signer.sign(&signed) {
+                    Ok(signature) => signature,
+                    Err(error) => {
+                        self.error(format!(
+                            "cannot sign the authentication challenge: {error:?}"
+                        ));
+                        return;
+                    }
+                };
+                let registered = self.registered;
+                self.request(Request::Auth, |request_id| {
+                    if registered {
+                        Frame::Authenticate(Authenticate {
+                            request_id,
+                            user_name: name,
+                            signature: signature.into(),
+                        })
+                    } else {
+                        Frame::Register(Register {
+                            request_id,
+                            user_name: name,
+                            signature_key: key.into(),
+                            signature: signature.into(),
+                        })
+                    }
+                });
+            }
+            NetEvent::Frame { generation, frame } => {
+                if self.generation() == Some(generation) {
+                    self.on_frame(frame);
+                }
+            }
+            NetEvent::Disconnected { generation, reason } => {
+                if self
+                    .generation()
+                    .is_some_and(|current| current != generation)
+                {
+                    return;
+                }
+                if matches!(self.link, Link::Authenticating { .. }) && self.registered {
+                    // The DS may have lost our registration (a new DS, a wiped one): registering
+                    // again with the same key is idempotent, so try that next time.
+                    self.registered = false;
+                }
+                let was_connected = !matches!(self.link, Link::Offline);
+                self.link = Link::Offline;
+                self.forget_in_flight();
+                if was_connected || !self.ready_announced {
+                    self.emit(CoreEvent::Connection {
+                        state: ConnectionState::Reconnecting,
+                        detail: reason,
+                    });
+                }
+                if self.quit_deadline.is_some() {
+                    self.stop = true;
+                }
+            }
+            NetEvent::Fatal { reason } => {
+                self.error(reason);
+                self.stop = true;
+            }
+        }
+    }
+
+    /// Requests die with their connection; whatever was in flight is sent again (with the
+    /// same client message id, so the DS de-duplicates it) once a new connection is up.
+    fn forget_in_flight(&mut self) {
+        self.requests.clear();
+        self.in_flight.clear();
+        self.claims.clear();
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Authenticated(_) => self.on_authenticated(),
+            Frame::Error(error) => self.on_error_response(error),
+            Frame::KeyPackageCount(count) => {
+                self.requests.remove(&count.request_id);
+                if count.remaining < self.config.key_package_low_water || count.has_last_resort == 0
+                {
+                    self.upload_key_packages(count.has_last_resort == 0);
+                } else {
+                    self.announce_ready();
+                }
+            }
+            Frame::KeyPackagesStored(stored) => {
+                self.requests.remove(&stored.request_id);
+                tracing::debug!(remaining = stored.remaining, "KeyPackages uploaded");
+                self.announce_ready();
+            }
+            Frame::KeyPackage(response) => {
+                if let Some(Request::Claim { outbox, user }) =
+                    self.requests.remove(&response.request_id)
+                {
+                    self.on_claimed(outbox, user, Ok(response.key_package.as_slice().to_vec()));
+                }
+            }
+            Frame::GroupCreated(created) => {
+                if let Some(Request::CreateGroup(group_id)) =
+                    self.requests.remove(&created.request_id)
+                {
+                    self.on_group_announced(&group_id);
+                }
+            }
+            Frame::Accepted(accepted) => {
+                if let Some(Request::Send(outbox)) = self.requests.remove(&accepted.request_id) {
+                    self.on_accepted(outbox, accepted.seq);
+                }
+            }
+            Frame::Deliver(delivery) => self.on_deliver(delivery),
+            Frame::Messages(_) | Frame::Pong(_) => {}
+            other => tracing::warn!(kind = ?other.kind(), "unexpected frame from the DS"),
+        }
+    }
+
+    fn on_authenticated(&mut self) {
+        self.requests
+            .retain(|_, request| !matches!(request, Request::Auth));
+        let Link::Authenticating { generation } = self.link else {
+            return;
+        };
+        self.link = Link::Online { generation };
+        if !self.registered {
+            self.registered = true;
+            if let Err(error) = db::set_registered(&self.connection, true) {
+                self.error(error.to_string());
+            }
+        }
+        self.emit(CoreEvent::Connection {
+            state: ConnectionState::Connected,
+            detail: String::new(),
+        });
+        self.request(Request::CountKeyPackages, |request_id| {
+            Frame::CountKeyPackages(CountKeyPackages { request_id })
+        });
+        let unannounced: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, group)| !group.announced)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for group_id in unannounced {
+            self.announce_group(group_id);
+        }
+        self.pump_all();
+    }
+
+    fn on_error_response(&mut self, error: ErrorResponse) {
+        let message = String::from_utf8_lossy(error.message.as_slice()).into_owned();
+        let code = ErrorCode::from_u16(error.code);
+        match self.requests.remove(&error.request_id) {
+            Some(Request::Auth) => {
+                if code == Some(ErrorCode::NameTaken) {
+                    self.error(format!(
+                        "the name {} is registered to another key on this server; choose another name",
+                        self.me
+                    ));
+                    self.stop = true;
+                } else {
+                    self.error(format!("authentication failed: {message}"));
+                }
+            }
+            Some(Request::CreateGroup(group_id)) => {
+                if code == Some(ErrorCode::GroupExists) {
+                    self.on_group_announced(&group_id);
+                } else {
+                    self.error(format!(
+                        "the DS did not register group {}: {message}",
+                        self.group_ref(&group_id).name
+                    ));
+                }
+            }
+            Some(Request::Send(outbox)) => {
+                self.on_send_refused(outbox, code, error.current_epoch, message)
+            }
+            Some(Request::Claim { outbox, user }) => {
+                let reason = match code {
+                    Some(ErrorCode::UnknownUser) => {
+                        format!("{user} is not registered on this server")
+                    }
+                    Some(ErrorCode::NoKeyPackage) => {
+                        format!("{user} has no KeyPackage left; ask them to connect once")
+                    }
+                    _ => format!("cannot get a KeyPackage for {user}: {message}"),
+                };
+                self.on_claimed(outbox, user, Err(reason));
+            }
+            Some(Request::CountKeyPackages) | Some(Request::UploadKeyPackages) => {
+                self.error(format!("KeyPackage upload failed: {message}"));
+                self.announce_ready();
+            }
+            None => tracing::warn!(code = error.code, %message, "error from the DS"),
+        }
+    }
+
+    /// `ready` is announced once KeyPackages are stocked, so a script can invite this user as
+    /// soon as it sees it.
+    fn announce_ready(&mut self) {
+        if !self.ready_announced {
+            self.ready_announced = true;
+            self.emit(CoreEvent::Ready {
+                name: self.me.to_string(),
+                fingerprint: fingerprint(self.signer.public()),
+            });
+        }
+    }
+
+    fn announce_group(&mut self, group_id: GroupId) {
+        if !self.online() {
+            return;
+        }
+        let id = group_id.clone();
+        self.request(Request::CreateGroup(group_id), |request_id| {
+            Frame::CreateGroup(CreateGroup {
+                request_id,
+                group_id: id,
+            })
+        });
+    }
+
+    fn on_group_announced(&mut self, group_id: &GroupId) {
+        if let Some(group) = self.groups.get_mut(group_id) {
+            group.announced = true;
+        }
+        if let Err(error) = db::set_group_flag(
+            &self.connection,
+            group_id.as_bytes(),
+            GroupFlag::Announced,
+            true,
+        ) {
+            self.error(error.to_string());
+        }
+        self.pump(group_id);
+    }
+
+    fn upload_key_packages(&mut self, with_last_resort: bool) {
+        let batch = self.config.key_package_batch;
+        let built = db::transaction(&self.connection, || {
+            let mut key_packages = Vec::new();
+            for _ in 0..batch {
+                let bundle = KeyPackage::builder()
+                    .build(
+                        CIPHERSUITE,
+                        &self.provider,
+                        &self.signer,
+                        self.credential.clone(),
+                    )
+                    .map_err(mls_error)?;
+                key_packages
+                    .push(to_bytes(&MlsMessageOut::from(bundle.key_package().clone()))?.into());
+            }
+            let last_resort = if with_last_resort {
+                let bundle = KeyPackage::builder()
+                    .leaf_node_capabilities(key_package_capabilities())
+                    .mark_as_last_resort()
+                    .build(
+                        CIPHERSUITE,
+                        &self.provider,
+                        &self.signer,
+                        self.credential.clone(),
+                    )
+                    .map_err(mls_error)?;
+                Some(to_bytes(&MlsMessageOut::from(bundle.key_package().clone()))?.into())
+            } else {
+                None
+            };
+            Ok((key_packages, last_resort))
+        });
+        match built {
+            Ok((key_packages, last_resort)) => {
+                self.request(Request::UploadKeyPackages, |request_id| {
+                    Frame::UploadKeyPackages(UploadKeyPackages {
+                        request_id,
+                        key_packages,
+                        last_resort,
+                    })
+                })
+            }
+            Err(error) => {
+                self.error(format!("cannot create KeyPackages: {error}"));
+                self.announce_ready();
+            }
+        }
+    }
+
+    // ---- commands -----------------------------------------------------------------------
+
+    fn active_group(&self, group_id: &GroupId) -> Result<&Group, String> {
+        match self.groups.get(group_id) {
+            Some(group) if group.active => Ok(group),
+            Some(_) => Err(format!(
+                "you are no longer a member of {}",
+                self.group_ref(group_id).name
+            )),
+            None => Err("no such group".to_string()),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let result = match command {
+            Command::CreateGroup { name } => self.create_group(name),
+            Command::Send { group, text } => self.queue_text(group, text),
+            Command::Invite { group, users } => self.queue_invite(group, users),
+            Command::Kick { group, user } => self.queue_handshake(
+                group,
+                Intent::Kick {
+                    user: user.to_string(),
+                },
+            ),
+            Command::Update { group } => self.queue_handshake(group, Intent::Update),
+            Command::Leave { group } => self.queue_leave(group),
+            Command::Members { group } => self.members(&group),
+            Command::Fingerprint { user } => self.fingerprint_of(user),
+            Command::Verify { user } => match db::set_verified(&self.connection, user.as_str()) {
+                Ok(true) => {
+                    self.emit(CoreEvent::Verified {
+                        user: user.to_string(),
+                    });
+                    Ok(())
+                }
+                Ok(false) => Err(format!("no key is known for {user} yet")),
+                Err(error) => Err(error.to_string()),
+            },
+            Command::Status { group } => self.status(&group),
+            Command::History { group, limit } => {
+                match db::history(&self.connection, group.as_bytes(), limit) {
+                    Ok(entries) => {
+                        self.emit(CoreEvent::History {
+                            group: self.group_ref(&group),
+                            entries,
+                        });
+                        Ok(())
+                    }
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            Command::Quit => {
+                let wait = if self.online() {
+                    self.config.quit_flush_timeout
+                } else {
+                    Duration::ZERO
+                };
+                self.quit_deadline = Some(Instant::now() + wait);
+                Ok(())
+            }
+        };
+        if let Err(message) = result {
+            self.error(message);
+        }
+    }
+
+    fn create_group(&mut self, name: String) -> Result<(), String> {
+        let name = name.trim().to_string();
+        if name.is_empty()
+            || name.chars().count() > MAX_GROUP_NAME
+            || name.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "group names are 1 to {MAX_GROUP_NAME} printable characters"
+            ));
+        }
+        let raw_id: [u8; 16] = rand::random();
+        let group_id = GroupId::new(raw_id.to_vec()).map_err(|error| error.to_string())?;
+        let mls = db::transaction(&self.connection, || {
+            let mls = MlsGroup::builder()
+                .with_group_id(MlsGroupId::from_slice(&raw_id))
+                .ciphersuite(CIPHERSUITE)
+                .use_ratchet_tree_extension(true)
+                .with_wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+                .build(&self.provider, &self.signer, self.credential.clone())
+                .map_err(mls_error)?;
+            db::insert_group(&self.connection, &raw_id, Some(&name), 0, false)?;
+            db::insert_history(
+                &self.connection,
+                &raw_id,
+                NewHistory::system(None, &format!("you created {name}")),
+            )?;
+            Ok(mls)
+        })
+        .map_err(|error| format!("cannot create the group: {error}"))?;
+        self.groups.insert(
+            group_id.clone(),
+            Group {
+                mls,
+                name: Some(name),
+                cursor: 0,
+                active: true,
+                announced: false,
+                leaving: false,
+                last_self_update: db::now_unix_secs(),
+                wait_for_epoch: None,
+            },
+        );
+        self.emit(CoreEvent::GroupCreated {
+            group: self.group_ref(&group_id),
+        });
+        self.emit_epoch(&group_id);
+        self.announce_group(group_id);
+        Ok(())
+    }
+
+    fn queue_text(&mut self, group_id: GroupId, text: String) -> Result<(), String> {
+        let group = self.active_group(&group_id)?;
+        if group.leaving {
+            return Err("you are leaving this group".into());
+        }
+        if text.trim().is_empty() {
+            return Err("nothing to send".into());
+        }
+        let me = self.me.to_string();
+        let outbox_id = db::transaction(&self.connection, || {
+            let id = db::insert_outbox(
+                &self.connection,
+                group_id.as_bytes(),
+                &Intent::Text { text: text.clone() },
+            )?;
+            db::insert_history(
+                &self.connection,
+                group_id.as_bytes(),
+                NewHistory {
+                    outbox_id: Some(id),
+                    state: Some("sending"),
+                    ..NewHistory::message(None, &me, &text)
+                },
+            )?;
+            Ok(id)
+        })
+        .map_err(|error| error.to_string())?;
+        self.emit(CoreEvent::Queued {
+            group: self.group_ref(&group_id),
+            local_id: outbox_id,
+            text,
+        });
+        self.pump(&group_id);
+        Ok(())
+    }
+
+    fn queue_invite(&mut self, group_id: GroupId, users: Vec<UserName>) -> Result<(), String> {
+        let group = self.active_group(&group_id)?;
+        let members: Vec<String> = group
+            .mls
+            .members()
+            .map(|member| identity_of(&member.credential))
+            .collect();
+        let mut wanted = Vec::new();
+        for user in users {
+            if user == self.me {
+                return Err("you are already in the group".into());
+            }
+            if members.iter().any(|member| member == user.as_str()) {
+                return Err(format!("{user} is already a member"));
+            }
+            if !wanted.contains(&user.to_string()) {
+                wanted.push(user.to_string());
+            }
+        }
+        if wanted.is_empty() {
+            return Err("whom to invite?".into());
+        }
+        self.queue_handshake(group_id, Intent::Invite { users: wanted })
+    }
+
+    fn queue_leave(&mut self, group_id: GroupId) -> Result<(), String> {
+        let group = self.active_group(&group_id)?;
+        if group.leaving {
+            return Err("already leaving".into());
+        }
+        if group.mls.members().count() <= 1 {
+            // Nobody is left to commit our removal: just drop the group here.
+            self.deactivate(&group_id, "you left".into());
+            self.emit(CoreEvent::Left {
+                group: self.group_ref(&group_id),
+                by: self.me.to_string(),
+            });
+            return Ok(());
+        }
+        self.queue_handshake(group_id, Intent::Leave)
+    }
+
+    fn queue_handshake(&mut self, group_id: GroupId, intent: Intent) -> Result<(), String> {
+        let group = self.active_group(&group_id)?;
+        if group.leaving {
+            return Err("you are leaving this group".into());
+        }
+        if let Intent::Kick { user } = &intent {
+            if user == self.me.as_str() {
+                return Err("use /leave to leave a group".into());
+            }
+            if !group
+                .mls
+                .members()
+                .any(|member| identity_of(&member.credential) == *user)
+            {
+                return Err(format!("{user} is not a member"));
+            }
+        }
+        db::insert_outbox(&self.connection, group_id.as_bytes(), &intent)
+            .map_err(|error| error.to_string())?;
+        self.pump(&group_id);
+        Ok(())
+    }
+
+    fn member_infos(&self, group: &Group) -> Vec<MemberInfo> {
+        group
+            .mls
+            .members()
+            .map(|member| {
+                let name = identity_of(&member.credential);
+                let known = db::known_key(&self.connection, &name).ok().flatten();
+                MemberInfo {
+                    fingerprint: fingerprint(&member.signature_key),
+                    verified: known.as_ref().is_some_and(|key| {
+                        key.verified && key.signature_key == member.signature_key
+                    }),
+                    key_changed: known.as_ref().is_some_and(|key| key.key_changed),
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    fn members(&self, group_id: &GroupId) -> Result<(), String> {
+        let group = self.groups.get(group_id).ok_or("no such group")?;
+        self.emit(CoreEvent::Members {
+            group: self.group_ref(group_id),
+            members: self.member_infos(group),
+        });
+        Ok(())
+    }
+
+    fn fingerprint_of(&self, user: Option<UserName>) -> Result<(), String> {
+        let Some(user) = user.filter(|user| *user != self.me) else {
+            self.emit(CoreEvent::Fingerprint {
+                user: self.me.to_string(),
+                fingerprint: fingerprint(self.signer.public()),
+                verified: true,
+                key_changed: false,
+            });
+            return Ok(());
+        };
+        let known =
+            db::known_key(&self.connection, user.as_str()).map_err(|error| error.to_string())?;
+        let known = known.ok_or_else(|| {
+            format!("no key is known for {user} yet: share a group with them first")
+        })?;
+        self.emit(CoreEvent::Fingerprint {
+            user: user.to_string(),
+            fingerprint: fingerprint(&known.signature_key),
+            verified: known.verified,
+            key_changed: known.key_changed,
+        });
+        Ok(())
+    }
+
+    fn status(&self, group_id: &GroupId) -> Result<(), String> {
+        let group = self.groups.get(group_id).ok_or("no such group")?;
+        let authenticator = group.mls.epoch_authenticator().as_slice();
+        self.emit(CoreEvent::Status {
+            group: self.group_ref(group_id),
+            ciphersuite: format!("{:?}", group.mls.ciphersuite()),
+            epoch: group.mls.epoch().as_u64(),
+            epoch_authenticator: hex::encode(authenticator),
+            code: verification_code(authenticator),
+            members: group.mls.members().count(),
+        });
+        Ok(())
+    }
+
+    fn emit_epoch(&self, group_id: &GroupId) {
+        if let Some(group) = self.groups.get(group_id) {
+            self.emit(CoreEvent::EpochChanged {
+                group: self.group_ref(group_id),
+                epoch: group.mls.epoch().as_u64(),
+                code: verification_code(group.mls.epoch_authenticator().as_slice()),
+            });
+        }
+    }
+
+    // ---- ticks ----------------------------------------------------------------------------
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<i64> = self
+            .retry_at
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if !due.is_empty() {
+            for id in due {
+                self.retry_at.remove(&id);
+            }
+            self.pump_all();
+        }
+        if let Some(period) = self.config.auto_update {
+            let threshold =
+                db::now_unix_secs() - i64::try_from(period.as_secs()).unwrap_or(i64::MAX);
+            let stale: Vec<GroupId> = self
+                .groups
+                .iter()
+                .filter(|(_, group)| {
+                    group.active && !group.leaving && group.last_self_update < threshold
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for group_id in stale {
+                if let Some(group) = self.groups.get_mut(&group_id) {
+                    // Mark now so the update is queued once, not every tick.
+                    group.last_self_update = db::now_unix_secs();
+                }
+                let _ = db::set_last_self_update(
+                    &self.connection,
+                    group_id.as_bytes(),
+                    db::now_unix_secs(),
+                );
+                tracing::info!("automatic self-update");
+                let _ = self.queue_handshake(group_id, Intent::Update);
+            }
+        }
+        if let Some(deadline) = self.quit_deadline {
+            let drained = db::outbox(&self.connection)
+                .map(|rows| rows.is_empty())
+                .unwrap_or(true);
+            if drained || now >= deadline || !self.online() {
+                self.stop = true;
+            }
+        }
+    }
+
+    // ---- outbox ---------------------------------------------------------------------------
+
+    fn pump_all(&mut self) {
+        let ids: Vec<GroupId> = self.groups.keys().cloned().collect();
+        for group_id in ids {
+            self.pump(&group_id);
+        }
+    }
+
+    /// Sends the next outbox item of a group if nothing of it is in flight.
+    fn pump(&mut self, group_id: &GroupId) {
+        if !self.online() {
+            return;
+        }
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        if !group.active || !group.announced {
+            return;
+        }
+        if let Some(epoch) = group.wait_for_epoch {
+            if group.mls.epoch().as_u64() < epoch {
+                return;
+            }
+            group.wait_for_epoch = None;
+        }
+        let has_proposals = group.mls.pending_proposals().next().is_some();
+        let leaving = group.leaving;
+        let rows = match db::outbox(&self.connection) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|row| row.group_id == group_id.as_bytes())
+                .collect::<Vec<_>>(),
+            Err(error) => {
+                self.error(error.to_string());
+                return;
+            }
+        };
+        if rows
+            .iter()
+            .any(|row| self.in_flight.contains_key(&row.id) || self.claims.contains_key(&row.id))
+        {
+            return;
+        }
+        // Proposals from others (a member leaving) block application messages until someone
+        // commits them, so committing them comes first.
+        let next = if has_proposals && !leaving {
+            match rows
+                .iter()
+                .find(|row| row.intent == Intent::CommitProposals)
+            {
+                Some(row) => row.clone(),
+                None => match db::insert_outbox(
+                    &self.connection,
+                    group_id.as_bytes(),
+                    &Intent::CommitProposals,
+                ) {
+                    Ok(_) => return self.pump(group_id),
+                    Err(error) => return self.error(error.to_string()),
+                },
+            }
+        } else {
+            match rows.into_iter().next() {
+                Some(row) => row,
+                None => return,
+            }
+        };
+        if self.retry_at.contains_key(&next.id) {
+            return;
+        }
+        if next.payload.is_some() {
+            self.transmit(&next);
+            return;
+        }
+        match self.build(group_id, &next) {
+            Ok(Some(row)) => self.transmit(&row),
+            Ok(None) => {}
+            Err(error) => self.fail_outbox(group_id, next.id, &next.intent, &error.to_string()),
+        }
+    }
+
+    fn transmit(&mut self, row: &OutboxRow) {
+        let Some(payload) = row.payload.clone() else {
+            return;
+        };
+        let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
+            return;
+        };
+        let commit = if row.intent.is_application() || row.intent == Intent::Leave {
+            None
+        } else {
+            let names = |list: &[String]| {
+                list.iter()
+                    .filter_map(|name| UserName::new(name.clone()).ok())
+                    .collect()
+            };
+            Some(CommitRouting {
+                welcome: row.welcome.clone().map(Into::into),
+                added: names(&row.added),
+                removed: names(&row.removed),
+            })
+        };
+        let client_message_id = row.client_message_id;
+        self.in_flight.insert(row.id, None);
+        tracing::debug!(group = %group_id, outbox = row.id, "sending");
+        self.request(Request::Send(row.id), |request_id| {
+            Frame::Send(Send {
+                request_id,
+                client_message_id,
+                message: payload.into(),
+                commit,
+            })
+        });
+    }
+
+    /// Turns an intent into an MLS message (one transaction). `Ok(None)` when there is
+    /// nothing to send yet (KeyPackages being claimed) or any more (nothing to commit).
+    fn build(
+        &mut self,
+        group_id: &GroupId,
+        row: &OutboxRow,
+    ) -> Result<Option<OutboxRow>, CoreError> {
+        if let Intent::Invite { users } = &row.intent
+            && !self.claims.contains_key(&row.id)
+        {
+            return self.start_claims(row.id, users.clone()).map(|()| None);
+        }
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return Ok(None);
+        };
+        let provider = &self.provider;
+        let signer = &self.signer;
+        let connection = &self.connection;
+        let built = db::transaction(connection, || {
+            let (payload, welcome, added, removed) = match &row.intent {
+                Intent::Text { text } => {
+                    let envelope = serde_json::to_vec(&Envelope::Text { text: text.clone() })
+                        .map_err(|error| CoreError::Invalid(error.to_string()))?;
+                    (
+                        to_bytes(
+                            &group
+                                .mls
+                                .create_message(provider, signer, &envelope)
+                                .map_err(mls_error)?,
+                        )?,
+                        None,
+                        vec![],
+                        vec![],
+                    )
+                }
+                Intent::GroupName { name } => {
+                    let envelope = serde_json::to_vec(&Envelope::GroupName { name: name.clone() })
+                        .map_err(|error| CoreError::Invalid(error.to_string()))?;
+                    (
+                        to_bytes(
+                            &group
+                                .mls
+                                .create_message(provider, signer, &envelope)
+                                .map_err(mls_error)?,
+                        )?,
+                        None,
+                        vec![],
+                        vec![],
+                    )
+                }
+                Intent::Invite { .. } => return Ok(None),
+                Intent::Kick { user } => {
+                    let index = group
+                        .mls
+                        .members()
+                        .find(|member| identity_of(&member.credential) == *user)
+                        .map(|member| member.index)
+                        .ok_or_else(|| CoreError::Invalid(format!("{user} is not a member")))?;
+                    let (commit, _welcome, _info) = group
+                        .mls
+                        .remove_members(provider, signer, &[index])
+                        .map_err(mls_error)?;
+                    (to_bytes(&commit)?, None, vec![], vec![user.clone()])
+                }
+                Intent::Update => {
+                    let bundle = group
+                        .mls
+                        .self_update(provider, signer, LeafNodeParameters::default())
+                        .map_err(mls_error)?;
+                    let (commit, _welcome, _info) = bundle.into_messages();
+                    (to_bytes(&commit)?, None, vec![], vec![])
+                }
+                Intent::CommitProposals => {
+                    if group.mls.pending_proposals().next().is_none() {
+                        db::delete_outbox(connection, row.id)?;
+                        return Ok(None);
+                    }
+                    let (added, removed) = proposal_routing(&group.mls);
+                    let (commit, welcome, _info) = group
+                        .mls
+                        .commit_to_pending_proposals(provider, signer)
+                        .map_err(mls_error)?;
+                    let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
+                    (to_bytes(&commit)?, welcome, added, removed)
+                }
+                Intent::Leave => {
+                    let proposal = group.mls.leave_group(provider, signer).map_err(mls_error)?;
+                    db::set_group_flag(connection, &row.group_id, GroupFlag::Leaving, true)?;
+                    (to_bytes(&proposal)?, None, vec![], vec![])
+                }
+            };
+            db::set_outbox_payload(
+                connection,
+                row.id,
+                &payload,
+                welcome.as_deref(),
+                &added,
+                &removed,
+            )?;
+            Ok(Some(OutboxRow {
+                payload: Some(payload),
+                welcome,
+                added,
+                removed,
+                ..row.clone()
+            }))
+        });
+        match built {
+            Ok(built) => {
+                if row.intent == Intent::Leave
+                    && let Some(group) = self.groups.get_mut(group_id)
+                {
+                    group.leaving = true;
+                }
+                Ok(built)
+            }
+            Err(error) => {
+                self.reload(group_id);
+                Err(error)
+            }
+        }
+    }
+
+    fn start_claims(&mut self, outbox: i64, users: Vec<String>) -> Result<(), CoreError> {
+        let users: Vec<UserName> = users
+            .into_iter()
+            .filter_map(|user| UserName::new(user).ok())
+            .collect();
+        if users.is_empty() {
+            return Err(CoreError::Invalid("no valid user to invite".into()));
+        }
+        self.claims.insert(
+            outbox,
+            Claim {
+                outstanding: users.len(),
+                ..Claim::default()
+            },
+        );
+        for user in users {
+            let name = user.clone();
+            self.request(Request::Claim { outbox, user }, |request_id| {
+                Frame::ClaimKeyPackage(ClaimKeyPackage {
+                    request_id,
+                    user_name: name,
+                })
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a claimed KeyPackage: it must verify and name the user we asked for.
+    fn check_key_package(&self, user: &UserName, bytes: &[u8]) -> Result<KeyPackage, String> {
+        let message = MlsMessageIn::tls_deserialize_exact(bytes)
+            .map_err(|error| format!("malformed: {error}"))?;
+        let MlsMessageBodyIn::KeyPackage(key_package) = message.extract() else {
+            return Err("not a KeyPackage".into());
+        };
+        let key_package = key_package
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(|error| format!("does not verify: {error}"))?;
+        if key_package.ciphersuite() != CIPHERSUITE {
+            return Err(format!(
+                "uses ciphersuite {:?}, this group uses {CIPHERSUITE:?}",
+                key_package.ciphersuite()
+            ));
+        }
+        // SECURITY: the DS checks this too, but a client must not trust the DS to have.
+        let identity = identity_of(key_package.leaf_node().credential());
+        if identity != user.as_str() {
+            return Err(format!("its credential names {identity}"));
+        }
+        Ok(key_package)
+    }
+
+    fn on_claimed(&mut self, outbox: i64, user: UserName, result: Result<Vec<u8>, String>) {
+        let checked = result.and_then(|bytes| {
+            self.check_key_package(&user, &bytes)
+                .map_err(|reason| format!("{user}'s KeyPackage is unusable: {reason}"))
+        });
+        if let Ok(key_package) = &checked {
+            self.observe(
+                user.as_str(),
+                key_package.leaf_node().signature_key().as_slice(),
+            );
+        }
+        let Some(claim) = self.claims.get_mut(&outbox) else {
+            return;
+        };
+        claim.outstanding = claim.outstanding.saturating_sub(1);
+        match checked {
+            Ok(key_package) => claim.key_packages.push((user, key_package)),
+            Err(reason) => claim.failures.push(reason),
+        }
+        if claim.outstanding > 0 {
+            return;
+        }
+        let Some(claim) = self.claims.remove(&outbox) else {
+            return;
+        };
+        for failure in &claim.failures {
+            self.error(failure.clone());
+        }
+        let rows = db::outbox(&self.connection).unwrap_or_default();
+        let Some(row) = rows.into_iter().find(|row| row.id == outbox) else {
+            return;
+        };
+        let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
+            return;
+        };
+        if claim.key_packages.is_empty() {
+            let _ = db::delete_outbox(&self.connection, outbox);
+            self.pump(&group_id);
+            return;
+        }
+        let Some(group) = self.groups.get_mut(&group_id) else {
+            return;
+        };
+        let provider = &self.provider;
+        let signer = &self.signer;
+        let connection = &self.connection;
+        let built = db::transaction(connection, || {
+            let names: Vec<String> = claim
+                .key_packages
+                .iter()
+                .map(|(user, _)| user.to_string())
+                .collect();
+            let key_packages: Vec<KeyPackage> = claim
+                .key_packages
+                .iter()
+                .map(|(_, kp)| kp.clone())
+                .collect();
+            let (commit, welcome, _info) = group
+                .mls
+                .add_members(provider, signer, &key_packages)
+                .map_err(mls_error)?;
+            let payload = to_bytes(&commit)?;
+            let welcome = to_bytes(&welcome)?;
+            db::set_outbox_payload(connection, outbox, &payload, Some(&welcome), &names, &[])?;
+            Ok(OutboxRow {
+                payload: Some(payload),
+                welcome: Some(welcome),
+                added: names,
+                ..row.clone()
+            })
+        });
+        match built {
+            Ok(row) => self.transmit(&row),
+            Err(error) => {
+                self.reload(&group_id);
+                self.fail_outbox(
+                    &group_id,
+                    outbox,
+                    &Intent::Invite { users: vec![] },
+                    &error.to_string(),
+                );
+            }
+        }
+    }
+
+    fn on_accepted(&mut self, outbox: i64, seq: u64) {
+        let rows = db::outbox(&self.connection).unwrap_or_default();
+        let Some(row) = rows.into_iter().find(|row| row.id == outbox) else {
+            self.in_flight.remove(&outbox);
+            return;
+        };
+        let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
+            return;
+        };
+        if row.intent.is_application() {
+            self.settle_application(&group_id, outbox, &row.intent, seq);
+            self.in_flight.remove(&outbox);
+            self.pump(&group_id);
+        } else {
+            // Handshake messages take effect when the DS delivers them back in order.
+            self.in_flight.insert(outbox, Some(seq));
+        }
+    }
+
+    fn settle_application(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, seq: u64) {
+        let settled = db::transaction(&self.connection, || {
+            db::settle_history(&self.connection, outbox, Some(seq), "sent")?;
+            db::delete_outbox(&self.connection, outbox)
+        });
+        match settled {
+            Ok(()) => {
+                if matches!(intent, Intent::Text { .. }) {
+                    self.emit(CoreEvent::Sent {
+                        group: self.group_ref(group_id),
+                        local_id: outbox,
+                        seq,
+                    });
+                }
+            }
+            Err(error) => self.error(error.to_string()),
+        }
+    }
+
+    fn on_send_refused(
+        &mut self,
+        outbox: i64,
+        code: Option<ErrorCode>,
+        current_epoch: Option<u64>,
+        message: String,
+    ) {
+        self.in_flight.remove(&outbox);
+        let rows = db::outbox(&self.connection).unwrap_or_default();
+        let Some(row) = rows.into_iter().find(|row| row.id == outbox) else {
+            return;
+        };
+        let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
+            return;
+        };
+        match code {
+            Some(ErrorCode::StaleEpoch) => {
+                tracing::info!(outbox, "the DS had moved to another epoch; rebuilding");
+                self.discard_built(&group_id, &row);
+                if let Some(group) = self.groups.get_mut(&group_id) {
+                    group.wait_for_epoch = current_epoch;
+                }
+                self.pump(&group_id);
+            }
+            Some(ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::QuotaExceeded) => {
+                self.retry_at.insert(outbox, Instant::now() + RETRY_DELAY);
+            }
+            _ => {
+                self.discard_pending(&group_id, &row.intent);
+                self.fail_outbox(&group_id, outbox, &row.intent, &message);
+            }
+        }
+    }
+
+    /// Forgets the MLS message built for an outbox item (another commit won the epoch) so that
+    /// the intent is built again.
+    fn discard_built(&mut self, group_id: &GroupId, row: &OutboxRow) {
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        let storage = self.provider.storage();
+        let result = db::transaction(&self.connection, || {
+            if !row.intent.is_application() && group.mls.pending_commit().is_some() {
+                group.mls.clear_pending_commit(storage).map_err(mls_error)?;
+            }
+            if row.intent == Intent::Leave {
+                group
+                    .mls
+                    .clear_pending_proposals(storage)
+                    .map_err(mls_error)?;
+            }
+            db::reset_outbox(&self.connection, row.id).map(|_| ())
+        });
+        if let Err(error) = result {
+            self.reload(group_id);
+            self.error(error.to_string());
+        }
+    }
+
+    fn discard_pending(&mut self, group_id: &GroupId, intent: &Intent) {
+        if intent.is_application() {
+            return;
+        }
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        if group.mls.pending_commit().is_some() {
+            let storage = self.provider.storage();
+            if let Err(error) = group.mls.clear_pending_commit(storage) {
+                self.error(error.to_string());
+                self.reload(group_id);
+            }
+        }
+    }
+
+    fn fail_outbox(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, reason: &str) {
+        self.in_flight.remove(&outbox);
+        let result = db::transaction(&self.connection, || {
+            db::settle_history(&self.connection, outbox, None, &format!("failed: {reason}"))?;
+            db::delete_outbox(&self.connection, outbox)
+        });
+        if let Err(error) = result {
+            self.error(error.to_string());
+        }
+        match intent {
+            Intent::Text { .. } => self.emit(CoreEvent::Failed {
+                group: self.group_ref(group_id),
+                local_id: outbox,
+                reason: reason.to_string(),
+            }),
+            _ => self.error(format!("{}: {reason}", self.group_ref(group_id).name)),
+        }
+        self.pump(group_id);
+    }
+
+    // ---- deliveries -----------------------------------------------------------------------
+
+    fn ack(&self, group_id: &GroupId, seq: u64) {
+        self.send_frame(&Frame::Ack(Ack {
+            group_id: group_id.clone(),
+            seq,
+        }));
+    }
+
+    fn reload(&mut self, group_id: &GroupId) {
+        let mls_id = MlsGroupId::from_slice(group_id.as_bytes());
+        match MlsGroup::load(self.provider.storage(), &mls_id) {
+            Ok(Some(mls)) => {
+                if let Some(group) = self.groups.get_mut(group_id) {
+                    group.mls = mls;
+                }
+            }
+            Ok(None) => {
+                self.groups.remove(group_id);
+            }
+            Err(error) => self.error(format!("cannot reload group state: {error}")),
+        }
+    }
+
+    fn observe(&self, user: &str, signature_key: &[u8]) {
+        match db::observe_key(&self.connection, user, signature_key) {
+            Ok(KeyObservation::Changed) => {
+                self.emit(CoreEvent::KeyChanged {
+                    user: user.to_string(),
+                    fingerprint: fingerprint(signature_key),
+                });
+            }
+            Ok(_) => {}
+            Err(error) => self.error(error.to_string()),
+        }
+    }
+
+    fn on_deliver(&mut self, delivery: Delivery) {
+        let group_id = delivery.group_id.clone();
+        let seq = delivery.seq;
+        if delivery.kind == DeliveryKind::Welcome as u8 {
+            self.on_welcome(delivery);
+            self.ack(&group_id, seq);
+            return;
+        }
+        let Some(group) = self.groups.get(&group_id) else {
+            self.ack(&group_id, seq);
+            return;
+        };
+        if seq <= group.cursor {
+            self.ack(&group_id, group.cursor);
+            return;
+        }
+        if seq > group.cursor + 1 {
+            tracing::warn!(group = %group_id, expected = group.cursor + 1, seq, "gap in deliveries (expired messages?)");
+        }
+        let from_me = delivery.sender == self.me;
+        let outcome = self.process_delivery(&group_id, &delivery, from_me);
+        let events = match outcome {
+            Ok(events) => events,
+            Err(error) => {
+                // Skip what cannot be processed, but never silently: the timeline says so.
+                self.reload(&group_id);
+                let note = format!(
+                    "could not process message {seq} from {}: {error}",
+                    delivery.sender
+                );
+                let recorded = db::transaction(&self.connection, || {
+                    db::set_cursor(&self.connection, group_id.as_bytes(), seq)?;
+                    db::insert_history(
+                        &self.connection,
+                        group_id.as_bytes(),
+                        NewHistory::system(Some(seq), &note),
+                    )
+                    .map(|_| ())
+                });
+                if let Some(group) = self.groups.get_mut(&group_id) {
+                    group.cursor = seq;
+                }
+                if let Err(error) = recorded {
+                    self.error(error.to_string());
+                }
+                vec![CoreEvent::Error {
+                    message: format!("{}: {note}", self.group_ref(&group_id).name),
+                }]
+            }
+        };
+        self.ack(&group_id, seq);
+        for event in events {
+            self.emit(event);
+        }
+        self.pump(&group_id);
+    }
+
+    /// Processes one delivery in one transaction and returns the events to emit after it
+    /// committed. On error nothing was written and the caller reloads the group.
+    fn process_delivery(
+        &mut self,
+        group_id: &GroupId,
+        delivery: &Delivery,
+        from_me: bool,
+    ) -> Result<Vec<CoreEvent>, CoreError> {
+        let kind = DeliveryKind::from_u8(delivery.kind);
+        let payload = delivery.payload.as_slice();
+        let seq = delivery.seq;
+        let group_ref = self.group_ref(group_id);
+        let outbox = db::outbox(&self.connection)?;
+        let own_row = outbox
+            .iter()
+            .find(|row| {
+                row.payload.as_deref() == Some(payload) && row.group_id == group_id.as_bytes()
+            })
+            .cloned();
+        let mut events = Vec::new();
+        let mut observed: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut merged_own: Option<OutboxRow> = None;
+        let mut self_removed_by: Option<String> = None;
+        let mut epoch_changed = false;
+        let mut renamed = false;
+        let me = self.me.to_string();
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return Ok(events);
+        };
+        let provider = &self.provider;
+        let connection = &self.connection;
+        db::transaction(connection, || {
+            match (kind, from_me) {
+                (Some(DeliveryKind::Application), true) => {
+                    // Our own message echoed back: it cannot be decrypted by us (RFC 9420
+                    // §6.3.2 secret reuse rules), and the outbox says what it was.
+                    if let Some(row) = &own_row {
+                        db::settle_history(connection, row.id, Some(seq), "sent")?;
+                        db::delete_outbox(connection, row.id)?;
+                        if matches!(row.intent, Intent::Text { .. }) {
+                            events.push(CoreEvent::Sent {
+                                group: group_ref.clone(),
+                                local_id: row.id,
+                                seq,
+                            });
+                        }
+                    }
+                }
+                (Some(DeliveryKind::Proposal), true) => {}
+                (Some(DeliveryKind::Commit), true)
+                    if own_row.is_some() && group.mls.pending_commit().is_some() =>
+                {
+                    let Some(row) = own_row.clone() else {
+                        return Ok(());
+                    };
+                    if let Some(staged) = group.mls.pending_commit() {
+                        let inspection = inspect_commit(&group.mls, staged, &me);
+                        apply_inspection(&inspection, &group_ref, &mut events, &mut observed);
+                        if inspection.self_removed {
+                            self_removed_by = Some(me.clone());
+                        }
+                    }
+                    group
+                        .mls
+                        .merge_pending_commit(provider)
+                        .map_err(mls_error)?;
+                    db::delete_outbox(connection, row.id)?;
+                    if row.intent == Intent::Update {
+                        db::set_last_self_update(
+                            connection,
+                            group_id.as_bytes(),
+                            db::now_unix_secs(),
+                        )?;
+                        group.last_self_update = db::now_unix_secs();
+                    }
+                    if matches!(row.intent, Intent::Invite { .. })
+                        && let Some(name) = &group.name
+                    {
+                        // New members learn the group's name from an encrypted message.
+                        db::insert_outbox(
+                            connection,
+                            group_id.as_bytes(),
+                            &Intent::GroupName { name: name.clone() },
+                        )?;
+                    }
+                    merged_own = Some(row);
+                    epoch_changed = true;
+                }
+                (Some(_), _) => {
+                    let message =
+                        MlsMessageIn::tls_deserialize_exact(payload).map_err(mls_error)?;
+                    let protocol: ProtocolMessage =
+                        message.try_into_protocol_message().map_err(mls_error)?;
+                    if protocol.is_handshake_message() && group.mls.pending_commit().is_some() {
+                        // Another commit won this epoch: ours is void (its intent is retried
+                        // when the DS answers StaleEpoch).
+                        group
+                            .mls
+                            .clear_pending_commit(provider.storage())
+                            .map_err(mls_error)?;
+                    }
+                    let processed = group
+                        .mls
+                        .process_message(provider, protocol)
+                        .map_err(mls_error)?;
+                    let sender = identity_of(processed.credential());
+                    match processed.into_content() {
+                        ProcessedMessageContent::ApplicationMessage(message) => {
+                            match decode_envelope(&message.into_bytes()) {
+                                Envelope::Text { text } => {
+                                    db::insert_history(
+                                        connection,
+                                        group_id.as_bytes(),
+                                        NewHistory::message(Some(seq), &sender, &text),
+                                    )?;
+                                    events.push(CoreEvent::Message {
+                                        group: group_ref.clone(),
+                                        from: sender,
+                                        text,
+                                        seq,
+                                        at: db::now_unix_secs(),
+                                    });
+                                }
+                                Envelope::GroupName { name } => {
+                                    let name: String = name
+                                        .chars()
+                                        .filter(|c| !c.is_control())
+                                        .take(MAX_GROUP_NAME)
+                                        .collect();
+                                    if !name.is_empty()
+                                        && group.name.as_deref() != Some(name.as_str())
+                                    {
+                                        db::set_group_name(connection, group_id.as_bytes(), &name)?;
+                                        group.name = Some(name);
+                                        renamed = true;
+                                    }
+                                }
+                            }
+                        }
+                        ProcessedMessageContent::ProposalMessage(proposal) => {
+                            group
+                                .mls
+                                .store_pending_proposal(provider.storage(), *proposal)
+                                .map_err(mls_error)?;
+                        }
+                        ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
+                            tracing::info!("ignoring an external join proposal");
+                        }
+                        ProcessedMessageContent::StagedCommitMessage(staged) => {
+                            let inspection = inspect_commit(&group.mls, &staged, &sender);
+                            apply_inspection(&inspection, &group_ref, &mut events, &mut observed);
+                            if inspection.self_removed {
+                                self_removed_by = Some(sender.clone());
+                            }
+                            group
+                                .mls
+                                .merge_staged_commit(provider, *staged)
+                                .map_err(mls_error)?;
+                            epoch_changed = true;
+                        }
+                        other => {
+                            tracing::debug!(content = ?std::mem::discriminant(&other), "nothing to do for this message");
+                        }
+                    }
+                }
+                (None, _) => {
+                    return Err(CoreError::Invalid(format!(
+                        "unknown delivery kind {}",
+                        delivery.kind
+                    )));
+                }
+            }
+            db::set_cursor(connection, group_id.as_bytes(), seq)?;
+            Ok(())
+        })?;
+        group.cursor = seq;
+        if let Some(row) = merged_own {
+            self.in_flight.remove(&row.id);
+        }
+        for (user, key) in observed {
+            self.observe(&user, &key);
+        }
+        if renamed {
+            events.push(CoreEvent::GroupRenamed {
+                group: self.group_ref(group_id),
+            });
+        }
+        if let Some(by) = self_removed_by {
+            self.deactivate(group_id, format!("removed by {by}"));
+            events.push(CoreEvent::Left {
+                group: self.group_ref(group_id),
+                by,
+            });
+            return Ok(events);
+        }
+        if epoch_changed {
+            if let Some(group) = self.groups.get(group_id) {
+                events.push(CoreEvent::EpochChanged {
+                    group: self.group_ref(group_id),
+                    epoch: group.mls.epoch().as_u64(),
+                    code: verification_code(group.mls.epoch_authenticator().as_slice()),
+                });
+            }
+            self.after_epoch_change(group_id);
+        }
+        Ok(events)
+    }
+
+    /// A new epoch voids proposals of the old one: if we are leaving and our removal was not
+    /// in that commit, propose it again.
+    fn after_epoch_change(&mut self, group_id: &GroupId) {
+        let Some(group) = self.groups.get(group_id) else {
+            return;
+        };
+        if !group.leaving {
+            return;
+        }
+        let rows = db::outbox(&self.connection).unwrap_or_default();
+        if let Some(row) = rows
+            .iter()
+            .find(|row| row.group_id == group_id.as_bytes() && row.intent == Intent::Leave)
+        {
+            self.in_flight.remove(&row.id);
+            if let Err(error) = db::reset_outbox(&self.connection, row.id) {
+                self.error(error.to_string());
+            }
+        }
+    }
+
+    fn deactivate(&mut self, group_id: &GroupId, note: String) {
+        let result = db::transaction(&self.connection, || {
+            db::set_group_flag(
+                &self.connection,
+                group_id.as_bytes(),
+                GroupFlag::Active,
+                false,
+            )?;
+            db::delete_group_outbox(&self.connection, group_id.as_bytes())?;
+            db::insert_history(
+                &self.connection,
+                group_id.as_bytes(),
+                NewHistory::system(None, &note),
+            )
+            .map(|_| ())
+        });
+        if let Err(error) = result {
+            self.error(error.to_string());
+        }
+        if let Some(group) = self.groups.get_mut(group_id) {
+            group.active = false;
+            group.leaving = false;
+        }
+    }
+
+    fn on_welcome(&mut self, delivery: Delivery) {
+        let group_id = delivery.group_id.clone();
+        if self.groups.get(&group_id).is_some_and(|group| group.active) {
+            return;
+        }
+        let replace = self.groups.contains_key(&group_id);
+        let payload = delivery.payload.as_slice();
+        let provider = &self.provider;
+        let connection = &self.connection;
+        let joined = db::transaction(connection, || {
+            let message = MlsMessageIn::tls_deserialize_exact(payload).map_err(mls_error)?;
+            let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
+                return Err(CoreError::Invalid(
+                    "the Welcome delivery holds no Welcome".into(),
+                ));
+            };
+            let mut builder = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
+                .map_err(mls_error)?;
+            if replace {
+                builder = builder.replace_old_group();
+            }
+            let staged = builder.build().map_err(mls_error)?;
+            let by = staged
+                .welcome_sender()
+                .map(|leaf| identity_of(leaf.credential()))
+                .unwrap_or_else(|_| delivery.sender.to_string());
+            let members: Vec<(String, Vec<u8>)> = staged
+                .members()
+                .map(|member| {
+                    (
+                        identity_of(&member.credential),
+                        member.signature_key.clone(),
+                    )
+                })
+                .collect();
+            let mls = staged.into_group(provider).map_err(mls_error)?;
+            db::insert_group(connection, group_id.as_bytes(), None, delivery.seq, true)?;
+            db::insert_history(
+                connection,
+                group_id.as_bytes(),
+                NewHistory::system(Some(delivery.seq), &format!("{by} added you")),
+            )?;
+            Ok((mls, by, members))
+        });
+        match joined {
+            Ok((mls, by, members)) => {
+                self.groups.insert(
+                    group_id.clone(),
+                    Group {
+                        mls,
+                        name: None,
+                        cursor: delivery.seq,
+                        active: true,
+                        announced: true,
+                        leaving: false,
+                        last_self_update: db::now_unix_secs(),
+                        wait_for_epoch: None,
+                    },
+                );
+                for (user, key) in members {
+                    if user != self.me.as_str() {
+                        self.observe(&user, &key);
+                    }
+                }
+                self.emit(CoreEvent::Joined {
+                    group: self.group_ref(&group_id),
+                    by,
+                });
+                self.emit_epoch(&group_id);
+                // A KeyPackage was used up: top the stock up if it runs low.
+                self.request(Request::CountKeyPackages, |request_id| {
+                    Frame::CountKeyPackages(CountKeyPackages { request_id })
+                });
+            }
+            Err(error) => self.error(format!("could not join a group from its Welcome: {error}")),
+        }
+    }
+}
+
+/// Who a commit adds and removes, and whose keys it shows.
+struct CommitInspection {
+    by: String,
+    added: Vec<(String, Vec<u8>)>,
+    removed: Vec<String>,
+    updated: Vec<(String, Vec<u8>)>,
+    self_removed: bool,
+}
+
+fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, by: &str) -> CommitInspection {
+    let added = staged
+        .add_proposals()
+        .map(|proposal| {
+            let leaf = proposal.add_proposal().key_package().leaf_node();
+            (
+                identity_of(leaf.credential()),
+                leaf.signature_key().as_slice().to_vec(),
+            )
+        })
+        .collect();
+    let removed = staged
+        .remove_proposals()
+        .filter_map(|proposal| group.member_at(proposal.remove_proposal().removed()))
+        .map(|member| identity_of(&member.credential))
+        .collect();
+    let updated = staged
+        .update_path_leaf_node()
+        .map(|leaf| {
+            vec![(
+                identity_of(leaf.credential()),
+                leaf.signature_key().as_slice().to_vec(),
+            )]
+        })
+        .unwrap_or_default();
+    CommitInspection {
+        by: by.to_string(),
+        added,
+        removed,
+        updated,
+        self_removed: staged.self_removed(),
+    }
+}
+
+fn apply_inspection(
+    inspection: &CommitInspection,
+    group: &GroupRef,
+    events: &mut Vec<CoreEvent>,
+    observed: &mut Vec<(String, Vec<u8>)>,
+) {
+    for (user, key) in &inspection.added {
+        observed.push((user.clone(), key.clone()));
+        events.push(CoreEvent::MemberAdded {
+            group: group.clone(),
+            user: user.clone(),
+            by: inspection.by.clone(),
+        });
+    }
+    for user in &inspection.removed {
+        events.push(CoreEvent::MemberRemoved {
+            group: group.clone(),
+            user: user.clone(),
+            by: inspection.by.clone(),
+        });
+    }
+    observed.extend(inspection.updated.iter().cloned());
+}
+
+/// Users added and removed by the pending proposals, for the DS's routing.
+fn proposal_routing(group: &MlsGroup) -> (Vec<String>, Vec<String>) {
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    for queued in group.pending_proposals() {
+        match queued.proposal() {
+            Proposal::Add(add) => {
+                added.push(identity_of(add.key_package().leaf_node().credential()))
+            }
+            Proposal::Remove(remove) => {
+                if let Some(member) = group.member_at(remove.removed()) {
+                    removed.push(identity_of(&member.credential));
+                }
+            }
+            _ => {}
+        }
+    }
+    (added, removed)
+}

@@ -1,0 +1,241 @@
+//! The client core: the only place openmls is called. One dedicated thread owns the provider,
+//! the profile database, the signer and every group; the UI and the network talk to it through
+//! channels ([`CoreInput`] in, [`CoreEvent`] out) and never wait on it.
+
+pub mod db;
+mod engine;
+pub mod provider;
+pub mod trust;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mlschat_ds::protocol::{GroupId, UserName};
+use tokio::sync::mpsc::UnboundedSender;
+
+pub use engine::spawn;
+
+use crate::net::NetEvent;
+
+/// The one ciphersuite mlschat uses (RFC 9420 §17.1, the mandatory-to-implement suite).
+pub const CIPHERSUITE: openmls::prelude::Ciphersuite =
+    openmls::prelude::Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("MLS error: {0}")]
+    Mls(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub data_dir: PathBuf,
+    pub name: UserName,
+    /// Self-update every group this often (post-compromise security); `None` disables it.
+    pub auto_update: Option<Duration>,
+    /// Upload this many KeyPackages when the DS holds fewer than `key_package_low_water`.
+    pub key_package_batch: u32,
+    pub key_package_low_water: u32,
+    /// How long `/quit` waits for the outbox to drain while connected.
+    pub quit_flush_timeout: Duration,
+}
+
+impl CoreConfig {
+    pub fn new(data_dir: PathBuf, name: UserName) -> CoreConfig {
+        CoreConfig {
+            data_dir,
+            name,
+            auto_update: Some(Duration::from_secs(7 * 24 * 3600)),
+            key_package_batch: 20,
+            key_package_low_water: 5,
+            quit_flush_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the user asks the core to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    CreateGroup {
+        name: String,
+    },
+    Invite {
+        group: GroupId,
+        users: Vec<UserName>,
+    },
+    Kick {
+        group: GroupId,
+        user: UserName,
+    },
+    Leave {
+        group: GroupId,
+    },
+    Send {
+        group: GroupId,
+        text: String,
+    },
+    Update {
+        group: GroupId,
+    },
+    Members {
+        group: GroupId,
+    },
+    Fingerprint {
+        user: Option<UserName>,
+    },
+    Verify {
+        user: UserName,
+    },
+    Status {
+        group: GroupId,
+    },
+    History {
+        group: GroupId,
+        limit: u32,
+    },
+    Quit,
+}
+
+/// Everything that reaches the core thread.
+#[derive(Debug)]
+pub enum CoreInput {
+    Command(Command),
+    Net(NetEvent),
+}
+
+/// A group as events name it: its display name and its stable id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRef {
+    pub id: GroupId,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub name: String,
+    pub fingerprint: String,
+    pub verified: bool,
+    pub key_changed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    Connecting,
+    Connected,
+    Reconnecting,
+}
+
+/// Facts the core reports. The UI and the headless mode render them; they never carry
+/// ciphertext, and plaintext only in `Message`/`Queued`/`History`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoreEvent {
+    /// The groups in the profile, oldest first; sent once at start.
+    Groups {
+        groups: Vec<(GroupRef, bool)>,
+    },
+    Ready {
+        name: String,
+        fingerprint: String,
+    },
+    Connection {
+        state: ConnectionState,
+        detail: String,
+    },
+    GroupCreated {
+        group: GroupRef,
+    },
+    Joined {
+        group: GroupRef,
+        by: String,
+    },
+    GroupRenamed {
+        group: GroupRef,
+    },
+    MemberAdded {
+        group: GroupRef,
+        user: String,
+        by: String,
+    },
+    MemberRemoved {
+        group: GroupRef,
+        user: String,
+        by: String,
+    },
+    /// This client is no longer in the group (removed, or its leave was committed).
+    Left {
+        group: GroupRef,
+        by: String,
+    },
+    Message {
+        group: GroupRef,
+        from: String,
+        text: String,
+        seq: u64,
+        at: i64,
+    },
+    /// One of our messages is in the outbox (local echo); `local_id` ties later events to it.
+    Queued {
+        group: GroupRef,
+        local_id: i64,
+        text: String,
+    },
+    Sent {
+        group: GroupRef,
+        local_id: i64,
+        seq: u64,
+    },
+    Failed {
+        group: GroupRef,
+        local_id: i64,
+        reason: String,
+    },
+    Members {
+        group: GroupRef,
+        members: Vec<MemberInfo>,
+    },
+    EpochChanged {
+        group: GroupRef,
+        epoch: u64,
+        code: String,
+    },
+    KeyChanged {
+        user: String,
+        fingerprint: String,
+    },
+    Fingerprint {
+        user: String,
+        fingerprint: String,
+        verified: bool,
+        key_changed: bool,
+    },
+    Verified {
+        user: String,
+    },
+    Status {
+        group: GroupRef,
+        ciphersuite: String,
+        epoch: u64,
+        epoch_authenticator: String,
+        code: String,
+        members: usize,
+    },
+    History {
+        group: GroupRef,
+        entries: Vec<db::HistoryEntry>,
+    },
+    Error {
+        message: String,
+    },
+    /// The core thread has stopped (after `Quit`, with the outbox flushed or timed out).
+    Stopped,
+}
+
+/// Where the UI sends inputs.
+pub type CoreSender = std::sync::mpsc::Sender<CoreInput>;
+/// Where the core sends events.
+pub type EventSender = UnboundedSender<CoreEvent>;

@@ -1,0 +1,296 @@
+//! `--headless`: one command per line on stdin, one JSON object per line on stdout, nothing
+//! else on stdout. The event names and fields are a contract (see docs/headless.md).
+
+use std::collections::HashMap;
+
+use mlschat_ds::protocol::GroupId;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::client::Client;
+use crate::commands::{self, COMMANDS, SlashCommand};
+use crate::core::{Command, CoreEvent, CoreInput, GroupRef, MemberInfo};
+
+/// The headless session's view: which groups exist and which one is current.
+#[derive(Debug, Default)]
+pub struct Session {
+    pub current: Option<GroupId>,
+    pub names: HashMap<GroupId, String>,
+    pub active: HashMap<GroupId, bool>,
+}
+
+impl Session {
+    fn remember(&mut self, group: &GroupRef) {
+        self.names.insert(group.id.clone(), group.name.clone());
+    }
+
+    /// Finds a group by display name (or by a prefix of its hex id).
+    pub fn find(&self, name: &str) -> Result<GroupId, String> {
+        let matches: Vec<&GroupId> = self
+            .names
+            .iter()
+            .filter(|(id, group_name)| group_name.as_str() == name || id.to_hex().starts_with(name))
+            .map(|(id, _)| id)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("no group named {name}")),
+            _ => Err(format!(
+                "several groups are named {name}; use the start of a group id"
+            )),
+        }
+    }
+
+    fn current(&self) -> Result<GroupId, String> {
+        self.current
+            .clone()
+            .ok_or_else(|| "no current group: /create one or /switch to one".to_string())
+    }
+
+    /// Turns a typed line into a core command (or an immediate answer).
+    pub fn interpret(&mut self, line: &str) -> Result<Reaction, String> {
+        let command = commands::parse(line)?;
+        Ok(match command {
+            SlashCommand::Create(name) => Reaction::Core(Command::CreateGroup { name }),
+            SlashCommand::Invite(users) => Reaction::Core(Command::Invite {
+                group: self.current()?,
+                users,
+            }),
+            SlashCommand::Kick(user) => Reaction::Core(Command::Kick {
+                group: self.current()?,
+                user,
+            }),
+            SlashCommand::Leave => Reaction::Core(Command::Leave {
+                group: self.current()?,
+            }),
+            SlashCommand::Switch(name) => {
+                let group = self.find(&name)?;
+                self.current = Some(group.clone());
+                Reaction::Print(
+                    json!({"event": "switched", "group": self.names.get(&group), "group_id": group.to_hex()}),
+                )
+            }
+            SlashCommand::Members => Reaction::Core(Command::Members {
+                group: self.current()?,
+            }),
+            SlashCommand::Update => Reaction::Core(Command::Update {
+                group: self.current()?,
+            }),
+            SlashCommand::Fingerprint(user) => Reaction::Core(Command::Fingerprint { user }),
+            SlashCommand::Verify(user) => Reaction::Core(Command::Verify { user }),
+            SlashCommand::Status => Reaction::Core(Command::Status {
+                group: self.current()?,
+            }),
+            SlashCommand::Search(_) => return Err("/search is available in the TUI".into()),
+            SlashCommand::Help => Reaction::Print(json!({
+                "event": "help",
+                "commands": COMMANDS.iter().map(|(usage, what)| json!({"usage": usage, "description": what})).collect::<Vec<_>>(),
+            })),
+            SlashCommand::Quit => Reaction::Core(Command::Quit),
+            SlashCommand::Message(text) => Reaction::Core(Command::Send {
+                group: self.current()?,
+                text,
+            }),
+        })
+    }
+
+    /// Updates the session from an event and renders it as JSON (`None`: nothing to print).
+    pub fn observe(&mut self, event: &CoreEvent) -> Option<Value> {
+        let group_fields = |group: &GroupRef| (group.name.clone(), group.id.to_hex());
+        Some(match event {
+            CoreEvent::Groups { groups } => {
+                for (group, active) in groups {
+                    self.remember(group);
+                    self.active.insert(group.id.clone(), *active);
+                    if *active {
+                        self.current = Some(group.id.clone());
+                    }
+                }
+                let list: Vec<Value> = groups
+                    .iter()
+                    .map(|(group, active)| json!({"group": group.name, "group_id": group.id.to_hex(), "active": active}))
+                    .collect();
+                json!({"event": "groups", "groups": list})
+            }
+            CoreEvent::Ready { name, fingerprint } => {
+                json!({"event": "ready", "name": name, "fingerprint": fingerprint})
+            }
+            CoreEvent::Connection { state, detail } => {
+                let state = match state {
+                    crate::core::ConnectionState::Connecting => "connecting",
+                    crate::core::ConnectionState::Connected => "connected",
+                    crate::core::ConnectionState::Reconnecting => "reconnecting",
+                };
+                json!({"event": "connection", "state": state, "detail": detail})
+            }
+            CoreEvent::GroupCreated { group } => {
+                self.remember(group);
+                self.current = Some(group.id.clone());
+                let (name, id) = group_fields(group);
+                json!({"event": "group_created", "group": name, "group_id": id})
+            }
+            CoreEvent::Joined { group, by } => {
+                self.remember(group);
+                self.current = Some(group.id.clone());
+                let (name, id) = group_fields(group);
+                json!({"event": "joined", "group": name, "group_id": id, "by": by})
+            }
+            CoreEvent::GroupRenamed { group } => {
+                self.remember(group);
+                let (name, id) = group_fields(group);
+                json!({"event": "group_renamed", "group": name, "group_id": id})
+            }
+            CoreEvent::MemberAdded { group, user, by } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "member_added", "group": name, "group_id": id, "user": user, "by": by})
+            }
+            CoreEvent::MemberRemoved { group, user, by } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "member_removed", "group": name, "group_id": id, "user": user, "by": by})
+            }
+            CoreEvent::Left { group, by } => {
+                self.active.insert(group.id.clone(), false);
+                let (name, id) = group_fields(group);
+                json!({"event": "left", "group": name, "group_id": id, "by": by})
+            }
+            CoreEvent::Message {
+                group,
+                from,
+                text,
+                seq,
+                ..
+            } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "message", "group": name, "group_id": id, "from": from, "text": text, "seq": seq})
+            }
+            CoreEvent::Queued { .. } | CoreEvent::History { .. } | CoreEvent::Stopped => {
+                return None;
+            }
+            CoreEvent::Sent {
+                group,
+                seq,
+                local_id,
+            } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "sent", "group": name, "group_id": id, "seq": seq, "local_id": local_id})
+            }
+            CoreEvent::Failed {
+                group,
+                local_id,
+                reason,
+            } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "failed", "group": name, "group_id": id, "local_id": local_id, "reason": reason})
+            }
+            CoreEvent::Members { group, members } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "members", "group": name, "group_id": id, "members": members.iter().map(member_json).collect::<Vec<_>>()})
+            }
+            CoreEvent::EpochChanged { group, epoch, code } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "epoch", "group": name, "group_id": id, "epoch": epoch, "code": code})
+            }
+            CoreEvent::KeyChanged { user, fingerprint } => {
+                json!({"event": "key_changed", "user": user, "fingerprint": fingerprint})
+            }
+            CoreEvent::Fingerprint {
+                user,
+                fingerprint,
+                verified,
+                key_changed,
+            } => json!({
+                "event": "fingerprint", "user": user, "fingerprint": fingerprint, "verified": verified, "key_changed": key_changed
+            }),
+            CoreEvent::Verified { user } => json!({"event": "verified", "user": user}),
+            CoreEvent::Status {
+                group,
+                ciphersuite,
+                epoch,
+                epoch_authenticator,
+                code,
+                members,
+            } => {
+                let (name, id) = group_fields(group);
+                json!({
+                    "event": "status", "group": name, "group_id": id, "ciphersuite": ciphersuite, "epoch": epoch,
+                    "epoch_authenticator": epoch_authenticator, "code": code, "members": members
+                })
+            }
+            CoreEvent::Error { message } => json!({"event": "error", "message": message}),
+        })
+    }
+}
+
+fn member_json(member: &MemberInfo) -> Value {
+    json!({"name": member.name, "fingerprint": member.fingerprint, "verified": member.verified, "key_changed": member.key_changed})
+}
+
+/// What a typed line leads to.
+#[derive(Debug)]
+pub enum Reaction {
+    Core(Command),
+    Print(Value),
+}
+
+async fn write_line(output: &mut (impl AsyncWrite + Unpin), value: &Value) -> std::io::Result<()> {
+    let mut line = value.to_string();
+    line.push('\n');
+    output.write_all(line.as_bytes()).await?;
+    output.flush().await
+}
+
+/// Runs the headless session until `/quit` or EOF (after the outbox is flushed).
+pub async fn run(
+    mut client: Client,
+    input: impl AsyncBufRead + Unpin,
+    mut output: impl AsyncWrite + Unpin,
+) -> std::io::Result<()> {
+    let mut session = Session::default();
+    let mut lines = input.lines();
+    let mut input_open = true;
+    let mut quitting = false;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if input_open => {
+                let line = match line {
+                    Ok(Some(line)) => line,
+                    Ok(None) | Err(_) => {
+                        input_open = false;
+                        if !quitting {
+                            quitting = true;
+                            let _ = client.inputs.send(CoreInput::Command(Command::Quit));
+                        }
+                        continue;
+                    }
+                };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match session.interpret(&line) {
+                    Ok(Reaction::Core(command)) => {
+                        if command == Command::Quit {
+                            quitting = true;
+                            input_open = false;
+                        }
+                        if client.inputs.send(CoreInput::Command(command)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Reaction::Print(value)) => write_line(&mut output, &value).await?,
+                    Err(message) => write_line(&mut output, &json!({"event": "error", "message": message})).await?,
+                }
+            }
+            event = client.events.recv() => {
+                let Some(event) = event else { break };
+                if event == CoreEvent::Stopped {
+                    break;
+                }
+                if let Some(value) = session.observe(&event) {
+                    write_line(&mut output, &value).await?;
+                }
+            }
+        }
+    }
+    client.finish().await;
+    Ok(())
+}
