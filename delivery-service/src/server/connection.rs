@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::ReadExactError;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
@@ -445,8 +445,15 @@ async fn serve_inner<S: Store>(
         hub: Arc::clone(&shared.hub),
         limits: Arc::clone(&shared.limits),
     });
-    let in_flight = Arc::new(Semaphore::new(shared.limits.max_in_flight_requests.max(1)));
+    let max_in_flight = shared.limits.max_in_flight_requests.max(1);
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut handlers = JoinSet::new();
+    // Requests that change group state run one at a time, in the order they arrived; see
+    // `run_in_order`. The channel never fills: each queued request holds an in-flight permit.
+    let (in_order, in_order_queue) = mpsc::channel(max_in_flight);
+    let ordered = tokio::spawn(
+        run_in_order(Arc::clone(&context), in_order_queue, outbox.clone()).in_current_span(),
+    );
     let mut rate = RateLimiter::new(&shared.limits);
     let closing = loop {
         while handlers.try_join_next().is_some() {}
@@ -492,6 +499,14 @@ async fn serve_inner<S: Store>(
                     }))
                     .await;
             }
+            request @ (Frame::Send(_) | Frame::CreateGroup(_)) => {
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                    break None;
+                };
+                if in_order.send((request, permit)).await.is_err() {
+                    break None;
+                }
+            }
             request => {
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                     break None;
@@ -511,6 +526,8 @@ async fn serve_inner<S: Store>(
         }
     };
     // Let in-flight requests finish: their writes are durable and their answers get sent.
+    drop(in_order);
+    let _ = ordered.await;
     while handlers.join_next().await.is_some() {}
     shared.hub.detach(&user, session_id);
     delivery.abort();
@@ -521,6 +538,26 @@ async fn serve_inner<S: Store>(
     drop(outbox);
     let _ = writer.await;
     tracing::info!(%user, "connection ended");
+}
+
+/// Runs a connection's `Send` and `CreateGroup` requests one after the other, in arrival order.
+///
+/// Run concurrently, a client's pipelined messages could be sequenced in any order: MLS
+/// receivers then see one sender's generations out of order (openmls tolerates only a few by
+/// default) and a `Send` could overtake the `CreateGroup` of its group. The cost is one store
+/// transaction per message for a pipelining client; messages from different connections are
+/// still group-committed together.
+async fn run_in_order<S: Store>(
+    context: Arc<RequestContext<S>>,
+    mut queue: mpsc::Receiver<(Frame, OwnedSemaphorePermit)>,
+    outbox: Outbox,
+) {
+    while let Some((request, permit)) = queue.recv().await {
+        if let Some(response) = dispatch(&context, request).await {
+            outbox.send(response).await;
+        }
+        drop(permit);
+    }
 }
 
 /// Runs one authenticated request; `None` for requests without a reply (`Ack`).
