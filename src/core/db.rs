@@ -610,3 +610,42 @@ pub fn set_verified(connection: &Connection, user: &str) -> Result<bool, CoreErr
         .map_err(sql)?;
     Ok(changed > 0)
 }
+
+/// Messages of a group containing `text` (ASCII case-insensitive), at most `limit`, oldest first.
+pub fn search_history(
+    connection: &Connection,
+    group_id: &[u8],
+    text: &str,
+    limit: u32,
+) -> Result<Vec<HistoryEntry>, CoreError> {
+    let pattern = format!(
+        "%{}%",
+        text.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
+    let mut statement = connection
+        .prepare(
+            "SELECT id, seq, sender, kind, text, at, state FROM history
+             WHERE group_id = ?1 AND kind = 'message' AND text LIKE ?2 ESCAPE '\\' ORDER BY id DESC LIMIT ?3",
+        )
+        .map_err(sql)?;
+    let rows = statement
+        .query_map(params![group_id, pattern, limit], |row| {
+            Ok(HistoryEntry {
+                id: row.get(0)?,
+                seq: row
+                    .get::<_, Option<i64>>(1)?
+                    .and_then(|seq| u64::try_from(seq).ok()),
+                sender: row.get(2)?,
+                kind: row.get(3)?,
+                text: row.get(4)?,
+                at: row.get(5)?,
+                state: row.get(6)?,
+            })
+        })
+        .map_err(sql)?;
+    let mut entries = rows.collect::<Result<Vec<_>, _>>().map_err(sql)?;
+    entries.reverse();
+    Ok(entries)
+}

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, Capabilities, CredentialWithKey, ExtensionType, GroupId as MlsGroupId, KeyPackage, LeafNodeParameters,
-    MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage,
-    ProtocolVersion, StagedCommit, StagedWelcome,
+    BasicCredential, Capabilities, CredentialWithKey, ExtensionType, GroupId as MlsGroupId,
+    KeyPackage, LeafNodeParameters, MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY, MlsGroup,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent,
+    Proposal, ProtocolMessage, ProtocolVersion, StagedCommit, StagedWelcome,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_sqlite_storage::Connection;
@@ -96,7 +96,9 @@ fn join_config() -> MlsGroupJoinConfig {
 /// KeyPackage leaves advertise the last-resort extension (RFC 9420 §17.3, RFC 9750 §5.1), which
 /// the last-resort package carries; a leaf must list every extension its KeyPackage uses.
 fn key_package_capabilities() -> Capabilities {
-    Capabilities::builder().extensions(vec![ExtensionType::LastResort]).build()
+    Capabilities::builder()
+        .extensions(vec![ExtensionType::LastResort])
+        .build()
 }
 
 fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, CoreError> {
@@ -720,6 +722,19 @@ impl Engine {
                     Ok(entries) => {
                         self.emit(CoreEvent::History {
                             group: self.group_ref(&group),
+                            entries,
+                        });
+                        Ok(())
+                    }
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            Command::Search { group, text } => {
+                match db::search_history(&self.connection, group.as_bytes(), &text, 200) {
+                    Ok(entries) => {
+                        self.emit(CoreEvent::SearchResults {
+                            group: self.group_ref(&group),
+                            text,
                             entries,
                         });
                         Ok(())

@@ -98,6 +98,11 @@ pub enum Command {
         group: GroupId,
         limit: u32,
     },
+    /// Messages of the group whose text contains `text` (ASCII case-insensitive).
+    Search {
+        group: GroupId,
+        text: String,
+    },
     Quit,
 }
 
@@ -226,6 +231,11 @@ pub enum CoreEvent {
     },
     History {
         group: GroupRef,
+        entries: Vec<db::HistoryEntry>,
+    },
+    SearchResults {
+        group: GroupRef,
+        text: String,
         entries: Vec<db::HistoryEntry>,
     },
     Error {
