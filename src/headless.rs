@@ -163,7 +163,10 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "message", "group": name, "group_id": id, "from": from, "text": text, "seq": seq})
             }
-            CoreEvent::Queued { .. } | CoreEvent::History { .. } | CoreEvent::Stopped => {
+            CoreEvent::Queued { .. }
+            | CoreEvent::History { .. }
+            | CoreEvent::SearchResults { .. }
+            | CoreEvent::Stopped => {
                 return None;
             }
             CoreEvent::Sent {
