@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Client, TestServer, expect_error, group, setup_group, timed};
@@ -16,13 +15,8 @@ use mlschat_ds::protocol::{
     ALPN, Delivery, ErrorCode, FRAME_HEADER_LEN, Fetch, Frame, FrameHeader, FrameKind, GroupId,
     Ping, max_body_len,
 };
-use mlschat_ds::tls::CertFingerprint;
-use quinn::crypto::rustls::QuicClientConfig;
 use rand::rngs::StdRng;
 use rand::{Rng as _, RngCore as _, SeedableRng as _};
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 /// Two members of one group, connected for the whole test, proving the DS still works.
 struct Witnesses {
@@ -112,71 +106,12 @@ async fn garbage_datagrams_do_not_disturb_the_ds() {
     .await;
 }
 
-/// Accepts exactly the pinned certificate, like the real client.
-#[derive(Debug)]
-struct Pinned(CertFingerprint, Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if CertFingerprint::of(end_entity.as_ref()) == self.0 {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("not the pinned certificate".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.1.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.1.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Connects with a client configuration like `tls::client_config`, but with `alpn`.
 async fn connect_with_alpn(
     server: &TestServer,
     alpn: &[u8],
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned(server.fingerprint(), provider)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).expect("QUIC client config");
-    let mut endpoint =
-        quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("client endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let endpoint = common::client_endpoint(common::client_config(server, alpn, None));
     endpoint
         .connect(server.address(), "mlschat-ds")
         .expect("start connecting")

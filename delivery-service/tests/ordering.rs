@@ -13,7 +13,9 @@ use common::{
     user,
 };
 use mlschat_ds::protocol::mls::ContentType;
-use mlschat_ds::protocol::{CommitRouting, Delivery, DeliveryKind, ErrorCode, Frame, GroupId, Seq};
+use mlschat_ds::protocol::{
+    CommitRouting, Delivery, DeliveryKind, ErrorCode, Frame, GroupId, Seq, UserName,
+};
 
 const APPLICATION: u8 = DeliveryKind::Application as u8;
 const COMMIT: u8 = DeliveryKind::Commit as u8;
@@ -754,6 +756,135 @@ async fn member_added_while_offline_gets_the_welcome_on_login() {
         assert_eq!((seen[1].seq, seen[1].kind), (added.seq + 1, APPLICATION));
         assert!(
             dave.delivery_within(Duration::from_millis(100))
+                .await
+                .is_none()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_resyncs_every_group_after_lagging() {
+    timed(async {
+        // Thousands of pipelined requests: lift the per-connection rate limit.
+        let limits = mlschat_ds::config::Limits {
+            requests_per_second: 1_000_000,
+            request_burst: 1_000_000,
+            ..mlschat_ds::config::Limits::default()
+        };
+        let server = TestServer::start_with(limits).await;
+        let alice = server.register("alice").await;
+
+        // Bob authenticates and then stops reading. His tiny receive window makes the DS's
+        // writer block almost at once, then its outbox and his session's wake-up queue fill,
+        // and the hub starts dropping wake-ups for him (the session "lags").
+        let bob_signer = common::Signer::ed25519();
+        let mut bob_raw = server.raw_with_window(16 * 1024).await;
+        let register = bob_raw
+            .register_frame(1, &user("bob"), &bob_signer)
+            .expect("sign");
+        bob_raw.send_frame(&register).await.expect("send Register");
+        assert!(matches!(
+            bob_raw.next_frame().await.expect("read"),
+            Some(Frame::Authenticated(_))
+        ));
+
+        // Several senders, so that their messages are group-committed together.
+        const SENDERS: usize = 6;
+        const PER_SENDER: usize = 1000;
+        const MESSAGES: usize = SENDERS * PER_SENDER;
+        let mut senders = vec![alice];
+        for index in 1..SENDERS {
+            senders.push(server.register(&format!("sender{index}")).await);
+        }
+        let mut added: Vec<UserName> = vec![user("bob")];
+        added.extend(senders[1..].iter().map(|sender| sender.name.clone()));
+        let busy = group("busy");
+        senders[0].create_group(&busy).await;
+        expect_accepted(
+            senders[0]
+                .send_commit(
+                    &busy,
+                    0,
+                    b"add everyone",
+                    Some(routing(&added.iter().collect::<Vec<_>>(), &[])),
+                )
+                .await,
+        );
+        // More messages than the writer's batch, the outbox and the wake-up queue together.
+        let mut tasks = tokio::task::JoinSet::new();
+        for (sender_index, mut sender) in senders.into_iter().enumerate() {
+            let busy = busy.clone();
+            tasks.spawn(async move {
+                let mut ids = Vec::with_capacity(PER_SENDER);
+                let mut batch = Vec::new();
+                for index in 0..PER_SENDER {
+                    let id = sender.next_request_id();
+                    let mut payload = vec![0x42; 512];
+                    payload.extend_from_slice(&(index as u64).to_be_bytes());
+                    let message = private_message(&busy, 1, ContentType::Application, &payload);
+                    batch.extend(send_frame(id, random_message_id(), message, None).encode());
+                    ids.push(id);
+                    if batch.len() > 64 * 1024 {
+                        sender.send_raw(&batch).await;
+                        batch.clear();
+                    }
+                }
+                sender.send_raw(&batch).await;
+                for id in ids {
+                    expect_accepted(sender.response(id).await);
+                }
+                (sender_index, sender)
+            });
+        }
+        let mut senders: Vec<(usize, Client)> = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            senders.push(done.expect("sender task"));
+        }
+        senders.sort_by_key(|(index, _)| *index);
+        let (_, alice) = &mut senders[0];
+
+        // While bob lags, he is added to a second, quiet group: its Welcome's wake-up is
+        // dropped, and no later message in that group would repair it.
+        let quiet = group("quiet");
+        alice.create_group(&quiet).await;
+        let added = expect_accepted(
+            alice
+                .send_commit(&quiet, 0, b"add bob", Some(routing(&[&user("bob")], &[])))
+                .await,
+        );
+
+        // Bob reads again: everything in both groups arrives, per group in order, gap-free.
+        let mut bob = Client::new(bob_raw, user("bob"), bob_signer);
+        let mut busy_seqs = Vec::new();
+        let mut quiet_seen = Vec::new();
+        while busy_seqs.len() < MESSAGES + 1 || quiet_seen.is_empty() {
+            let Some(delivery) = bob.delivery_within(Duration::from_secs(10)).await else {
+                panic!(
+                    "bob stalled with {} of {} busy deliveries and {} quiet ones",
+                    busy_seqs.len(),
+                    MESSAGES + 1,
+                    quiet_seen.len()
+                );
+            };
+            if delivery.group_id == busy {
+                busy_seqs.push(delivery.seq);
+            } else {
+                quiet_seen.push(delivery);
+            }
+        }
+        let expected: Vec<Seq> = (1..=MESSAGES as u64 + 1).collect();
+        assert!(
+            busy_seqs == expected,
+            "busy group out of order or with gaps"
+        );
+        assert_eq!(quiet_seen.len(), 1);
+        assert_eq!(
+            (quiet_seen[0].seq, quiet_seen[0].kind),
+            (added.seq, WELCOME)
+        );
+        assert!(
+            bob.delivery_within(Duration::from_millis(200))
                 .await
                 .is_none()
         );

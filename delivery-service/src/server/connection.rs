@@ -632,15 +632,48 @@ async fn deliver<S: Store>(
             }
             _ = lagged.notified() => {
                 tracing::debug!("session lagged; resyncing from the store");
-                let groups: Vec<(GroupId, Seq)> = delivered.iter().map(|(group, seq)| (group.clone(), *seq)).collect();
-                for (group_id, seq) in groups {
-                    if !catch_up(&user, &*store, &outbox, &group_id, seq, &mut delivered).await {
-                        return;
-                    }
+                if !resync(&user, &*store, &outbox, &mut delivered).await {
+                    return;
                 }
             }
         }
     }
+}
+
+/// Catches up every group of the user after wake-ups were dropped. Returns false when the
+/// connection is gone.
+///
+/// Every membership is read again, not only the groups something was delivered in: the dropped
+/// wake-up may have been the first of a group (the Welcome of a group the user was just added
+/// to, or the first message of a group it created), and a quiet group would otherwise stay
+/// behind until its next message.
+async fn resync<S: Store>(
+    user: &UserName,
+    store: &S,
+    outbox: &Outbox,
+    delivered: &mut HashMap<GroupId, Seq>,
+) -> bool {
+    let mut groups: HashMap<GroupId, Seq> = match store.memberships(user).await {
+        Ok(memberships) => memberships
+            .into_iter()
+            .map(|membership| (membership.group_id, membership.cursor))
+            .collect(),
+        Err(failure) => {
+            // Still catch up what is known; the next dropped wake-up retries the rest.
+            tracing::error!(%failure, "cannot load memberships to resync");
+            HashMap::new()
+        }
+    };
+    // Within this session, what was delivered is further along than the acknowledged cursor.
+    for (group_id, seq) in delivered.iter() {
+        groups.insert(group_id.clone(), *seq);
+    }
+    for (group_id, seq) in groups {
+        if !catch_up(user, store, outbox, &group_id, seq, delivered).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Returns false when the connection is gone.

@@ -20,7 +20,7 @@ use mlschat_ds::client::{ChallengeSigner, RawConnection, read_frame};
 use mlschat_ds::config::Limits;
 use mlschat_ds::protocol::mls::{ContentType, MLS_VERSION_10, WireFormat};
 use mlschat_ds::protocol::{
-    Accepted, Ack, ClientMessageId, CommitRouting, CreateGroup, Delivery, Epoch, ErrorCode,
+    ALPN, Accepted, Ack, ClientMessageId, CommitRouting, CreateGroup, Delivery, Epoch, ErrorCode,
     ErrorResponse, Fetch, Frame, GroupId, Messages, Ping, Seq, UserName,
 };
 use mlschat_ds::tls::CertFingerprint;
@@ -30,7 +30,11 @@ use openmls::prelude::{
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
+use quinn::crypto::rustls::QuicClientConfig;
 use rand::RngCore as _;
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tls_codec::{Serialize as _, VLByteSlice};
 use tokio::sync::mpsc;
 
@@ -284,6 +288,92 @@ pub async fn expect_close_code(connection: &quinn::Connection, code: ErrorCode) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Custom client configurations
+
+/// Accepts exactly the pinned certificate, like the real client.
+#[derive(Debug)]
+struct Pinned(CertFingerprint, Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if CertFingerprint::of(end_entity.as_ref()) == self.0 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("not the pinned certificate".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.1.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.1.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration like `tls::client_config`, but with the given ALPN and, if set, a
+/// small stream receive window (to make a slow consumer).
+pub fn client_config(
+    server: &TestServer,
+    alpn: &[u8],
+    stream_receive_window: Option<u32>,
+) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned(server.fingerprint(), provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).expect("QUIC client config");
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    if let Some(window) = stream_receive_window {
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .stream_receive_window(window.into())
+            .receive_window((2 * window).into());
+        config.transport_config(Arc::new(transport));
+    }
+    config
+}
+
+/// A client endpoint on 127.0.0.1 using `config`.
+pub fn client_endpoint(config: quinn::ClientConfig) -> quinn::Endpoint {
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("client endpoint");
+    endpoint.set_default_client_config(config);
+    endpoint
+}
+
+// ---------------------------------------------------------------------------------------------
 // The server
 
 /// A DS on 127.0.0.1 with a temporary data directory.
@@ -317,6 +407,23 @@ impl TestServer {
 
     pub fn fingerprint(&self) -> CertFingerprint {
         self.server.fingerprint()
+    }
+
+    /// A new raw connection whose stream receive window is only `window` bytes.
+    pub async fn raw_with_window(&self, window: u32) -> RawConnection {
+        let endpoint = client_endpoint(client_config(self, ALPN, Some(window)));
+        let connection = endpoint
+            .connect(self.address(), "mlschat-ds")
+            .expect("start connecting")
+            .await
+            .expect("connect to the DS");
+        let (send, recv) = connection.open_bi().await.expect("open the stream");
+        RawConnection {
+            endpoint,
+            connection,
+            send,
+            recv,
+        }
     }
 
     /// A new, unauthenticated raw connection.
