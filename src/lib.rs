@@ -9,9 +9,13 @@
 //! - [`headless`]: the `--headless` mode, commands on stdin and JSON events on stdout.
 //! - [`cli`]: command-line flags shared by the TUI and the headless mode.
 
+pub mod app;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod config;
 pub mod core;
 pub mod headless;
 pub mod net;
+pub mod tui;
+pub mod ui;

@@ -1,24 +1,26 @@
 //! `mlschat`: parse flags, set up logging to a file, start the client, and run the TUI or the
 //! headless mode.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
+use color_eyre::eyre::{Result, WrapErr as _, eyre};
 use mlschat::cli::Cli;
 use mlschat::client::{Client, ClientOptions, default_data_dir};
+use mlschat::tui::{self, Launch};
 use mlschat_ds::protocol::UserName;
 
-fn init_logging(path: &PathBuf) -> Result<()> {
+fn init_logging(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+            .wrap_err_with(|| format!("cannot create {}", parent.display()))?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("cannot open the log file {}", path.display()))?;
+        .wrap_err_with(|| format!("cannot open the log file {}", path.display()))?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MLSCHAT_LOG")
@@ -30,49 +32,76 @@ fn init_logging(path: &PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    let Some(name) = cli.name.clone() else {
-        bail!("--name is required (for example: mlschat --name alice)");
-    };
-    let name = UserName::new(name).map_err(|error| anyhow::anyhow!("--name: {error}"))?;
+fn options_for(cli: &Cli, name: UserName) -> Result<ClientOptions> {
     let data_dir = match &cli.data_dir {
         Some(dir) => dir.clone(),
-        None => {
-            default_data_dir(&name).context("cannot determine a data directory; pass --data-dir")?
-        }
+        None => default_data_dir(&name)
+            .ok_or_else(|| eyre!("cannot determine a data directory; pass --data-dir"))?,
     };
-    let log_file = cli
-        .log_file
-        .clone()
-        .unwrap_or_else(|| data_dir.join("mlschat.log"));
-    init_logging(&log_file)?;
     let mut options = ClientOptions::new(name, data_dir);
     options.server = cli.server.clone();
     options.pinned = cli.server_cert_sha256.clone();
     if let Some(seconds) = cli.auto_update_secs {
-        options.auto_update = (seconds > 0).then(|| std::time::Duration::from_secs(seconds));
+        options.auto_update = (seconds > 0).then(|| Duration::from_secs(seconds));
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let client = Client::start(options).await?;
-        if let Some(hosted) = &client.hosted {
-            eprintln!(
-                "no DS answered at {}: hosting one in-process (certificate SHA-256 {})",
-                hosted.address(),
-                hosted.fingerprint()
-            );
+    Ok(options)
+}
+
+/// The log file: `--log-file`, else `mlschat.log` in the profile directory, else (first run
+/// without a name yet) in the XDG data directory.
+fn log_path(cli: &Cli, options: Option<&ClientOptions>) -> Result<PathBuf> {
+    if let Some(path) = &cli.log_file {
+        return Ok(path.clone());
+    }
+    if let Some(options) = options {
+        return Ok(options.data_dir.join("mlschat.log"));
+    }
+    directories::ProjectDirs::from("", "", "mlschat")
+        .map(|dirs| dirs.data_dir().join("mlschat.log"))
+        .ok_or_else(|| eyre!("cannot determine where to log; pass --log-file"))
+}
+
+fn main() -> Result<()> {
+    color_eyre::install()?;
+    let cli = Cli::parse();
+    let options = match &cli.name {
+        Some(name) => {
+            let name = UserName::new(name.clone()).map_err(|error| eyre!("--name: {error}"))?;
+            Some(options_for(&cli, name)?)
         }
-        if cli.headless {
+        None => None,
+    };
+    init_logging(&log_path(&cli, options.as_ref())?)?;
+    let runtime = tokio::runtime::Runtime::new().wrap_err("cannot start the async runtime")?;
+    if cli.headless {
+        let options = options.ok_or_else(|| eyre!("--headless needs --name"))?;
+        return runtime.block_on(async move {
+            let client = Client::start(options).await?;
+            if let Some(hosted) = &client.hosted {
+                eprintln!(
+                    "no DS answered at {}: hosting one in-process (certificate SHA-256 {})",
+                    hosted.address(),
+                    hosted.fingerprint()
+                );
+            }
             mlschat::headless::run(
                 client,
                 tokio::io::BufReader::new(tokio::io::stdin()),
                 tokio::io::stdout(),
             )
-            .await?;
-            Ok(())
-        } else {
-            bail!("the terminal UI is not built yet; use --headless")
-        }
-    })
+            .await
+            .wrap_err("headless session failed")
+        });
+    }
+    let settings_path = cli.config.clone().or_else(mlschat::config::default_path);
+    let settings = match &settings_path {
+        Some(path) => mlschat::config::load(path)?,
+        None => mlschat::config::Settings::default(),
+    };
+    let launch_cli = cli.clone();
+    let launch = Launch {
+        options,
+        options_for: Box::new(move |name| options_for(&launch_cli, name)),
+    };
+    runtime.block_on(tui::run(launch, settings))
 }

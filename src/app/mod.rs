@@ -1,0 +1,1016 @@
+//! The TUI's state and its pure update function: terminal input and core events come in as
+//! [`Msg`], the state changes, and [`Effect`]s (commands for the core, a bell, quitting) come
+//! out. Nothing here touches the terminal, the network or the disk.
+
+pub mod composer;
+pub mod keymap;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind};
+use mlschat_ds::protocol::{GroupId, UserName};
+
+use crate::commands::{self, COMMANDS, SlashCommand};
+use crate::config::Settings;
+use crate::core::db::HistoryEntry;
+use crate::core::{Command, ConnectionState, CoreEvent, GroupRef, MemberInfo};
+use composer::Composer;
+use keymap::Action;
+
+/// Entries kept in memory per group; older ones stay in the database.
+pub const MAX_ENTRIES: usize = 10_000;
+/// History loaded when a group is first shown.
+pub const HISTORY_PAGE: u32 = 1_000;
+/// Lines one mouse-wheel step scrolls.
+const WHEEL_LINES: usize = 3;
+/// Input history kept for Up/Down.
+const INPUT_HISTORY: usize = 200;
+
+/// Delivery state of one of our own messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Received,
+    Sending(i64),
+    Sent,
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Message {
+        from: String,
+        text: String,
+        own: bool,
+        delivery: Delivery,
+        mention: bool,
+    },
+    System {
+        text: String,
+        warning: bool,
+    },
+}
+
+/// One timeline entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub at: i64,
+    pub seq: Option<u64>,
+    pub kind: EntryKind,
+}
+
+/// Everything the TUI knows about one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    pub id: GroupId,
+    pub name: String,
+    pub active: bool,
+    pub unread: usize,
+    pub mentioned: bool,
+    pub entries: Vec<Entry>,
+    pub members: Vec<MemberInfo>,
+    pub epoch: Option<u64>,
+    pub code: Option<String>,
+    /// Lines scrolled up from the bottom; 0 follows new messages.
+    pub scroll: usize,
+    /// Entries that arrived below the view while scrolled up.
+    pub new_below: usize,
+    pub history_requested: bool,
+}
+
+impl GroupView {
+    fn new(group: &GroupRef, active: bool) -> GroupView {
+        GroupView {
+            id: group.id.clone(),
+            name: group.name.clone(),
+            active,
+            unread: 0,
+            mentioned: false,
+            entries: Vec::new(),
+            members: Vec::new(),
+            epoch: None,
+            code: None,
+            scroll: 0,
+            new_below: 0,
+            history_requested: false,
+        }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if self.scroll > 0 {
+            self.new_below += 1;
+        }
+        self.entries.push(entry);
+        if self.entries.len() > MAX_ENTRIES {
+            let excess = self.entries.len() - MAX_ENTRIES;
+            self.entries.drain(..excess);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+/// What covers the main screen, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// First run without `--name`: the composer asks for one.
+    NamePrompt,
+    Help,
+    /// `/verify USER` sent; waiting for the user's fingerprint.
+    VerifyRequested(String),
+    Verify {
+        user: String,
+        theirs: String,
+    },
+    Search {
+        text: String,
+        results: Vec<HistoryEntry>,
+    },
+}
+
+/// The connection as the status bar shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    Starting,
+    Connected,
+    Reconnecting(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    pub me: String,
+    pub fingerprint: String,
+    pub server: String,
+    pub hosting: bool,
+    pub link: Link,
+    pub groups: Vec<GroupView>,
+    pub current: Option<usize>,
+    pub composer: Composer,
+    pub status: Option<(String, Severity)>,
+    pub show_members: bool,
+    pub mode: Mode,
+    pub settings: Settings,
+    pub input_history: Vec<String>,
+    pub history_position: Option<usize>,
+    pub quitting: bool,
+    pub size: (u16, u16),
+    /// Seconds east of UTC for timestamps (fixed in tests).
+    pub utc_offset: i32,
+    pub now: i64,
+    /// Set when anything visible changed; the runner redraws and clears it.
+    pub dirty: bool,
+    /// Switch to the next group we create.
+    switch_to_created: bool,
+}
+
+/// Inputs of [`update`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    Key(KeyEvent),
+    Paste(String),
+    Mouse(MouseEvent),
+    Resize(u16, u16),
+    Core(CoreEvent),
+    /// Clock tick with the current unix time.
+    Tick(i64),
+    /// SIGTERM or similar: leave as after `/quit`.
+    Terminate,
+}
+
+/// Outputs of [`update`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Core(Command),
+    Bell,
+    /// Repaint the whole screen.
+    Clear,
+    /// First run: the user chose this name; start the client.
+    StartClient(UserName),
+    /// Leave now (the core has stopped, or the user insisted).
+    Exit,
+}
+
+impl State {
+    pub fn new(settings: Settings, size: (u16, u16), utc_offset: i32, now: i64) -> State {
+        State {
+            me: String::new(),
+            fingerprint: String::new(),
+            server: String::new(),
+            hosting: false,
+            link: Link::Starting,
+            groups: Vec::new(),
+            current: None,
+            composer: Composer::default(),
+            status: None,
+            show_members: true,
+            mode: Mode::Normal,
+            settings,
+            input_history: Vec::new(),
+            history_position: None,
+            quitting: false,
+            size,
+            utc_offset,
+            now,
+            dirty: true,
+            switch_to_created: false,
+        }
+    }
+
+    pub fn current_group(&self) -> Option<&GroupView> {
+        self.current.and_then(|index| self.groups.get(index))
+    }
+
+    fn current_group_mut(&mut self) -> Option<&mut GroupView> {
+        self.current.and_then(|index| self.groups.get_mut(index))
+    }
+
+    fn group_index(&self, id: &GroupId) -> Option<usize> {
+        self.groups.iter().position(|group| group.id == *id)
+    }
+
+    fn group_entry(&mut self, group: &GroupRef) -> usize {
+        match self.group_index(&group.id) {
+            Some(index) => {
+                self.groups[index].name = group.name.clone();
+                index
+            }
+            None => {
+                self.groups.push(GroupView::new(group, true));
+                self.groups.len() - 1
+            }
+        }
+    }
+
+    fn info(&mut self, text: impl Into<String>) {
+        self.status = Some((text.into(), Severity::Info));
+    }
+
+    fn warn(&mut self, text: impl Into<String>) {
+        self.status = Some((text.into(), Severity::Warning));
+    }
+
+    fn fail(&mut self, text: impl Into<String>) {
+        self.status = Some((text.into(), Severity::Error));
+    }
+
+    fn system_line(&mut self, index: usize, text: String, warning: bool) {
+        let now = self.now;
+        if let Some(group) = self.groups.get_mut(index) {
+            group.push(Entry {
+                at: now,
+                seq: None,
+                kind: EntryKind::System { text, warning },
+            });
+        }
+    }
+
+    /// Makes a group current; returns the effects that loading it needs.
+    fn switch_to(&mut self, index: usize) -> Vec<Effect> {
+        let Some(group) = self.groups.get_mut(index) else {
+            return Vec::new();
+        };
+        self.current = Some(index);
+        group.unread = 0;
+        group.mentioned = false;
+        let mut effects = vec![Effect::Core(Command::Members {
+            group: group.id.clone(),
+        })];
+        if !group.history_requested {
+            group.history_requested = true;
+            effects.push(Effect::Core(Command::History {
+                group: group.id.clone(),
+                limit: HISTORY_PAGE,
+            }));
+        }
+        effects
+    }
+
+    /// Whether `text` mentions us (our name as a word, with or without '@').
+    fn mentions_me(&self, text: &str) -> bool {
+        !self.me.is_empty()
+            && text
+                .split(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')))
+                .any(|word| word.trim_start_matches('@').trim_end_matches('.') == self.me)
+    }
+}
+
+/// Applies one input to the state.
+pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
+    state.dirty = true;
+    match message {
+        Msg::Key(key) if key.kind != KeyEventKind::Release => on_key(state, key),
+        Msg::Key(_) => {
+            state.dirty = false;
+            Vec::new()
+        }
+        Msg::Paste(text) => {
+            // A paste only ever lands in the composer; it is never sent by itself.
+            state.composer.insert(&text);
+            Vec::new()
+        }
+        Msg::Mouse(mouse) => on_mouse(state, mouse),
+        Msg::Resize(width, height) => {
+            state.size = (width, height);
+            clamp_scroll(state);
+            vec![Effect::Clear]
+        }
+        Msg::Core(event) => on_core(state, event),
+        Msg::Tick(now) => {
+            // Redraw only when the minute (shown in timestamps) changes.
+            state.dirty = now / 60 != state.now / 60;
+            state.now = now;
+            Vec::new()
+        }
+        Msg::Terminate => begin_quit(state),
+    }
+}
+
+fn begin_quit(state: &mut State) -> Vec<Effect> {
+    if state.quitting || state.mode == Mode::NamePrompt || state.me.is_empty() {
+        return vec![Effect::Exit];
+    }
+    state.quitting = true;
+    state.info("sending queued messages, then quitting (Ctrl+C again to quit now)");
+    vec![Effect::Core(Command::Quit)]
+}
+
+fn on_mouse(state: &mut State, mouse: MouseEvent) -> Vec<Effect> {
+    match mouse.kind {
+        MouseEventKind::ScrollUp => scroll(state, WHEEL_LINES as isize),
+        MouseEventKind::ScrollDown => scroll(state, -(WHEEL_LINES as isize)),
+        _ => state.dirty = false,
+    }
+    Vec::new()
+}
+
+fn page(state: &State) -> usize {
+    usize::from(crate::ui::timeline_height(state))
+        .saturating_sub(2)
+        .max(1)
+}
+
+fn scroll(state: &mut State, lines: isize) {
+    if let Some(group) = state.current_group_mut() {
+        group.scroll = group.scroll.saturating_add_signed(lines);
+    }
+    clamp_scroll(state);
+}
+
+fn clamp_scroll(state: &mut State) {
+    let width = crate::ui::timeline_width(state);
+    let height = usize::from(crate::ui::timeline_height(state));
+    let utc_offset = state.utc_offset;
+    if let Some(group) = state.current_group_mut() {
+        if group.scroll == 0 {
+            return;
+        }
+        let total = crate::ui::timeline::content_height(group, width, utc_offset);
+        group.scroll = group.scroll.min(total.saturating_sub(height));
+        if group.scroll == 0 {
+            group.new_below = 0;
+        }
+    }
+}
+
+fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
+    match &state.mode {
+        Mode::Help | Mode::Search { .. } => {
+            if matches!(key.code, KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q')) {
+                state.mode = Mode::Normal;
+            }
+            return Vec::new();
+        }
+        Mode::Verify { user, .. } => {
+            let user = user.clone();
+            return match key.code {
+                KeyCode::Char('y') | KeyCode::Char('Y') => {
+                    state.mode = Mode::Normal;
+                    match UserName::new(user) {
+                        Ok(user) => vec![Effect::Core(Command::Verify { user })],
+                        Err(error) => {
+                            state.fail(error.to_string());
+                            Vec::new()
+                        }
+                    }
+                }
+                KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc => {
+                    state.mode = Mode::Normal;
+                    state.info(format!("{user} not marked as verified"));
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            };
+        }
+        Mode::Normal | Mode::NamePrompt | Mode::VerifyRequested(_) => {}
+    }
+    // Alt+1..9 jumps to a group.
+    if key.modifiers.contains(KeyModifiers::ALT)
+        && let KeyCode::Char(digit @ '1'..='9') = key.code
+    {
+        let index = usize::from(digit as u8 - b'1');
+        if index < state.groups.len() {
+            return state.switch_to(index);
+        }
+        return Vec::new();
+    }
+    let Some(action) = state.settings.keymap.action(&key) else {
+        if let KeyCode::Char(c) = key.code
+            && !key
+                .modifiers
+                .intersects(KeyModifiers::CONTROL | KeyModifiers::ALT)
+        {
+            state.composer.insert(c.encode_utf8(&mut [0; 4]));
+            state.history_position = None;
+        } else {
+            state.dirty = false;
+        }
+        return Vec::new();
+    };
+    on_action(state, action)
+}
+
+fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
+    let composer = &mut state.composer;
+    match action {
+        Action::Send => return submit(state),
+        Action::Newline => composer.insert("\n"),
+        Action::Quit => return begin_quit(state),
+        Action::Complete => complete(state),
+        Action::HistoryPrevious => {
+            if composer.line_count() > 1 && composer.vertical(false) {
+                return Vec::new();
+            }
+            recall(state, true);
+        }
+        Action::HistoryNext => {
+            if composer.line_count() > 1 && composer.vertical(true) {
+                return Vec::new();
+            }
+            recall(state, false);
+        }
+        Action::NextGroup | Action::PreviousGroup => {
+            if state.groups.is_empty() {
+                return Vec::new();
+            }
+            let count = state.groups.len();
+            let current = state.current.unwrap_or(0);
+            let next = if action == Action::NextGroup {
+                (current + 1) % count
+            } else {
+                (current + count - 1) % count
+            };
+            return state.switch_to(next);
+        }
+        Action::ScrollUp => {
+            let lines = page(state) as isize;
+            scroll(state, lines);
+        }
+        Action::ScrollDown => {
+            let lines = page(state) as isize;
+            scroll(state, -lines);
+        }
+        Action::ToggleMembers => state.show_members = !state.show_members,
+        Action::Left => composer.left(),
+        Action::Right => composer.right(),
+        Action::WordLeft => composer.word_left(),
+        Action::WordRight => composer.word_right(),
+        Action::LineStart => composer.home(),
+        Action::LineEnd => composer.end(),
+        Action::Backspace => composer.backspace(),
+        Action::Delete => composer.delete(),
+        Action::DeleteWordBefore => composer.delete_word_before(),
+        Action::DeleteWordAfter => composer.delete_word_after(),
+        Action::KillToEnd => composer.kill_to_end(),
+        Action::KillToStart => composer.kill_to_start(),
+        Action::Redraw => return vec![Effect::Clear],
+        Action::Cancel => {
+            state.status = None;
+            if matches!(state.mode, Mode::VerifyRequested(_)) {
+                state.mode = Mode::Normal;
+            }
+        }
+    }
+    Vec::new()
+}
+
+fn recall(state: &mut State, older: bool) {
+    if state.input_history.is_empty() {
+        return;
+    }
+    let last = state.input_history.len() - 1;
+    let position = match (state.history_position, older) {
+        (None, true) => Some(last),
+        (None, false) => None,
+        (Some(0), true) => Some(0),
+        (Some(position), true) => Some(position - 1),
+        (Some(position), false) if position >= last => None,
+        (Some(position), false) => Some(position + 1),
+    };
+    state.history_position = position;
+    match position {
+        Some(position) => {
+            let text = state.input_history[position].clone();
+            state.composer.set(&text);
+        }
+        None => {
+            state.composer.take();
+        }
+    }
+}
+
+fn complete(state: &mut State) {
+    let (start, word) = state.composer.current_word();
+    let word = word.to_string();
+    let first_word = start == 0;
+    let candidates: Vec<String> = if first_word && word.starts_with('/') {
+        COMMANDS
+            .iter()
+            .filter_map(|(usage, _)| usage.split_whitespace().next())
+            .filter(|name| name.starts_with(&word))
+            .map(|name| name.to_string())
+            .collect()
+    } else if state.composer.text().starts_with("/switch ") {
+        state
+            .groups
+            .iter()
+            .map(|group| group.name.clone())
+            .filter(|name| name.starts_with(&word))
+            .collect()
+    } else {
+        let bare = word.trim_start_matches('@');
+        let prefix = &word[..word.len() - bare.len()];
+        state
+            .current_group()
+            .map(|group| {
+                group
+                    .members
+                    .iter()
+                    .map(|member| member.name.clone())
+                    .filter(|name| name.starts_with(bare) && *name != state.me)
+                    .map(|name| format!("{prefix}{name}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match candidates.as_slice() {
+        [] => state.info("no completion"),
+        [only] => {
+            let suffix = if first_word && !only.starts_with('/') {
+                ": "
+            } else {
+                " "
+            };
+            state
+                .composer
+                .replace_current_word(&format!("{only}{suffix}"));
+        }
+        many => {
+            let common = many
+                .iter()
+                .skip(1)
+                .fold(many[0].clone(), |common, candidate| {
+                    common
+                        .chars()
+                        .zip(candidate.chars())
+                        .take_while(|(a, b)| a == b)
+                        .map(|(a, _)| a)
+                        .collect()
+                });
+            if common.len() > word.len() {
+                state.composer.replace_current_word(&common);
+            }
+            state.info(many.join("  "));
+        }
+    }
+}
+
+fn require_group(state: &mut State) -> Option<GroupId> {
+    match state.current_group() {
+        Some(group) => Some(group.id.clone()),
+        None => {
+            state.fail("no current group: /create one, or wait to be invited");
+            None
+        }
+    }
+}
+
+fn submit(state: &mut State) -> Vec<Effect> {
+    if state.composer.is_empty() {
+        state.dirty = false;
+        return Vec::new();
+    }
+    let text = state.composer.take();
+    state.history_position = None;
+    if state.mode == Mode::NamePrompt {
+        return match UserName::new(text.trim()) {
+            Ok(name) => {
+                state.mode = Mode::Normal;
+                state.me = name.to_string();
+                vec![Effect::StartClient(name)]
+            }
+            Err(error) => {
+                state.fail(error.to_string());
+                Vec::new()
+            }
+        };
+    }
+    if state.input_history.last() != Some(&text) {
+        state.input_history.push(text.clone());
+        if state.input_history.len() > INPUT_HISTORY {
+            state.input_history.remove(0);
+        }
+    }
+    let command = match commands::parse(&text) {
+        Ok(command) => command,
+        Err(message) => {
+            state.fail(message);
+            return Vec::new();
+        }
+    };
+    let command = match command {
+        SlashCommand::Create(name) => {
+            state.switch_to_created = true;
+            Command::CreateGroup { name }
+        }
+        SlashCommand::Help => {
+            state.mode = Mode::Help;
+            return Vec::new();
+        }
+        SlashCommand::Quit => return begin_quit(state),
+        SlashCommand::Switch(name) => {
+            let matches: Vec<usize> = state
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(_, group)| group.name == name || group.id.to_hex().starts_with(&name))
+                .map(|(index, _)| index)
+                .collect();
+            return match matches.as_slice() {
+                [index] => state.switch_to(*index),
+                [] => {
+                    state.fail(format!("no group named {name}"));
+                    Vec::new()
+                }
+                _ => {
+                    state.fail(format!(
+                        "several groups are named {name}; use the start of a group id"
+                    ));
+                    Vec::new()
+                }
+            };
+        }
+        SlashCommand::Fingerprint(user) => Command::Fingerprint { user },
+        SlashCommand::Verify(user) => {
+            state.mode = Mode::VerifyRequested(user.to_string());
+            Command::Fingerprint { user: Some(user) }
+        }
+        other => {
+            let Some(group) = require_group(state) else {
+                return Vec::new();
+            };
+            match other {
+                SlashCommand::Invite(users) => Command::Invite { group, users },
+                SlashCommand::Kick(user) => Command::Kick { group, user },
+                SlashCommand::Leave => Command::Leave { group },
+                SlashCommand::Members => {
+                    state.show_members = true;
+                    Command::Members { group }
+                }
+                SlashCommand::Update => Command::Update { group },
+                SlashCommand::Status => Command::Status { group },
+                SlashCommand::Search(text) => Command::Search { group, text },
+                SlashCommand::Message(text) => {
+                    if let Some(group) = state.current_group_mut() {
+                        group.scroll = 0;
+                        group.new_below = 0;
+                    }
+                    Command::Send { group, text }
+                }
+                _ => return Vec::new(),
+            }
+        }
+    };
+    vec![Effect::Core(command)]
+}
+
+fn history_entry(entry: &HistoryEntry, me: &str) -> Entry {
+    let kind = if entry.kind == "message" {
+        let own = entry.sender == me;
+        let delivery = match entry.state.as_deref() {
+            None => Delivery::Received,
+            Some("sent") => Delivery::Sent,
+            Some("sending") => {
+                Delivery::Failed("not sent before the client stopped; it is retried".into())
+            }
+            Some(other) => Delivery::Failed(other.trim_start_matches("failed: ").to_string()),
+        };
+        EntryKind::Message {
+            from: entry.sender.clone(),
+            text: entry.text.clone(),
+            own,
+            delivery,
+            mention: false,
+        }
+    } else {
+        EntryKind::System {
+            text: entry.text.clone(),
+            warning: false,
+        }
+    };
+    Entry {
+        at: entry.at,
+        seq: entry.seq,
+        kind,
+    }
+}
+
+fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    match event {
+        CoreEvent::Groups { groups } => {
+            for (group, active) in &groups {
+                if state.group_index(&group.id).is_none() {
+                    state.groups.push(GroupView::new(group, *active));
+                }
+            }
+            if state.current.is_none()
+                && let Some(index) = state.groups.iter().rposition(|group| group.active)
+            {
+                effects.extend(state.switch_to(index));
+            }
+        }
+        CoreEvent::Ready { name, fingerprint } => {
+            state.me = name;
+            state.fingerprint = fingerprint;
+        }
+        CoreEvent::Connection {
+            state: link,
+            detail,
+        } => {
+            state.link = match link {
+                ConnectionState::Connected => Link::Connected,
+                ConnectionState::Connecting => Link::Starting,
+                ConnectionState::Reconnecting => Link::Reconnecting(detail),
+            };
+        }
+        CoreEvent::GroupCreated { group } => {
+            let index = state.group_entry(&group);
+            state.system_line(index, format!("you created {}", group.name), false);
+            if state.switch_to_created || state.current.is_none() {
+                state.switch_to_created = false;
+                effects.extend(state.switch_to(index));
+            }
+        }
+        CoreEvent::Joined { group, by } => {
+            let index = state.group_entry(&group);
+            state.groups[index].active = true;
+            state.system_line(index, format!("{by} added you to the group"), false);
+            if state.current.is_none() {
+                effects.extend(state.switch_to(index));
+            } else if state.current != Some(index) {
+                state.groups[index].unread += 1;
+                state.info(format!("{by} added you to {}", group.name));
+            }
+        }
+        CoreEvent::GroupRenamed { group } => {
+            state.group_entry(&group);
+        }
+        CoreEvent::MemberAdded { group, user, by } => {
+            let index = state.group_entry(&group);
+            state.system_line(index, format!("{by} added {user}"), false);
+            effects.push(Effect::Core(Command::Members { group: group.id }));
+        }
+        CoreEvent::MemberRemoved { group, user, by } => {
+            let index = state.group_entry(&group);
+            let text = if user == by {
+                format!("{user} left")
+            } else {
+                format!("{by} removed {user}")
+            };
+            state.system_line(index, text, false);
+            effects.push(Effect::Core(Command::Members { group: group.id }));
+        }
+        CoreEvent::Left { group, by } => {
+            let index = state.group_entry(&group);
+            state.groups[index].active = false;
+            let text = if by == state.me {
+                "you left the group".to_string()
+            } else {
+                format!("{by} removed you")
+            };
+            state.system_line(index, text, true);
+        }
+        CoreEvent::Message {
+            group,
+            from,
+            text,
+            seq,
+            at,
+        } => {
+            let index = state.group_entry(&group);
+            let mention = from != state.me && state.mentions_me(&text);
+            let is_current = state.current == Some(index);
+            let view = &mut state.groups[index];
+            view.push(Entry {
+                at,
+                seq: Some(seq),
+                kind: EntryKind::Message {
+                    from,
+                    text,
+                    own: false,
+                    delivery: Delivery::Received,
+                    mention,
+                },
+            });
+            if !is_current {
+                view.unread += 1;
+            }
+            if mention {
+                if !is_current {
+                    view.mentioned = true;
+                }
+                effects.push(Effect::Bell);
+            }
+        }
+        CoreEvent::Queued {
+            group,
+            local_id,
+            text,
+        } => {
+            let index = state.group_entry(&group);
+            let now = state.now;
+            let me = state.me.clone();
+            state.groups[index].push(Entry {
+                at: now,
+                seq: None,
+                kind: EntryKind::Message {
+                    from: me,
+                    text,
+                    own: true,
+                    delivery: Delivery::Sending(local_id),
+                    mention: false,
+                },
+            });
+        }
+        CoreEvent::Sent {
+            group,
+            local_id,
+            seq,
+        } => settle(state, &group, local_id, Some(seq), Delivery::Sent),
+        CoreEvent::Failed {
+            group,
+            local_id,
+            reason,
+        } => {
+            state.fail(format!("a message to {} failed: {reason}", group.name));
+            settle(state, &group, local_id, None, Delivery::Failed(reason));
+        }
+        CoreEvent::Members { group, members } => {
+            let index = state.group_entry(&group);
+            state.groups[index].members = members;
+        }
+        CoreEvent::EpochChanged { group, epoch, code } => {
+            let index = state.group_entry(&group);
+            let changed = state.groups[index]
+                .epoch
+                .is_some_and(|previous| previous != epoch);
+            state.groups[index].epoch = Some(epoch);
+            state.groups[index].code = Some(code.clone());
+            if changed {
+                state.system_line(
+                    index,
+                    format!("new epoch {epoch} · verification code {code}"),
+                    false,
+                );
+            }
+        }
+        CoreEvent::KeyChanged { user, fingerprint } => {
+            let text = format!(
+                "WARNING: {user}'s key changed (new fingerprint {fingerprint}); verify it with /verify {user}"
+            );
+            for index in 0..state.groups.len() {
+                if state.groups[index]
+                    .members
+                    .iter()
+                    .any(|member| member.name == user)
+                {
+                    state.system_line(index, text.clone(), true);
+                    effects.push(Effect::Core(Command::Members {
+                        group: state.groups[index].id.clone(),
+                    }));
+                }
+            }
+            state.warn(text);
+            effects.push(Effect::Bell);
+        }
+        CoreEvent::Fingerprint {
+            user,
+            fingerprint,
+            verified,
+            key_changed,
+        } => {
+            if state.mode == Mode::VerifyRequested(user.clone()) {
+                state.mode = Mode::Verify {
+                    user,
+                    theirs: fingerprint,
+                };
+            } else {
+                let mark = if key_changed {
+                    " (KEY CHANGED)"
+                } else if verified {
+                    " (verified)"
+                } else {
+                    ""
+                };
+                state.info(format!("{user}: {fingerprint}{mark}"));
+            }
+        }
+        CoreEvent::Verified { user } => {
+            state.info(format!("{user} is now verified"));
+            if let Some(group) = state.current_group() {
+                effects.push(Effect::Core(Command::Members {
+                    group: group.id.clone(),
+                }));
+            }
+        }
+        CoreEvent::Status {
+            group,
+            ciphersuite,
+            epoch,
+            code,
+            members,
+            ..
+        } => {
+            state.info(format!(
+                "{}: {ciphersuite}, epoch {epoch}, code {code}, {members} members",
+                group.name
+            ));
+        }
+        CoreEvent::History { group, entries } => {
+            let index = state.group_entry(&group);
+            let me = state.me.clone();
+            let view = &mut state.groups[index];
+            let newest = entries
+                .iter()
+                .filter_map(|entry| entry.seq)
+                .max()
+                .unwrap_or(0);
+            let live: Vec<Entry> = std::mem::take(&mut view.entries)
+                .into_iter()
+                .filter(|entry| entry.seq.is_none_or(|seq| seq > newest))
+                .filter(|entry| !matches!(entry.kind, EntryKind::System { .. }))
+                .collect();
+            view.entries = entries
+                .iter()
+                .map(|entry| history_entry(entry, &me))
+                .collect();
+            view.entries.extend(live);
+        }
+        CoreEvent::SearchResults { text, entries, .. } => {
+            state.mode = Mode::Search {
+                text,
+                results: entries,
+            };
+        }
+        CoreEvent::Error { message } => {
+            if matches!(state.mode, Mode::VerifyRequested(_)) {
+                state.mode = Mode::Normal;
+            }
+            state.fail(message);
+        }
+        CoreEvent::Stopped => effects.push(Effect::Exit),
+    }
+    effects
+}
+
+fn settle(
+    state: &mut State,
+    group: &GroupRef,
+    local_id: i64,
+    seq: Option<u64>,
+    delivery: Delivery,
+) {
+    let Some(index) = state.group_index(&group.id) else {
+        return;
+    };
+    for entry in state.groups[index].entries.iter_mut().rev() {
+        if let EntryKind::Message {
+            delivery: current @ Delivery::Sending(_),
+            ..
+        } = &mut entry.kind
+            && *current == Delivery::Sending(local_id)
+        {
+            *current = delivery;
+            if seq.is_some() {
+                entry.seq = seq;
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! The terminal runner: sets the terminal up (raw mode, alternate screen, mouse capture,
+//! bracketed paste), always restores it (on quit, Ctrl+C, SIGTERM and panic), and runs the
+//! loop that feeds terminal input, core events and ticks to [`app::update`], redrawing only
+//! when something changed. The UI task never waits on crypto, disk or network.
+
+use std::io::{Write as _, stdout};
+use std::time::Duration;
+
+use color_eyre::eyre::{Result, WrapErr as _};
+use crossterm::event::{
+    DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste, EnableMouseCapture, Event,
+    EventStream,
+};
+use crossterm::execute;
+use crossterm::terminal::{
+    EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode,
+};
+use futures::StreamExt as _;
+use ratatui::Terminal;
+use ratatui::backend::CrosstermBackend;
+
+use crate::app::{self, Effect, Mode, Msg, State};
+use crate::client::{Client, ClientOptions};
+use crate::config::Settings;
+use crate::core::{CoreEvent, CoreInput};
+use crate::ui;
+
+/// Puts the terminal back as it was. Safe to call more than once.
+pub fn restore_terminal() {
+    let _ = disable_raw_mode();
+    let _ = execute!(
+        stdout(),
+        DisableBracketedPaste,
+        DisableMouseCapture,
+        LeaveAlternateScreen,
+        crossterm::cursor::Show
+    );
+}
+
+/// Restores the terminal before the panic message is printed, so it stays readable.
+fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore_terminal();
+        previous(info);
+    }));
+}
+
+struct TerminalGuard;
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn local_utc_offset() -> i32 {
+    chrono::Local::now().offset().local_minus_utc()
+}
+
+/// What the runner needs to start a client once a name is known.
+pub struct Launch {
+    pub options: Option<ClientOptions>,
+    /// Builds options for a name typed at the first-run prompt.
+    pub options_for: Box<dyn Fn(mlschat_ds::protocol::UserName) -> Result<ClientOptions>>,
+}
+
+/// Runs the TUI until the user quits.
+pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
+    install_panic_hook();
+    enable_raw_mode().wrap_err("cannot switch the terminal to raw mode")?;
+    let _guard = TerminalGuard;
+    execute!(
+        stdout(),
+        EnterAlternateScreen,
+        EnableMouseCapture,
+        EnableBracketedPaste
+    )
+    .wrap_err("cannot set up the terminal")?;
+    let mut terminal =
+        Terminal::new(CrosstermBackend::new(stdout())).wrap_err("cannot start drawing")?;
+    let size = terminal.size().wrap_err("cannot read the terminal size")?;
+    let mut state = State::new(
+        settings,
+        (size.width, size.height),
+        local_utc_offset(),
+        now_unix(),
+    );
+    let mut client: Option<Client> = None;
+    match launch.options {
+        Some(options) => client = Some(start_client(&mut state, options).await?),
+        None => state.mode = Mode::NamePrompt,
+    }
+
+    let mut terminal_events = EventStream::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    #[cfg(unix)]
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .wrap_err("cannot listen for SIGTERM")?;
+    loop {
+        if state.dirty {
+            terminal
+                .draw(|frame| ui::render(&state, frame))
+                .wrap_err("cannot draw")?;
+            state.dirty = false;
+        }
+        let message = tokio::select! {
+            event = terminal_events.next() => match event {
+                Some(Ok(Event::Key(key))) => Msg::Key(key),
+                Some(Ok(Event::Paste(text))) => Msg::Paste(text),
+                Some(Ok(Event::Mouse(mouse))) => Msg::Mouse(mouse),
+                Some(Ok(Event::Resize(width, height))) => Msg::Resize(width, height),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => return Err(error).wrap_err("cannot read terminal input"),
+                None => Msg::Terminate,
+            },
+            event = next_core_event(&mut client) => match event {
+                Some(event) => Msg::Core(event),
+                None => Msg::Core(CoreEvent::Stopped),
+            },
+            _ = tick.tick() => Msg::Tick(now_unix()),
+            _ = terminate_signal(&mut terminate) => Msg::Terminate,
+        };
+        for effect in app::update(&mut state, message) {
+            match effect {
+                Effect::Core(command) => {
+                    if let Some(client) = &client {
+                        let _ = client.inputs.send(CoreInput::Command(command));
+                    }
+                }
+                Effect::Bell => {
+                    let _ = stdout().write_all(b"\x07").and_then(|()| stdout().flush());
+                }
+                Effect::Clear => {
+                    terminal.clear().wrap_err("cannot clear the screen")?;
+                    state.dirty = true;
+                }
+                Effect::StartClient(name) => {
+                    let options = (launch.options_for)(name)?;
+                    client = Some(start_client(&mut state, options).await?);
+                }
+                Effect::Exit => {
+                    if let Some(client) = client.take() {
+                        client.finish().await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn terminate_signal(signal: &mut tokio::signal::unix::Signal) {
+    signal.recv().await;
+}
+
+async fn next_core_event(client: &mut Option<Client>) -> Option<CoreEvent> {
+    match client {
+        Some(client) => client.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn start_client(state: &mut State, options: ClientOptions) -> Result<Client> {
+    state.me = options.name.to_string();
+    let client = Client::start(options)
+        .await
+        .wrap_err("cannot start the client")?;
+    state.server = client.server.clone();
+    state.hosting = client.hosted.is_some();
+    state.fingerprint = client.fingerprint.clone();
+    if let Some(hosted) = &client.hosted {
+        state.status = Some((
+            format!(
+                "no DS answered at {}: hosting one here; it stops when you quit",
+                hosted.address()
+            ),
+            app::Severity::Info,
+        ));
+    }
+    state.dirty = true;
+    Ok(client)
+}
