@@ -633,6 +633,47 @@ async fn send_errors() {
                 .await,
             ErrorCode::InvalidMembership,
         );
+        // Routing that does not add up: a Welcome without added users, added users without a
+        // Welcome, a "Welcome" that is not one, and a commit removing its own sender.
+        let welcome_only = CommitRouting {
+            welcome: Some(fake_welcome(b"for nobody").into()),
+            added: Vec::new(),
+            removed: Vec::new(),
+        };
+        let added_only = CommitRouting {
+            welcome: None,
+            added: vec![user("dave")],
+            removed: Vec::new(),
+        };
+        for (routing, code) in [
+            (welcome_only, ErrorCode::InvalidMembership),
+            (added_only, ErrorCode::InvalidMembership),
+            (
+                CommitRouting {
+                    welcome: Some(
+                        private_message(&group_id, 1, ContentType::Commit, b"not a welcome").into(),
+                    ),
+                    added: vec![user("dave")],
+                    removed: Vec::new(),
+                },
+                ErrorCode::InvalidMessage,
+            ),
+            (
+                routing(&[], &[&user("alice")]),
+                ErrorCode::InvalidMembership,
+            ),
+            (
+                routing(&[&user("dave")], &[&user("bob"), &user("bob")]),
+                ErrorCode::InvalidMembership,
+            ),
+        ] {
+            expect_error(
+                alice
+                    .send_commit(&group_id, 1, b"bad routing", Some(routing))
+                    .await,
+                code,
+            );
+        }
         // Not an MLS group message at all, and a Welcome where a group message belongs.
         expect_error(
             alice.send_message(b"garbage".to_vec(), None).await,
@@ -888,6 +929,64 @@ async fn slow_consumer_resyncs_every_group_after_lagging() {
                 .await
                 .is_none()
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_member_can_be_added_again() {
+    timed(async {
+        let server = TestServer::start().await;
+        let mut alice = server.register("alice").await;
+        let mut carol = server.register("carol").await;
+        let group_id = group("re-add");
+        setup_group(&mut [&mut alice, &mut carol], &group_id).await;
+
+        let removal = expect_accepted(
+            alice
+                .send_commit(
+                    &group_id,
+                    1,
+                    b"remove carol",
+                    Some(routing(&[], &[&user("carol")])),
+                )
+                .await,
+        );
+        alice.send_application(&group_id, 2, b"carol is away").await;
+        let readd = expect_accepted(
+            alice
+                .send_commit(
+                    &group_id,
+                    2,
+                    b"add carol",
+                    Some(routing(&[&user("carol")], &[])),
+                )
+                .await,
+        );
+        assert_eq!((removal.seq, readd.seq, readd.epoch), (2, 4, 3));
+        let back = alice.send_application(&group_id, 3, b"welcome back").await;
+
+        // Carol gets her removal, not the message sent while she was out, then the Welcome of
+        // her re-addition and what follows it.
+        let seen = carol.deliveries(3).await;
+        let summary: Vec<(Seq, u8)> = seen.iter().map(|d| (d.seq, d.kind)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (removal.seq, COMMIT),
+                (readd.seq, WELCOME),
+                (back.seq, APPLICATION)
+            ]
+        );
+        assert_eq!(seen[1].epoch, 3);
+        assert!(
+            carol
+                .delivery_within(Duration::from_millis(200))
+                .await
+                .is_none()
+        );
+        // She can send again, in the new epoch.
+        carol.send_application(&group_id, 3, b"thanks").await;
     })
     .await;
 }
