@@ -152,6 +152,8 @@ pub struct State {
     pub status: Option<(String, Severity)>,
     pub show_members: bool,
     pub mode: Mode,
+    /// Lines the help or search box is scrolled down.
+    pub overlay_scroll: u16,
     pub settings: Settings,
     pub input_history: Vec<String>,
     pub history_position: Option<usize>,
@@ -207,6 +209,7 @@ impl State {
             status: None,
             show_members: true,
             mode: Mode::Normal,
+            overlay_scroll: 0,
             settings,
             input_history: Vec::new(),
             history_position: None,
@@ -365,6 +368,7 @@ fn clamp_scroll(state: &mut State) {
     let utc_offset = state.utc_offset;
     if let Some(group) = state.current_group_mut() {
         if group.scroll == 0 {
+            group.new_below = 0;
             return;
         }
         let total = crate::ui::timeline::content_height(group, width, utc_offset);
@@ -378,8 +382,16 @@ fn clamp_scroll(state: &mut State) {
 fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
     match &state.mode {
         Mode::Help | Mode::Search { .. } => {
-            if matches!(key.code, KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q')) {
-                state.mode = Mode::Normal;
+            match key.code {
+                KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q') => {
+                    state.mode = Mode::Normal;
+                    state.overlay_scroll = 0;
+                }
+                KeyCode::Up => state.overlay_scroll = state.overlay_scroll.saturating_sub(1),
+                KeyCode::Down => state.overlay_scroll = state.overlay_scroll.saturating_add(1),
+                KeyCode::PageUp => state.overlay_scroll = state.overlay_scroll.saturating_sub(10),
+                KeyCode::PageDown => state.overlay_scroll = state.overlay_scroll.saturating_add(10),
+                _ => state.dirty = false,
             }
             return Vec::new();
         }

@@ -1,1 +1,441 @@
+//! Tests of the pure update function: keys and core events in, state and effects out.
 
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use mlschat_ds::protocol::{GroupId, UserName};
+
+use super::*;
+use crate::core::{CoreEvent, GroupRef, MemberInfo};
+
+fn group(name: &str, byte: u8) -> GroupRef {
+    GroupRef {
+        id: GroupId::new(vec![byte; 16]).expect("valid id"),
+        name: name.to_string(),
+    }
+}
+
+fn member(name: &str) -> MemberInfo {
+    MemberInfo {
+        name: name.to_string(),
+        fingerprint: "12345 67890".into(),
+        verified: false,
+        key_changed: false,
+    }
+}
+
+fn state() -> State {
+    let mut state = State::new(Settings::default(), (80, 24), 0, 1_764_400_000);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Ready {
+            name: "alice".into(),
+            fingerprint: "11111 22222".into(),
+        }),
+    );
+    state
+}
+
+fn key(code: KeyCode) -> Msg {
+    Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+fn ctrl(c: char) -> Msg {
+    Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL))
+}
+
+fn alt(code: KeyCode) -> Msg {
+    Msg::Key(KeyEvent::new(code, KeyModifiers::ALT))
+}
+
+fn type_text(state: &mut State, text: &str) {
+    for c in text.chars() {
+        update(state, key(KeyCode::Char(c)));
+    }
+}
+
+fn with_group(state: &mut State, name: &str, byte: u8) -> GroupRef {
+    let group = group(name, byte);
+    update(
+        state,
+        Msg::Core(CoreEvent::GroupCreated {
+            group: group.clone(),
+        }),
+    );
+    group
+}
+
+fn message(group: &GroupRef, from: &str, text: &str, seq: u64) -> Msg {
+    Msg::Core(CoreEvent::Message {
+        group: group.clone(),
+        from: from.into(),
+        text: text.into(),
+        seq,
+        at: 1_764_400_000,
+    })
+}
+
+#[test]
+fn enter_sends_to_the_current_group_and_clears_the_composer() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    type_text(&mut state, "hello");
+    let effects = update(&mut state, key(KeyCode::Enter));
+    assert_eq!(
+        effects,
+        vec![Effect::Core(Command::Send {
+            group: team.id,
+            text: "hello".into()
+        })]
+    );
+    assert!(state.composer.is_empty());
+    assert_eq!(state.input_history, vec!["hello".to_string()]);
+}
+
+#[test]
+fn newline_keys_and_pastes_never_send() {
+    let mut state = state();
+    with_group(&mut state, "team", 1);
+    type_text(&mut state, "one");
+    assert!(update(&mut state, alt(KeyCode::Enter)).is_empty());
+    type_text(&mut state, "two");
+    assert!(update(&mut state, ctrl('j')).is_empty());
+    assert!(update(&mut state, Msg::Paste("three\nfour\n".into())).is_empty());
+    assert_eq!(state.composer.text(), "one\ntwo\nthree\nfour\n");
+}
+
+#[test]
+fn unknown_commands_and_missing_groups_explain_themselves() {
+    let mut state = state();
+    type_text(&mut state, "/frobnicate");
+    assert!(update(&mut state, key(KeyCode::Enter)).is_empty());
+    assert!(
+        matches!(&state.status, Some((text, Severity::Error)) if text.contains("unknown command"))
+    );
+    type_text(&mut state, "hello");
+    assert!(update(&mut state, key(KeyCode::Enter)).is_empty());
+    assert!(
+        matches!(&state.status, Some((text, Severity::Error)) if text.contains("no current group"))
+    );
+    type_text(&mut state, "/kick");
+    assert!(update(&mut state, key(KeyCode::Enter)).is_empty());
+    assert!(matches!(&state.status, Some((text, _)) if text.contains("usage")));
+}
+
+#[test]
+fn created_group_becomes_current_but_a_join_does_not_steal_focus() {
+    let mut state = state();
+    type_text(&mut state, "/create team");
+    assert_eq!(
+        update(&mut state, key(KeyCode::Enter)),
+        vec![Effect::Core(Command::CreateGroup {
+            name: "team".into()
+        })]
+    );
+    let team = with_group(&mut state, "team", 1);
+    assert_eq!(state.current_group().map(|view| &view.id), Some(&team.id));
+    let other = group("other", 2);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Joined {
+            group: other.clone(),
+            by: "bob".into(),
+        }),
+    );
+    assert_eq!(state.current_group().map(|view| &view.id), Some(&team.id));
+    assert_eq!(state.groups[1].unread, 1);
+}
+
+#[test]
+fn first_joined_group_becomes_current() {
+    let mut state = state();
+    let team = group("team", 1);
+    let effects = update(
+        &mut state,
+        Msg::Core(CoreEvent::Joined {
+            group: team.clone(),
+            by: "bob".into(),
+        }),
+    );
+    assert_eq!(state.current_group().map(|view| &view.id), Some(&team.id));
+    assert!(effects.contains(&Effect::Core(Command::History {
+        group: team.id.clone(),
+        limit: HISTORY_PAGE
+    })));
+}
+
+#[test]
+fn unread_counts_mentions_and_the_bell() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let other = with_group(&mut state, "other", 2);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::GroupCreated {
+            group: team.clone(),
+        }),
+    );
+    state.current = Some(0);
+    assert!(update(&mut state, message(&other, "bob", "unrelated", 1)).is_empty());
+    let effects = update(&mut state, message(&other, "bob", "hey @alice, look", 2));
+    assert_eq!(effects, vec![Effect::Bell]);
+    assert_eq!(state.groups[1].unread, 2);
+    assert!(state.groups[1].mentioned);
+    // "alicey" is not a mention of alice.
+    assert!(update(&mut state, message(&team, "bob", "alicey", 3)).is_empty());
+    update(&mut state, ctrl('n'));
+    assert_eq!(state.current, Some(1));
+    assert_eq!(state.groups[1].unread, 0);
+    assert!(!state.groups[1].mentioned);
+}
+
+#[test]
+fn own_messages_go_from_sending_to_sent_or_failed() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Queued {
+            group: team.clone(),
+            local_id: 7,
+            text: "one".into(),
+        }),
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Queued {
+            group: team.clone(),
+            local_id: 8,
+            text: "two".into(),
+        }),
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Sent {
+            group: team.clone(),
+            local_id: 7,
+            seq: 4,
+        }),
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Failed {
+            group: team.clone(),
+            local_id: 8,
+            reason: "not a member".into(),
+        }),
+    );
+    let deliveries: Vec<&Delivery> = state.groups[0]
+        .entries
+        .iter()
+        .filter_map(|entry| match &entry.kind {
+            EntryKind::Message { delivery, .. } => Some(delivery),
+            EntryKind::System { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        deliveries,
+        vec![&Delivery::Sent, &Delivery::Failed("not a member".into())]
+    );
+    assert_eq!(
+        state.groups[0].entries.iter().find_map(|entry| entry.seq),
+        Some(4)
+    );
+}
+
+#[test]
+fn reading_history_is_not_yanked_down_by_new_messages() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    for seq in 0..100 {
+        update(
+            &mut state,
+            message(&team, "bob", &format!("line {seq}"), seq),
+        );
+    }
+    update(&mut state, key(KeyCode::PageUp));
+    let scrolled = state.groups[0].scroll;
+    assert!(scrolled > 0);
+    update(&mut state, message(&team, "bob", "new", 100));
+    update(&mut state, message(&team, "bob", "newer", 101));
+    assert_eq!(state.groups[0].scroll, scrolled);
+    assert_eq!(state.groups[0].new_below, 2);
+    update(&mut state, key(KeyCode::PageDown));
+    update(&mut state, key(KeyCode::PageDown));
+    assert_eq!(state.groups[0].scroll, 0);
+    assert_eq!(state.groups[0].new_below, 0);
+    // Scrolling is bounded by the content.
+    for _ in 0..100 {
+        update(&mut state, key(KeyCode::PageUp));
+    }
+    let top = state.groups[0].scroll;
+    update(&mut state, key(KeyCode::PageUp));
+    assert_eq!(state.groups[0].scroll, top);
+}
+
+#[test]
+fn group_switching_keys() {
+    let mut state = state();
+    with_group(&mut state, "one", 1);
+    with_group(&mut state, "two", 2);
+    with_group(&mut state, "three", 3);
+    state.current = Some(0);
+    update(&mut state, alt(KeyCode::Down));
+    assert_eq!(state.current, Some(1));
+    update(&mut state, ctrl('p'));
+    update(&mut state, ctrl('p'));
+    assert_eq!(state.current, Some(2));
+    update(&mut state, alt(KeyCode::Char('1')));
+    assert_eq!(state.current, Some(0));
+    update(&mut state, alt(KeyCode::Char('9')));
+    assert_eq!(state.current, Some(0));
+    type_text(&mut state, "/switch two");
+    update(&mut state, key(KeyCode::Enter));
+    assert_eq!(state.current, Some(1));
+}
+
+#[test]
+fn tab_completes_commands_and_member_names() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Members {
+            group: team,
+            members: vec![member("alice"), member("bob"), member("bella")],
+        }),
+    );
+    type_text(&mut state, "/inv");
+    update(&mut state, key(KeyCode::Tab));
+    assert_eq!(state.composer.text(), "/invite ");
+    state.composer.take();
+    type_text(&mut state, "bo");
+    update(&mut state, key(KeyCode::Tab));
+    assert_eq!(state.composer.text(), "bob: ");
+    state.composer.take();
+    type_text(&mut state, "hi @b");
+    update(&mut state, key(KeyCode::Tab));
+    assert!(
+        matches!(&state.status, Some((text, _)) if text.contains("@bob") && text.contains("@bella"))
+    );
+}
+
+#[test]
+fn verify_shows_both_fingerprints_then_marks_after_confirmation() {
+    let mut state = state();
+    type_text(&mut state, "/verify bob");
+    let bob = UserName::new("bob").expect("name");
+    assert_eq!(
+        update(&mut state, key(KeyCode::Enter)),
+        vec![Effect::Core(Command::Fingerprint {
+            user: Some(bob.clone())
+        })]
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Fingerprint {
+            user: "bob".into(),
+            fingerprint: "99999 88888".into(),
+            verified: false,
+            key_changed: false,
+        }),
+    );
+    assert_eq!(
+        state.mode,
+        Mode::Verify {
+            user: "bob".into(),
+            theirs: "99999 88888".into()
+        }
+    );
+    assert_eq!(
+        update(&mut state, key(KeyCode::Char('y'))),
+        vec![Effect::Core(Command::Verify { user: bob })]
+    );
+    assert_eq!(state.mode, Mode::Normal);
+}
+
+#[test]
+fn input_history_with_up_and_down() {
+    let mut state = state();
+    with_group(&mut state, "team", 1);
+    for text in ["first", "second"] {
+        type_text(&mut state, text);
+        update(&mut state, key(KeyCode::Enter));
+    }
+    update(&mut state, key(KeyCode::Up));
+    assert_eq!(state.composer.text(), "second");
+    update(&mut state, key(KeyCode::Up));
+    assert_eq!(state.composer.text(), "first");
+    update(&mut state, key(KeyCode::Down));
+    assert_eq!(state.composer.text(), "second");
+    update(&mut state, key(KeyCode::Down));
+    assert_eq!(state.composer.text(), "");
+}
+
+#[test]
+fn quitting_flushes_first_and_a_second_ctrl_c_leaves_at_once() {
+    let mut state = state();
+    assert_eq!(
+        update(&mut state, ctrl('c')),
+        vec![Effect::Core(Command::Quit)]
+    );
+    assert_eq!(update(&mut state, ctrl('c')), vec![Effect::Exit]);
+    let mut state = super::tests::state();
+    assert_eq!(
+        update(&mut state, Msg::Terminate),
+        vec![Effect::Core(Command::Quit)]
+    );
+    assert_eq!(
+        update(&mut state, Msg::Core(CoreEvent::Stopped)),
+        vec![Effect::Exit]
+    );
+}
+
+#[test]
+fn first_run_asks_for_a_name() {
+    let mut state = State::new(Settings::default(), (80, 24), 0, 0);
+    state.mode = Mode::NamePrompt;
+    type_text(&mut state, "Bad Name");
+    assert!(update(&mut state, key(KeyCode::Enter)).is_empty());
+    assert!(state.status.is_some());
+    type_text(&mut state, "carol");
+    assert_eq!(
+        update(&mut state, key(KeyCode::Enter)),
+        vec![Effect::StartClient(UserName::new("carol").expect("name"))]
+    );
+    assert_eq!(state.mode, Mode::Normal);
+}
+
+#[test]
+fn key_changes_are_flagged_loudly() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Members {
+            group: team.clone(),
+            members: vec![member("alice"), member("bob")],
+        }),
+    );
+    let effects = update(
+        &mut state,
+        Msg::Core(CoreEvent::KeyChanged {
+            user: "bob".into(),
+            fingerprint: "55555".into(),
+        }),
+    );
+    assert!(effects.contains(&Effect::Bell));
+    assert!(effects.contains(&Effect::Core(Command::Members { group: team.id })));
+    assert!(state.groups[0].entries.iter().any(|entry| matches!(&entry.kind, EntryKind::System { text, warning: true } if text.contains("bob's key changed"))));
+}
+
+#[test]
+fn resizing_clears_and_ticks_redraw_only_on_new_minutes() {
+    let mut state = state();
+    assert_eq!(update(&mut state, Msg::Resize(40, 12)), vec![Effect::Clear]);
+    assert_eq!(state.size, (40, 12));
+    state.dirty = false;
+    state.now = 60 * 1000;
+    update(&mut state, Msg::Tick(60 * 1000 + 5));
+    assert!(!state.dirty);
+    update(&mut state, Msg::Tick(60 * 1001));
+    assert!(state.dirty);
+}

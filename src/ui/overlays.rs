@@ -37,46 +37,41 @@ fn help(state: &State, frame: &mut Frame, area: Rect) {
         area.width.saturating_sub(4).min(76),
         area.height.saturating_sub(2),
     );
-    let mut lines = vec![Line::from(Span::styled(
-        "Commands",
-        Style::default().add_modifier(Modifier::BOLD),
-    ))];
+    // Narrow screens put each description under its name instead of beside it.
+    let narrow = box_area.width < 60;
+    let entry = |name: &str, description: String| -> Vec<Line<'static>> {
+        let name = Span::styled(format!("  {name:<20}"), Style::default().fg(theme.accent));
+        if narrow {
+            vec![Line::from(name), Line::from(format!("      {description}"))]
+        } else {
+            vec![Line::from(vec![name, Span::raw(description)])]
+        }
+    };
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    let mut lines = vec![Line::from(Span::styled("Commands", bold))];
     for (usage, description) in COMMANDS {
-        lines.push(Line::from(vec![
-            Span::styled(format!("  {usage:<20}"), Style::default().fg(theme.accent)),
-            Span::raw(*description),
-        ]));
+        lines.extend(entry(usage, description.to_string()));
     }
     lines.push(Line::from(""));
-    lines.push(Line::from(Span::styled(
-        "Keys",
-        Style::default().add_modifier(Modifier::BOLD),
-    )));
+    lines.push(Line::from(Span::styled("Keys", bold)));
     for (action, keys) in state.settings.keymap.describe() {
-        lines.push(Line::from(vec![
-            Span::styled(
-                format!("  {:<20}", action.name()),
-                Style::default().fg(theme.accent),
-            ),
-            Span::raw(keys.join(", ")),
-        ]));
+        lines.extend(entry(action.name(), keys.join(", ")));
     }
-    lines.push(Line::from(vec![
-        Span::styled(
-            format!("  {:<20}", "group 1-9"),
-            Style::default().fg(theme.accent),
-        ),
-        Span::raw("Alt+1 … Alt+9"),
-    ]));
+    lines.extend(entry("group 1-9", "Alt+1 … Alt+9".to_string()));
     lines.push(Line::from(""));
     lines.push(Line::from(
-        "Lines not starting with / are messages; // sends a leading slash. Esc closes this.",
+        "Lines not starting with / are messages; // sends a leading slash.",
     ));
     frame.render_widget(Clear, box_area);
     frame.render_widget(
         Paragraph::new(lines)
             .wrap(Wrap { trim: false })
-            .block(Block::default().borders(Borders::ALL).title(" Help ")),
+            .scroll((state.overlay_scroll, 0))
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title(" Help · ↑↓ PgUp PgDn scroll · Esc closes "),
+            ),
         box_area,
     );
 }

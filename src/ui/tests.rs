@@ -1,1 +1,241 @@
+//! Snapshot tests of the rendered screen (ratatui's TestBackend) at 80x24 and 40x12. Times,
+//! fingerprints and the UTC offset are fixed, so the snapshots need no filters.
 
+use mlschat_ds::protocol::GroupId;
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+
+use crate::app::{Effect, Mode, Msg, State, update};
+use crate::config::Settings;
+use crate::core::{ConnectionState, CoreEvent, GroupRef, MemberInfo};
+
+/// 2025-11-28 21:50 UTC, the evening before the snapshots' second day.
+const EVENING: i64 = 1_764_366_600;
+const NEXT_MORNING: i64 = EVENING + 12 * 3600;
+
+fn team() -> GroupRef {
+    GroupRef {
+        id: GroupId::new(vec![0xab; 16]).expect("valid id"),
+        name: "team".into(),
+    }
+}
+
+fn other() -> GroupRef {
+    GroupRef {
+        id: GroupId::new(vec![0xcd; 16]).expect("valid id"),
+        name: "ops-oncall".into(),
+    }
+}
+
+fn member(name: &str, fingerprint: &str, verified: bool, key_changed: bool) -> MemberInfo {
+    MemberInfo {
+        name: name.into(),
+        fingerprint: fingerprint.into(),
+        verified,
+        key_changed,
+    }
+}
+
+fn feed(state: &mut State, events: Vec<CoreEvent>) {
+    for event in events {
+        let _effects: Vec<Effect> = update(state, Msg::Core(event));
+    }
+}
+
+fn message(from: &str, text: &str, seq: u64, at: i64) -> CoreEvent {
+    CoreEvent::Message {
+        group: team(),
+        from: from.into(),
+        text: text.into(),
+        seq,
+        at,
+    }
+}
+
+/// A session with two groups, members and a varied timeline.
+fn session(width: u16, height: u16) -> State {
+    let mut state = State::new(Settings::default(), (width, height), 0, EVENING);
+    state.server = "127.0.0.1:4433".into();
+    feed(
+        &mut state,
+        vec![
+            CoreEvent::Ready {
+                name: "alice".into(),
+                fingerprint: "31415 92653 58979 32384 62643 38327".into(),
+            },
+            CoreEvent::Connection {
+                state: ConnectionState::Connected,
+                detail: String::new(),
+            },
+            CoreEvent::GroupCreated { group: team() },
+            CoreEvent::Joined {
+                group: other(),
+                by: "dave".into(),
+            },
+            CoreEvent::EpochChanged {
+                group: team(),
+                epoch: 3,
+                code: "482 913".into(),
+            },
+            CoreEvent::Members {
+                group: team(),
+                members: vec![
+                    member("alice", "31415 92653 58979", true, false),
+                    member("bob", "27182 81828 45904", true, false),
+                    member("carol", "16180 33988 74989", false, false),
+                    member("mallory", "66666 13131 00000", false, true),
+                ],
+            },
+            message("bob", "evening all", 1, EVENING),
+        ],
+    );
+    state.now = NEXT_MORNING;
+    feed(
+        &mut state,
+        vec![
+            message("carol", "漢字かな交じり文も大丈夫", 2, NEXT_MORNING),
+            message(
+                "bob",
+                "emoji 👍🏽 🎉 👩‍👩‍👧 and combining: e\u{301}le\u{300}ve, cafe\u{301}",
+                3,
+                NEXT_MORNING + 60,
+            ),
+            message(
+                "carol",
+                "a long message that has to wrap over several lines of the timeline because it keeps going and going, well past the width of any reasonable terminal",
+                4,
+                NEXT_MORNING + 120,
+            ),
+        ],
+    );
+    state.now = NEXT_MORNING + 150;
+    feed(
+        &mut state,
+        vec![
+            CoreEvent::Queued {
+                group: team(),
+                local_id: 1,
+                text: "on my way".into(),
+            },
+            CoreEvent::Sent {
+                group: team(),
+                local_id: 1,
+                seq: 5,
+            },
+            CoreEvent::Queued {
+                group: team(),
+                local_id: 2,
+                text: "@bob did you see?".into(),
+            },
+            CoreEvent::Queued {
+                group: team(),
+                local_id: 3,
+                text: "this one failed".into(),
+            },
+            CoreEvent::Failed {
+                group: team(),
+                local_id: 3,
+                reason: "not a member".into(),
+            },
+            message("bob", "alice: yes!", 6, NEXT_MORNING + 180),
+        ],
+    );
+    state.status = None;
+    state
+}
+
+fn render(state: &State) -> String {
+    let mut terminal =
+        Terminal::new(TestBackend::new(state.size.0, state.size.1)).expect("test terminal");
+    terminal
+        .draw(|frame| super::render(state, frame))
+        .expect("draw");
+    terminal.backend().to_string()
+}
+
+#[test]
+fn main_screen_80x24() {
+    insta::assert_snapshot!(render(&session(80, 24)));
+}
+
+#[test]
+fn main_screen_40x12() {
+    insta::assert_snapshot!(render(&session(40, 12)));
+}
+
+#[test]
+fn member_pane_and_key_change_warning_100x30() {
+    let mut state = session(100, 30);
+    feed(
+        &mut state,
+        vec![CoreEvent::KeyChanged {
+            user: "mallory".into(),
+            fingerprint: "66666 13131 00000".into(),
+        }],
+    );
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn members_pane_hidden_when_toggled() {
+    let mut state = session(80, 24);
+    state.show_members = false;
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn help_screen_80x24() {
+    let mut state = session(80, 24);
+    state.mode = Mode::Help;
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn help_screen_40x12() {
+    let mut state = session(40, 12);
+    state.mode = Mode::Help;
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn verify_dialog() {
+    let mut state = session(80, 24);
+    state.mode = Mode::Verify {
+        user: "bob".into(),
+        theirs: "27182 81828 45904 52353 60287 47135".into(),
+    };
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn scrolled_up_with_new_messages_below() {
+    let mut state = session(80, 24);
+    if let Some(group) = state.groups.first_mut() {
+        group.scroll = 4;
+    }
+    feed(
+        &mut state,
+        vec![message(
+            "bob",
+            "a message that arrived while reading",
+            7,
+            NEXT_MORNING + 240,
+        )],
+    );
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn first_run_name_prompt() {
+    let mut state = State::new(Settings::default(), (60, 14), 0, EVENING);
+    state.mode = Mode::NamePrompt;
+    state.composer.insert("ali");
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
+fn too_small_terminal_says_so() {
+    let state = session(30, 8);
+    let screen = render(&state);
+    assert!(screen.contains("needs at least"), "{screen}");
+}
