@@ -1,0 +1,230 @@
+//! The TUI in a real terminal: two `mlschat` processes in tmux against a real DS on
+//! 127.0.0.1:0. They create a group, invite, exchange messages (each sees the other's text on
+//! screen), one resizes, both quit, and the terminal is restored (alternate screen off).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mlschat_ds::LocalServer;
+use mlschat_ds::config::Limits;
+
+/// A private tmux server, killed when the test ends (even on failure).
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Tmux {
+        let socket = format!("mlschat-test-{}-{}", std::process::id(), rand_suffix());
+        Tmux { socket }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let output = Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("tmux must be installed to test the TUI (apt-get install tmux)");
+        assert!(
+            output.status.success(),
+            "tmux {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn start(&self, session: &str, width: u16, height: u16, command: &str) {
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            &width.to_string(),
+            "-y",
+            &height.to_string(),
+            command,
+        ]);
+        self.run(&["set-option", "-t", session, "remain-on-exit", "on"]);
+    }
+
+    fn screen(&self, session: &str) -> String {
+        self.run(&["capture-pane", "-p", "-t", session])
+    }
+
+    fn type_line(&self, session: &str, text: &str) {
+        self.run(&["send-keys", "-t", session, "-l", text]);
+        self.run(&["send-keys", "-t", session, "Enter"]);
+    }
+
+    fn keys(&self, session: &str, keys: &str) {
+        self.run(&["send-keys", "-t", session, keys]);
+    }
+
+    fn display(&self, session: &str, format: &str) -> String {
+        self.run(&["display-message", "-p", "-t", session, format])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the screen contains `needle`, failing with the screen's content.
+    fn wait_for(&self, session: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let screen = self.screen(session);
+            if screen.contains(needle) {
+                return screen;
+            }
+            if Instant::now() > deadline {
+                panic!("{session}'s screen never showed {needle:?}; it shows:\n{screen}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_exit(&self, session: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.display(session, "#{pane_dead}") != "1" {
+            if Instant::now() > deadline {
+                panic!(
+                    "{session} did not exit; its screen:\n{}",
+                    self.screen(session)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn client_command(name: &str, dir: &Path, server: &LocalServer) -> String {
+    format!(
+        "{} --name {name} --server {} --server-cert-sha256 {} --data-dir {} --log-file {}",
+        env!("CARGO_BIN_EXE_mlschat"),
+        server.address(),
+        server.fingerprint(),
+        dir.join(name).display(),
+        dir.join(format!("{name}.log")).display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_chat_in_real_terminals() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = LocalServer::start(
+        "127.0.0.1:0".parse().expect("address"),
+        &dir.path().join("ds"),
+        Limits::default(),
+    )
+    .await
+    .expect("DS starts");
+    let alice_command = client_command("alice", dir.path(), &server);
+    let bob_command = client_command("bob", dir.path(), &server);
+    let result = tokio::task::spawn_blocking(move || {
+        let tmux = Tmux::new();
+        let patience = Duration::from_secs(20);
+        tmux.start("alice", 100, 30, &alice_command);
+        tmux.start("bob", 80, 24, &bob_command);
+        assert_eq!(
+            tmux.display("alice", "#{alternate_on}"),
+            "1",
+            "the TUI uses the alternate screen"
+        );
+        tmux.wait_for("alice", "● connected", patience);
+        tmux.wait_for("bob", "● connected", patience);
+
+        tmux.type_line("alice", "/create team");
+        tmux.wait_for("alice", "you created team", patience);
+        // Bob may still be uploading KeyPackages right after connecting: retry the invite.
+        let deadline = Instant::now() + patience;
+        loop {
+            tmux.type_line("alice", "/invite bob");
+            std::thread::sleep(Duration::from_millis(700));
+            if tmux.screen("alice").contains("alice added bob") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the invite never went through:\n{}",
+                tmux.screen("alice")
+            );
+        }
+        tmux.wait_for("bob", "alice added you", patience);
+
+        tmux.type_line("alice", "hello from alice, 漢字も");
+        tmux.wait_for("bob", "hello from alice, 漢字も", patience);
+        tmux.type_line("bob", "hi alice, bob here");
+        let alice_screen = tmux.wait_for("alice", "hi alice, bob here", patience);
+        assert!(
+            alice_screen.contains("hello from alice, 漢字も ✓"),
+            "alice sees her message as sent:\n{alice_screen}"
+        );
+
+        // A multi-line paste lands in the composer and is not sent by itself.
+        tmux.run(&[
+            "set-buffer",
+            "-b",
+            "paste",
+            "first pasted line\nsecond pasted line",
+        ]);
+        tmux.run(&["paste-buffer", "-p", "-b", "paste", "-t", "bob"]);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !tmux.screen("alice").contains("first pasted line"),
+            "a paste must not be sent by itself"
+        );
+        tmux.keys("bob", "Enter");
+        tmux.wait_for("alice", "second pasted line", patience);
+
+        // Resizing redraws cleanly at the new size.
+        tmux.run(&["resize-window", "-t", "bob", "-x", "50", "-y", "15"]);
+        std::thread::sleep(Duration::from_millis(500));
+        let small = tmux.wait_for("bob", "connected", patience);
+        let lines: Vec<&str> = small.lines().collect();
+        assert!(lines.len() <= 15, "{small}");
+        assert!(
+            small.contains("┌ Groups"),
+            "the layout is redrawn after resizing:\n{small}"
+        );
+        tmux.type_line("bob", "still here after resizing");
+        tmux.wait_for("alice", "still here after resizing", patience);
+
+        // Quitting restores the terminal: no alternate screen, exit status 0.
+        tmux.type_line("alice", "/quit");
+        tmux.wait_exit("alice", patience);
+        assert_eq!(
+            tmux.display("alice", "#{alternate_on}"),
+            "0",
+            "alice's terminal left the alternate screen"
+        );
+        assert_eq!(tmux.display("alice", "#{pane_dead_status}"), "0");
+        tmux.keys("bob", "C-c");
+        tmux.wait_exit("bob", patience);
+        assert_eq!(
+            tmux.display("bob", "#{alternate_on}"),
+            "0",
+            "bob's terminal left the alternate screen"
+        );
+        assert_eq!(tmux.display("bob", "#{pane_dead_status}"), "0");
+    })
+    .await;
+    server.shutdown().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic.into_panic());
+    }
+}
