@@ -1,6 +1,7 @@
 //! `mlschat-ds`: parses flags and the config file, prepares the certificate, store and endpoint,
 //! and runs the DS until SIGINT or SIGTERM.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -70,6 +71,8 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let file = match &cli.config {
@@ -77,6 +80,7 @@ async fn main() -> Result<()> {
         None => ConfigFile::default(),
     };
     let limits = file.limits;
+    limits.validate()?;
     let listen = match cli.listen.or(file.listen) {
         Some(listen) => listen,
         None => DEFAULT_LISTEN.parse().context("default listen address")?,
@@ -85,7 +89,7 @@ async fn main() -> Result<()> {
         Some(dir) => dir,
         None => default_data_dir()?,
     };
-    std::fs::create_dir_all(&data_dir)
+    mlschat_ds::config::create_data_dir(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
 
     let identity = match (cli.cert.or(file.cert), cli.key.or(file.key)) {

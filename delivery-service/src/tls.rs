@@ -46,6 +46,11 @@ pub enum TlsError {
     },
     #[error("a certificate fingerprint is 64 hex digits (SHA-256)")]
     BadFingerprint,
+    #[error(
+        "{present} exists but {missing} does not; restore {missing} from a backup, or move \
+         {present} away to generate a new certificate (clients must then pin the new fingerprint)"
+    )]
+    IncompletePair { present: PathBuf, missing: PathBuf },
 }
 
 /// The SHA-256 of a DER certificate: what clients pin.
@@ -136,15 +141,33 @@ impl ServerIdentity {
     }
 
     /// Loads `cert.pem`/`key.pem` from `data_dir`, generating a self-signed pair on first start.
-    /// Returns the identity and whether it was just generated.
+    /// Returns the identity and whether it was just generated. If only one of the two files
+    /// exists, nothing is written and the error says how to repair the pair.
     pub fn load_or_generate(data_dir: &Path) -> Result<(ServerIdentity, bool), TlsError> {
         let cert_path = data_dir.join(CERT_FILE);
         let key_path = data_dir.join(KEY_FILE);
-        if cert_path.exists() && key_path.exists() {
-            return Ok((
-                ServerIdentity::from_pem_files(&cert_path, &key_path)?,
-                false,
-            ));
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                return Ok((
+                    ServerIdentity::from_pem_files(&cert_path, &key_path)?,
+                    false,
+                ));
+            }
+            // SECURITY: a new key beside the old certificate would never match it, and a new
+            // certificate beside the old key would silently change the pinned fingerprint.
+            (true, false) => {
+                return Err(TlsError::IncompletePair {
+                    present: cert_path,
+                    missing: key_path,
+                });
+            }
+            (false, true) => {
+                return Err(TlsError::IncompletePair {
+                    present: key_path,
+                    missing: cert_path,
+                });
+            }
+            (false, false) => {}
         }
         let generated = rcgen::generate_simple_self_signed(vec![
             "localhost".to_string(),
@@ -405,9 +428,32 @@ pub fn bind_endpoint(
         // Best effort: dual-stack where the platform allows it.
         let _ = socket.set_only_v6(false);
     }
-    // Best effort: an operator's sysctl limits may cap these, which only costs throughput.
+    // Best effort: an operator's sysctl limits may cap these, which only costs throughput, but
+    // the kernel caps them silently, so read them back and say so.
     let _ = socket.set_recv_buffer_size(buffer_bytes);
     let _ = socket.set_send_buffer_size(buffer_bytes);
+    // Linux reports twice the size it granted (the other half is its bookkeeping), so a
+    // report below the request means the request was capped.
+    if let Ok(granted) = socket.recv_buffer_size()
+        && granted < buffer_bytes
+    {
+        tracing::warn!(
+            requested = buffer_bytes,
+            granted,
+            "the kernel granted a smaller UDP receive buffer than requested; raise \
+             net.core.rmem_max (see docs/operations.md, UDP buffers)"
+        );
+    }
+    if let Ok(granted) = socket.send_buffer_size()
+        && granted < buffer_bytes
+    {
+        tracing::warn!(
+            requested = buffer_bytes,
+            granted,
+            "the kernel granted a smaller UDP send buffer than requested; raise \
+             net.core.wmem_max (see docs/operations.md, UDP buffers)"
+        );
+    }
     socket.bind(&address.into()).map_err(socket_error)?;
     socket.set_nonblocking(true).map_err(socket_error)?;
     quinn::Endpoint::new(
@@ -417,4 +463,82 @@ pub fn bind_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(socket_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_certificate_or_key_is_an_error_and_nothing_is_written() {
+        for (present, missing) in [(CERT_FILE, KEY_FILE), (KEY_FILE, CERT_FILE)] {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            std::fs::write(dir.path().join(present), b"kept as it is").expect("write");
+            let error = ServerIdentity::load_or_generate(dir.path())
+                .expect_err("half a pair must not start");
+            assert!(
+                matches!(&error, TlsError::IncompletePair { .. }),
+                "{error:?}"
+            );
+            let message = error.to_string();
+            assert!(
+                message.contains(present) && message.contains(missing),
+                "{message}"
+            );
+            assert!(
+                !dir.path().join(missing).exists(),
+                "no new {missing} is written beside the old {present}"
+            );
+            assert_eq!(
+                std::fs::read(dir.path().join(present)).expect("read"),
+                b"kept as it is"
+            );
+        }
+    }
+
+    #[test]
+    fn generates_once_then_loads() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (first, generated) = ServerIdentity::load_or_generate(dir.path()).expect("generate");
+        assert!(generated);
+        let (again, generated) = ServerIdentity::load_or_generate(dir.path()).expect("load");
+        assert!(!generated);
+        assert_eq!(first.fingerprint(), again.fingerprint());
+    }
+
+    /// Captures what `tracing` writes while a closure runs.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut buffer) = self.0.lock() {
+                buffer.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_capped_udp_buffer_is_reported() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        // No kernel grants 1 GiB without SO_RCVBUFFORCE.
+        let endpoint = tracing::subscriber::with_default(subscriber, || {
+            bind_endpoint("127.0.0.1:0".parse().expect("address"), None, 1 << 30)
+        })
+        .expect("bind");
+        drop(endpoint);
+        let logged = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+        assert!(logged.contains("net.core.rmem_max"), "{logged}");
+        assert!(logged.contains("net.core.wmem_max"), "{logged}");
+    }
 }

@@ -270,3 +270,23 @@ async fn authentication_deadline() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failed_registrations_close_the_connection() {
+    timed(async {
+        let server = TestServer::start().await;
+        let _alice = server.register("alice").await;
+
+        let mut prober = server.connect("alice", Signer::ed25519()).await;
+        for _ in 0..4 {
+            let response = prober.register().await;
+            expect_error(response, ErrorCode::NameTaken);
+        }
+        // The fifth failure ends the connection instead of another NameTaken.
+        let id = prober.next_request_id();
+        let frame = prober.register_frame(id);
+        prober.send_frame(&frame).await;
+        prober.expect_closed(ErrorCode::AuthenticationFailed).await;
+    })
+    .await;
+}

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use common::{Client, MlsIdentity, TestServer, expect_error, timed, user};
 use mlschat_ds::config::Limits;
 use mlschat_ds::protocol::{
-    ClaimKeyPackage, CountKeyPackages, ErrorCode, Frame, KeyPackageResponse, UploadKeyPackages,
-    UserName,
+    ClaimKeyPackage, CountKeyPackages, ErrorCode, Frame, KeyPackageResponse, MAX_KEY_PACKAGE_LEN,
+    UploadKeyPackages, UserName,
 };
 
 async fn upload(
@@ -336,6 +336,88 @@ async fn concurrent_claims_hand_out_each_key_package_once() {
         let expected: HashSet<Vec<u8>> = uploaded.into_iter().collect();
         assert_eq!(distinct, expected);
         assert_eq!(count(&mut alice).await, (0, false));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_package_claims_are_rate_limited_per_connection() {
+    timed(async {
+        let limits = Limits {
+            key_package_claims_per_minute: 3,
+            ..Limits::default()
+        };
+        let server = TestServer::start_with(limits).await;
+        let alice_id = MlsIdentity::new("alice");
+        let mut alice = register(&server, &alice_id).await;
+        assert_eq!(
+            expect_stored(&mut alice, alice_id.key_packages(10), None).await,
+            10
+        );
+        let mut bob = server.register("bob").await;
+        for _ in 0..3 {
+            expect_claimed(&mut bob, &alice_id.name).await;
+        }
+        expect_error(
+            claim(&mut bob, &alice_id.name).await,
+            ErrorCode::RateLimited,
+        );
+        // The refused claim used up nothing, other requests still pass, and the limit is per
+        // connection.
+        assert_eq!(count(&mut alice).await, (7, false));
+        bob.ping().await;
+        let mut carol = server.register("carol").await;
+        expect_claimed(&mut carol, &alice_id.name).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_packages_too_large_to_hand_out_are_rejected() {
+    timed(async {
+        let server = TestServer::start().await;
+        let alice_id = MlsIdentity::new("alice");
+        let mut alice = register(&server, &alice_id).await;
+        let too_large = alice_id.padded_key_package(MAX_KEY_PACKAGE_LEN, false);
+        assert!(too_large.len() > MAX_KEY_PACKAGE_LEN);
+        let response = upload(&mut alice, vec![too_large.clone()], None).await;
+        expect_error(response, ErrorCode::InvalidKeyPackage);
+        let response = upload(&mut alice, Vec::new(), Some(too_large)).await;
+        expect_error(response, ErrorCode::InvalidKeyPackage);
+        assert_eq!(count(&mut alice).await, (0, false));
+
+        // A large one that still fits a KeyPackage frame is stored and handed out whole.
+        let large = alice_id.padded_key_package(MAX_KEY_PACKAGE_LEN - 1024, false);
+        assert!(large.len() <= MAX_KEY_PACKAGE_LEN);
+        assert_eq!(
+            expect_stored(&mut alice, vec![large.clone()], None).await,
+            1
+        );
+        let mut bob = server.register("bob").await;
+        let claimed = expect_claimed(&mut bob, &alice_id.name).await;
+        assert_eq!(claimed.key_package.as_slice(), large.as_slice());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_resort_upload_must_carry_the_last_resort_extension() {
+    timed(async {
+        let server = TestServer::start().await;
+        let alice_id = MlsIdentity::new("alice");
+        let mut alice = register(&server, &alice_id).await;
+        let response = upload(&mut alice, Vec::new(), Some(alice_id.key_package(false))).await;
+        let error = expect_error(response, ErrorCode::InvalidKeyPackage);
+        assert!(
+            String::from_utf8_lossy(error.message.as_slice()).contains("last_resort"),
+            "{error:?}"
+        );
+        assert_eq!(count(&mut alice).await, (0, false));
+        assert_eq!(
+            expect_stored(&mut alice, Vec::new(), Some(alice_id.key_package(true))).await,
+            0
+        );
+        assert_eq!(count(&mut alice).await, (0, true));
     })
     .await;
 }

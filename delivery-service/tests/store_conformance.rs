@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use mlschat_ds::protocol::{ClientMessageId, DeliveryKind, Epoch, GroupId, Seq, UserName};
 use mlschat_ds::store::{
-    AppendRequest, Appended, ClaimedKeyPackage, Membership, MembershipChange, Registration,
-    SqliteStore, Store, StoreError, StoreLimits,
+    AppendRequest, Appended, ClaimedKeyPackage, Membership, MembershipChange, NewKeyPackage,
+    Registration, SqliteStore, Store, StoreError, StoreLimits,
 };
 
 /// Upper bound for any single check.
@@ -73,8 +73,9 @@ macro_rules! conformance {
                 one_commit_per_epoch_under_concurrent_appends,
                 sequence_numbers_are_gap_free_under_concurrent_appends,
                 retries_are_idempotent,
-                #[ignore = "DS bug: SqliteStore::append answers a client_message_id reused in another group as a duplicate of the first group's message and stores nothing (see the check's doc comment)"]
                 an_accepted_message_is_always_stored_in_its_group,
+                a_reused_message_id_with_other_bytes_is_refused,
+                idempotency_outlives_purged_messages,
                 application_messages_are_checked,
                 membership_changes_route_welcome_and_cut_off_removed_members,
                 invalid_membership_changes_are_rejected_without_side_effects,
@@ -83,8 +84,9 @@ macro_rules! conformance {
                 group_backlog_quota_is_enforced_until_purged,
                 purge_by_expiry_deletes_everything_and_keeps_sequence,
                 purge_by_acks_deletes_only_messages_every_member_acked,
-                #[ignore = "DS bug: SqliteStore::purge keeps every message after a removal until the removed member acks (see the check's doc comment)"]
                 purge_is_not_held_back_by_removed_members,
+                backlog_quota_counts_the_messages_kept_for_removed_members,
+                expired_key_packages_are_never_handed_out_and_are_purged,
                 store_survives_reopen,
             );
         }
@@ -251,6 +253,30 @@ async fn fetch_all<S: Store>(
     panic!("fetch never reported the end of the log");
 }
 
+/// Unix time now, in seconds.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+}
+
+/// KeyPackages valid for the next 90 days.
+fn fresh(key_packages: Vec<Vec<u8>>) -> Vec<NewKeyPackage> {
+    key_packages
+        .into_iter()
+        .map(|key_package| NewKeyPackage {
+            key_package,
+            not_after: now() + 90 * 24 * 3600,
+        })
+        .collect()
+}
+
+/// A last-resort KeyPackage valid for the next 90 days.
+fn resort(key_package: &[u8]) -> Option<NewKeyPackage> {
+    fresh(vec![key_package.to_vec()]).pop()
+}
+
 fn seqs(deliveries: &[mlschat_ds::protocol::Delivery]) -> Vec<Seq> {
     deliveries.iter().map(|delivery| delivery.seq).collect()
 }
@@ -315,7 +341,7 @@ async fn key_packages_are_claimed_exactly_once_under_concurrency<B: Backend>(bac
     let packages: Vec<Vec<u8>> = (0..50).map(|n| format!("kp-{n}").into_bytes()).collect();
     assert_eq!(
         store
-            .store_key_packages(&bob, packages.clone(), Some(b"kp-last-resort".to_vec()))
+            .store_key_packages(&bob, fresh(packages.clone()), resort(b"kp-last-resort"))
             .await,
         Ok(50)
     );
@@ -367,20 +393,20 @@ async fn key_packages_are_claimed_oldest_first_then_last_resort<B: Backend>(back
     register(&store, &carol).await;
     assert_eq!(
         store
-            .store_key_packages(&bob, vec![b"one".to_vec(), b"two".to_vec()], None)
+            .store_key_packages(&bob, fresh(vec![b"one".to_vec(), b"two".to_vec()]), None)
             .await,
         Ok(2)
     );
     assert_eq!(
         store
-            .store_key_packages(&bob, vec![b"three".to_vec()], None)
+            .store_key_packages(&bob, fresh(vec![b"three".to_vec()]), None)
             .await,
         Ok(3)
     );
     // Another user's packages are separate.
     assert_eq!(
         store
-            .store_key_packages(&carol, vec![b"carol-one".to_vec()], None)
+            .store_key_packages(&carol, fresh(vec![b"carol-one".to_vec()]), None)
             .await,
         Ok(1)
     );
@@ -408,7 +434,7 @@ async fn last_resort_is_reused_until_replaced<B: Backend>(backend: B) {
     register(&store, &bob).await;
     assert_eq!(
         store
-            .store_key_packages(&bob, Vec::new(), Some(b"resort-1".to_vec()))
+            .store_key_packages(&bob, Vec::new(), resort(b"resort-1"))
             .await,
         Ok(0)
     );
@@ -424,7 +450,7 @@ async fn last_resort_is_reused_until_replaced<B: Backend>(backend: B) {
     // A regular package is preferred over the last-resort one.
     assert_eq!(
         store
-            .store_key_packages(&bob, vec![b"regular".to_vec()], None)
+            .store_key_packages(&bob, fresh(vec![b"regular".to_vec()]), None)
             .await,
         Ok(1)
     );
@@ -439,7 +465,7 @@ async fn last_resort_is_reused_until_replaced<B: Backend>(backend: B) {
 
     // Uploading a new last-resort package replaces the old one.
     store
-        .store_key_packages(&bob, Vec::new(), Some(b"resort-2".to_vec()))
+        .store_key_packages(&bob, Vec::new(), resort(b"resort-2"))
         .await
         .expect("replace last resort");
     assert_eq!(store.count_key_packages(&bob).await, Ok((0, true)));
@@ -462,10 +488,12 @@ async fn key_package_quota_is_enforced<B: Backend>(backend: B) {
     let store = backend.open(limits).await;
     let bob = user("bob");
     register(&store, &bob).await;
-    let batch = |from: u32, n: u32| -> Vec<Vec<u8>> {
-        (from..from + n)
-            .map(|i| format!("kp-{i}").into_bytes())
-            .collect()
+    let batch = |from: u32, n: u32| -> Vec<NewKeyPackage> {
+        fresh(
+            (from..from + n)
+                .map(|i| format!("kp-{i}").into_bytes())
+                .collect(),
+        )
     };
     assert_eq!(
         store.store_key_packages(&bob, batch(0, 6), None).await,
@@ -488,7 +516,7 @@ async fn key_package_quota_is_enforced<B: Backend>(backend: B) {
     // The last-resort package does not count against the quota.
     assert_eq!(
         store
-            .store_key_packages(&bob, Vec::new(), Some(b"resort".to_vec()))
+            .store_key_packages(&bob, Vec::new(), resort(b"resort"))
             .await,
         Ok(10)
     );
@@ -775,11 +803,10 @@ async fn retries_are_idempotent<B: Backend>(backend: B) {
     assert_eq!(log[2].payload.as_slice(), b"racing retry");
 }
 
-/// Known to fail on `SqliteStore`: its idempotency lookup is keyed on (sender,
+/// Used to fail on `SqliteStore`: its idempotency lookup was keyed on (sender,
 /// client_message_id) only, so a second message from the same sender with the same id in
-/// *another group* is answered `Ok { duplicate: true, seq: <the first group's seq> }` and never
-/// stored: the DS acknowledges a message it dropped. Either scope the key by group or refuse
-/// the reuse; both pass this check.
+/// *another group* was answered `Ok { duplicate: true, seq: <the first group's seq> }` and never
+/// stored: the DS acknowledged a message it dropped. The key now includes the group.
 async fn an_accepted_message_is_always_stored_in_its_group<B: Backend>(backend: B) {
     let store = backend.open(StoreLimits::default()).await;
     let alice = user("alice");
@@ -1403,10 +1430,10 @@ async fn purge_by_acks_deletes_only_messages_every_member_acked<B: Backend>(back
     );
 }
 
-/// Known to fail on `SqliteStore`: its purge deletes `seq <= MIN(cursor)` over every row in
+/// Used to fail on `SqliteStore`: its purge deleted `seq <= MIN(cursor)` over every row in
 /// `members`, including removed members' rows, so a removed member that never acknowledges
-/// (a lost device is the usual reason for a removal) pins the whole group's log until retention
-/// expires it, and the group runs into `max_group_backlog`.
+/// (a lost device is the usual reason for a removal) pinned the whole group's log until
+/// retention expired it, and the group ran into `max_group_backlog`.
 async fn purge_is_not_held_back_by_removed_members<B: Backend>(backend: B) {
     let store = backend.open(StoreLimits::default()).await;
     let alice = user("alice");
@@ -1453,6 +1480,194 @@ async fn purge_is_not_held_back_by_removed_members<B: Backend>(backend: B) {
     );
 }
 
+/// Purging around a removed member's window leaves holes in the log: the backlog quota counts
+/// the messages actually stored, not `last_seq - first_seq`.
+async fn backlog_quota_counts_the_messages_kept_for_removed_members<B: Backend>(backend: B) {
+    let limits = StoreLimits {
+        max_group_backlog: 6,
+        ..StoreLimits::default()
+    };
+    let store = backend.open(limits).await;
+    let alice = user("alice");
+    let bob = user("bob");
+    let g = group("holes");
+    // Seq 1 adds bob; seq 2 is a message; seq 3 removes bob, who never acknowledges.
+    group_with_members(&store, &g, &alice, &[&bob]).await;
+    store
+        .append(application(&g, &alice, 1, message_id(17, 2), b"m"))
+        .await
+        .expect("append");
+    store
+        .append(commit(
+            &g,
+            &alice,
+            1,
+            message_id(17, 3),
+            b"remove bob",
+            removing(&[&bob]),
+        ))
+        .await
+        .expect("remove bob");
+    for n in 4..=6u64 {
+        store
+            .append(application(&g, &alice, 2, message_id(17, n), b"m"))
+            .await
+            .expect("append");
+    }
+    store.ack(&alice, &g, 6).await.expect("ack");
+    assert_eq!(store.purge(0).await.expect("purge").messages, 3, "4..=6 go");
+    // Bob's window 1..=3 stays: 3 stored, so exactly 3 more fit.
+    for n in 7..=9u64 {
+        let appended = store
+            .append(application(&g, &alice, 2, message_id(17, n), b"m"))
+            .await
+            .expect("room for three");
+        assert_eq!(appended.seq, n);
+    }
+    assert!(matches!(
+        store
+            .append(application(&g, &alice, 2, message_id(17, 10), b"m"))
+            .await,
+        Err(StoreError::QuotaExceeded(_))
+    ));
+    // Bob catches up on his removal: his window goes, and so does the quota pressure.
+    store.ack(&bob, &g, 3).await.expect("bob acks his removal");
+    store.ack(&alice, &g, 9).await.expect("ack");
+    assert_eq!(store.purge(0).await.expect("purge").messages, 6);
+    assert_eq!(store.cursor(&bob, &g).await, Ok(None));
+    let next = store
+        .append(application(&g, &alice, 2, message_id(17, 10), b"m"))
+        .await
+        .expect("room again");
+    assert_eq!(next.seq, 10);
+}
+
+/// The same (sender, group, client message id) with different bytes is not a retry: answering
+/// it with the first message's seq would acknowledge a message that was never stored.
+async fn a_reused_message_id_with_other_bytes_is_refused<B: Backend>(backend: B) {
+    let store = backend.open(StoreLimits::default()).await;
+    let alice = user("alice");
+    let g = group("reuse");
+    let h = group("reuse-2");
+    register(&store, &alice).await;
+    store.create_group(&g, &alice).await.expect("g");
+    store.create_group(&h, &alice).await.expect("h");
+    let id = message_id(18, 1);
+    let first = store
+        .append(application(&g, &alice, 0, id, b"first"))
+        .await
+        .expect("first");
+    assert_eq!(
+        store
+            .append(application(&g, &alice, 0, id, b"other bytes"))
+            .await,
+        Err(StoreError::ReusedMessageId { seq: first.seq })
+    );
+    // The same id in another group is another message.
+    let elsewhere = store
+        .append(application(&h, &alice, 0, id, b"other bytes"))
+        .await
+        .expect("same id, other group");
+    assert!(!elsewhere.duplicate);
+    assert_eq!(elsewhere.seq, 1);
+    // The refusal consumed nothing and the real retry still works.
+    let retry = store
+        .append(application(&g, &alice, 0, id, b"first"))
+        .await
+        .expect("retry");
+    assert_eq!((retry.seq, retry.duplicate), (first.seq, true));
+    assert_eq!(seqs(&fetch_all(&store, &alice, &g, 0).await), vec![1]);
+}
+
+/// A retry after the message was delivered to everyone and purged is still recognised: the
+/// idempotency record lives for the retention period, not as long as the message.
+async fn idempotency_outlives_purged_messages<B: Backend>(backend: B) {
+    let store = backend.open(StoreLimits::default()).await;
+    let alice = user("alice");
+    let bob = user("bob");
+    let g = group("purged-retry");
+    group_with_members(&store, &g, &alice, &[&bob]).await;
+    let sent = store
+        .append(commit(&g, &alice, 1, message_id(19, 1), b"commit", None))
+        .await
+        .expect("commit");
+    assert_eq!((sent.seq, sent.epoch), (2, 2));
+    store.ack(&alice, &g, 2).await.expect("ack");
+    store.ack(&bob, &g, 2).await.expect("ack");
+    let purged = store.purge(0).await.expect("purge");
+    assert_eq!(purged.messages, 2);
+    assert_eq!(
+        purged.idempotency_records, 0,
+        "records outlive their messages"
+    );
+    assert!(fetch_all(&store, &bob, &g, 0).await.is_empty());
+    let retry = store
+        .append(commit(&g, &alice, 1, message_id(19, 1), b"commit", None))
+        .await
+        .expect("retry after purge");
+    assert_eq!(
+        (retry.seq, retry.epoch, retry.duplicate),
+        (2, 2, true),
+        "the original answer, not StaleEpoch and not a second copy"
+    );
+    assert!(
+        fetch_all(&store, &bob, &g, 0).await.is_empty(),
+        "nothing stored"
+    );
+    // Past the retention period the record goes too.
+    let purged = store.purge(i64::MAX / 2).await.expect("purge everything");
+    assert_eq!(purged.idempotency_records, 2);
+    assert_eq!(
+        store
+            .append(commit(&g, &alice, 1, message_id(19, 1), b"commit", None))
+            .await,
+        Err(StoreError::StaleEpoch { current: 2 })
+    );
+}
+
+async fn expired_key_packages_are_never_handed_out_and_are_purged<B: Backend>(backend: B) {
+    let store = backend.open(StoreLimits::default()).await;
+    let bob = user("bob");
+    register(&store, &bob).await;
+    let expired = |key_package: &[u8]| NewKeyPackage {
+        key_package: key_package.to_vec(),
+        not_after: now() - 10,
+    };
+    let mut packages = vec![expired(b"old-1")];
+    packages.extend(fresh(vec![b"good".to_vec()]));
+    packages.push(expired(b"old-2"));
+    assert_eq!(
+        store
+            .store_key_packages(&bob, packages, Some(expired(b"old-resort")))
+            .await,
+        Ok(3),
+        "the uploaded count (the DS validates lifetimes before storing)"
+    );
+    assert_eq!(store.count_key_packages(&bob).await, Ok((1, false)));
+    assert_eq!(
+        store.claim_key_package(&bob).await,
+        Ok(Some(ClaimedKeyPackage {
+            key_package: b"good".to_vec(),
+            last_resort: false
+        }))
+    );
+    assert_eq!(
+        store.claim_key_package(&bob).await,
+        Ok(None),
+        "neither an expired one-time package nor an expired last-resort one"
+    );
+    let purged = store.purge(0).await.expect("purge");
+    assert_eq!(purged.key_packages, 3);
+    // Expired packages do not count against the quota of the next upload either.
+    assert_eq!(
+        store
+            .store_key_packages(&bob, fresh(vec![b"new".to_vec()]), resort(b"resort"))
+            .await,
+        Ok(1)
+    );
+    assert_eq!(store.count_key_packages(&bob).await, Ok((1, true)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Durability of the state across reopening
 // ---------------------------------------------------------------------------------------------
@@ -1469,8 +1684,8 @@ async fn store_survives_reopen<B: Backend>(backend: B) {
         store
             .store_key_packages(
                 &bob,
-                vec![b"bob-kp-1".to_vec(), b"bob-kp-2".to_vec()],
-                Some(b"bob-resort".to_vec()),
+                fresh(vec![b"bob-kp-1".to_vec(), b"bob-kp-2".to_vec()]),
+                resort(b"bob-resort"),
             )
             .await
             .expect("key packages");

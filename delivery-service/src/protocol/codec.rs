@@ -32,6 +32,12 @@ pub fn max_body_len(kind: FrameKind) -> u32 {
     }
 }
 
+/// The largest KeyPackage (the whole MLSMessage) the DS stores: the most that fits a
+/// `KeyPackage` response body of [`max_body_len`]`(KeyPackage)` = 64 KiB, less its `request_id`
+/// (4 bytes), the 4-byte length prefix of `key_package` and `last_resort` (1 byte). A larger
+/// upload could be stored but never handed out.
+pub const MAX_KEY_PACKAGE_LEN: usize = 64 * KIB as usize - 9;
+
 /// Why a frame could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {

@@ -15,7 +15,8 @@ mod names;
 mod tests;
 
 pub use codec::{
-    FRAME_HEADER_LEN, FrameError, FrameHeader, decode_body, encode_frame, max_body_len,
+    FRAME_HEADER_LEN, FrameError, FrameHeader, MAX_KEY_PACKAGE_LEN, decode_body, encode_frame,
+    max_body_len,
 };
 pub use error_code::ErrorCode;
 pub use names::{GroupId, NameError, UserName};

@@ -1113,3 +1113,20 @@ fn docs_contain_the_test_vectors() {
         );
     }
 }
+
+#[test]
+fn the_largest_storable_key_package_fits_a_key_package_frame() {
+    let response = |len: usize| {
+        Frame::KeyPackage(KeyPackageResponse {
+            request_id: u32::MAX,
+            key_package: vec![0xab; len].into(),
+            last_resort: 1,
+        })
+    };
+    let limit = max_body_len(FrameKind::KeyPackage) as usize;
+    let largest = response(MAX_KEY_PACKAGE_LEN).encode();
+    assert_eq!(largest.len() - FRAME_HEADER_LEN, limit, "exactly the limit");
+    FrameHeader::parse(&largest).expect("the largest KeyPackage frame is valid");
+    let over = response(MAX_KEY_PACKAGE_LEN + 1).encode();
+    assert!(FrameHeader::parse(&over).is_err(), "one byte more is not");
+}

@@ -27,6 +27,9 @@ use crate::store::{Membership, Store, StoreError};
 const OUTBOX: usize = 1024;
 /// Deliveries read from the store per page during catch-up.
 const CATCH_UP_PAGE: u32 = 256;
+/// `Register` attempts that may fail on one connection before it is closed. Without a bound a
+/// connection could probe which names are taken until its authentication deadline.
+const MAX_FAILED_REGISTRATIONS: u32 = 5;
 
 /// State shared by every connection of one server.
 pub struct Shared<S> {
@@ -169,14 +172,25 @@ struct RateLimiter {
 }
 
 impl RateLimiter {
-    fn new(limits: &Limits) -> RateLimiter {
-        let burst = f64::from(limits.request_burst.max(1));
+    fn new(per_second: f64, burst: u32) -> RateLimiter {
+        let burst = f64::from(burst.max(1));
         RateLimiter {
             tokens: burst,
             burst,
-            per_second: f64::from(limits.requests_per_second),
+            per_second,
             refilled_at: Instant::now(),
         }
+    }
+
+    /// Every request of a connection.
+    fn requests(limits: &Limits) -> RateLimiter {
+        RateLimiter::new(f64::from(limits.requests_per_second), limits.request_burst)
+    }
+
+    /// `ClaimKeyPackage` requests of a connection: a burst of a minute's worth, then the rate.
+    fn key_package_claims(limits: &Limits) -> RateLimiter {
+        let per_minute = limits.key_package_claims_per_minute;
+        RateLimiter::new(f64::from(per_minute) / 60.0, per_minute)
     }
 
     fn allow(&mut self) -> bool {
@@ -261,6 +275,7 @@ async fn authenticate<S: Store>(
             "cannot derive the authentication challenge",
         ));
     }
+    let mut failed_registrations = 0;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -300,6 +315,15 @@ async fn authenticate<S: Store>(
                         return AuthOutcome::Authenticated(name);
                     }
                     Err(failure) => {
+                        failed_registrations += 1;
+                        if failed_registrations >= MAX_FAILED_REGISTRATIONS {
+                            tracing::debug!(%failure, "too many failed registrations");
+                            return AuthOutcome::Closed(Closing::new(
+                                id,
+                                ErrorCode::AuthenticationFailed,
+                                "too many failed registrations on this connection",
+                            ));
+                        }
                         outbox.send(store_error(id, failure)).await;
                     }
                 }
@@ -454,7 +478,11 @@ async fn serve_inner<S: Store>(
     let ordered = tokio::spawn(
         run_in_order(Arc::clone(&context), in_order_queue, outbox.clone()).in_current_span(),
     );
-    let mut rate = RateLimiter::new(&shared.limits);
+    let mut rate = RateLimiter::requests(&shared.limits);
+    // SECURITY: each claim consumes one of another user's KeyPackages; a client that claims
+    // them in bulk would exhaust them and force everyone onto the last-resort package
+    // (RFC 9420 §16.8).
+    let mut claims = RateLimiter::key_package_claims(&shared.limits);
     let closing = loop {
         while handlers.try_join_next().is_some() {}
         let next = tokio::select! {
@@ -489,6 +517,16 @@ async fn serve_inner<S: Store>(
                         ErrorCode::AlreadyAuthenticated,
                         None,
                         "this connection is already authenticated",
+                    ))
+                    .await;
+            }
+            Frame::ClaimKeyPackage(claim) if !claims.allow() => {
+                outbox
+                    .send(Frame::error(
+                        claim.request_id,
+                        ErrorCode::RateLimited,
+                        None,
+                        "too many KeyPackage claims; slow down",
                     ))
                     .await;
             }

@@ -14,9 +14,10 @@ use crate::protocol::mls::{self, ContentType, WireFormat};
 use crate::protocol::{
     Accepted, ClaimKeyPackage, CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode,
     Fetch, Frame, FrameKind, GroupCreated, GroupId, KeyPackageCount, KeyPackageResponse,
-    KeyPackagesStored, Messages, Send, UploadKeyPackages, UserName, encode_frame,
+    KeyPackagesStored, MAX_KEY_PACKAGE_LEN, Messages, Send, UploadKeyPackages, UserName,
+    encode_frame,
 };
-use crate::store::{AppendRequest, MembershipChange, Store, StoreError};
+use crate::store::{AppendRequest, MembershipChange, NewKeyPackage, Store, StoreError};
 
 /// The most messages one `Fetch` returns.
 pub const MAX_FETCH: u32 = 1000;
@@ -53,6 +54,7 @@ pub fn store_error(request_id: u32, failure: StoreError) -> Frame {
         }
         StoreError::InvalidMembership(_) => ErrorCode::InvalidMembership,
         StoreError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+        StoreError::ReusedMessageId { .. } => ErrorCode::InvalidMessage,
         StoreError::Backend(detail) => {
             // The detail may name tables or paths: log it, tell the client only that it failed.
             tracing::error!(%detail, "store failure");
@@ -67,14 +69,24 @@ pub fn store_error(request_id: u32, failure: StoreError) -> Frame {
 }
 
 /// Checks one uploaded KeyPackage (RFC 9420 §10.1): a valid, self-signed KeyPackage whose leaf
-/// uses the uploader's registered signature key and names the uploader in a Basic credential.
+/// uses the uploader's registered signature key and names the uploader in a Basic credential,
+/// small enough to be handed out in a `KeyPackage` frame, and carrying the `last_resort`
+/// extension (RFC 9420 §17.3) when it is uploaded as the last-resort one. Returns it with the
+/// end of its lifetime.
 fn validate_key_package(
-    bytes: &[u8],
+    bytes: Vec<u8>,
     user: &UserName,
     registered_key: &[u8],
-) -> Result<(), String> {
-    mls::expect_wire_format(bytes, WireFormat::KeyPackage).map_err(|error| error.to_string())?;
-    let message = MlsMessageIn::tls_deserialize_exact(bytes)
+    as_last_resort: bool,
+) -> Result<NewKeyPackage, String> {
+    if bytes.len() > MAX_KEY_PACKAGE_LEN {
+        return Err(format!(
+            "{} bytes is more than the {MAX_KEY_PACKAGE_LEN} bytes a KeyPackage response can carry",
+            bytes.len()
+        ));
+    }
+    mls::expect_wire_format(&bytes, WireFormat::KeyPackage).map_err(|error| error.to_string())?;
+    let message = MlsMessageIn::tls_deserialize_exact(&bytes)
         .map_err(|error| format!("cannot decode: {error}"))?;
     let MlsMessageBodyIn::KeyPackage(key_package) = message.extract() else {
         return Err("not a KeyPackage".into());
@@ -94,7 +106,18 @@ fn validate_key_package(
     if credential.identity() != user.as_str().as_bytes() {
         return Err("its credential names another user".into());
     }
-    Ok(())
+    // A last-resort KeyPackage is handed out again and again; one without the extension tells
+    // its owner's client to delete the private key after the first use, so later joins with it
+    // would fail. Checked here because the DS is the one that reuses it.
+    if as_last_resort && !key_package.last_resort() {
+        return Err("it lacks the last_resort extension".into());
+    }
+    // `validate` rejected a KeyPackage without a lifetime or outside it.
+    let not_after = key_package.life_time().not_after();
+    Ok(NewKeyPackage {
+        key_package: bytes,
+        not_after,
+    })
 }
 
 pub async fn upload_key_packages<S: Store>(
@@ -112,15 +135,21 @@ pub async fn upload_key_packages<S: Store>(
     let last_resort: Option<Vec<u8>> = request.last_resort.map(Vec::from);
     // Signature verification is CPU work: keep it off the async worker threads.
     let checked = tokio::task::spawn_blocking(move || {
-        for (index, key_package) in key_packages.iter().enumerate() {
-            validate_key_package(key_package, &user, &registered_key)
-                .map_err(|reason| format!("KeyPackage {index} rejected: {reason}"))?;
+        let mut checked = Vec::with_capacity(key_packages.len());
+        for (index, key_package) in key_packages.into_iter().enumerate() {
+            checked.push(
+                validate_key_package(key_package, &user, &registered_key, false)
+                    .map_err(|reason| format!("KeyPackage {index} rejected: {reason}"))?,
+            );
         }
-        if let Some(last_resort) = &last_resort {
-            validate_key_package(last_resort, &user, &registered_key)
-                .map_err(|reason| format!("last-resort KeyPackage rejected: {reason}"))?;
-        }
-        Ok::<_, String>((key_packages, last_resort))
+        let last_resort = match last_resort {
+            Some(last_resort) => Some(
+                validate_key_package(last_resort, &user, &registered_key, true)
+                    .map_err(|reason| format!("last-resort KeyPackage rejected: {reason}"))?,
+            ),
+            None => None,
+        };
+        Ok::<_, String>((checked, last_resort))
     })
     .await;
     let (key_packages, last_resort) = match checked {
@@ -214,7 +243,7 @@ pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame
             );
         }
     };
-    // SECURITY: RFC 9420 §6.2 requires application data to travel as PrivateMessage; refusing
+    // SECURITY: RFC 9420 §6 requires application data to travel as PrivateMessage; refusing
     // PublicMessage application data keeps a buggy client from handing the DS plaintext.
     if header.wire_format == WireFormat::PublicMessage
         && header.content_type == ContentType::Application

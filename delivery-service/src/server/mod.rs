@@ -85,7 +85,8 @@ impl Drop for ConnectionSlot {
 }
 
 /// Serves `endpoint` with `store` until `shutdown` completes, then stops accepting, lets every
-/// connection finish its in-flight requests (bounded by a grace period) and closes them.
+/// connection finish its in-flight requests (bounded by a grace period), closes them and
+/// closes the store. When `run` returns, every write is finished and on disk.
 pub async fn run<S: Store>(
     endpoint: quinn::Endpoint,
     store: S,
@@ -153,6 +154,9 @@ pub async fn run<S: Store>(
         connections.abort_all();
     }
     purger.abort();
+    // The aborted tasks may still have writes queued in the store: `close` finishes them
+    // before it releases the database.
+    shared.store.close().await;
     endpoint.close(
         (ErrorCode::ShuttingDown as u16).into(),
         b"the DS is shutting down",
@@ -189,6 +193,8 @@ async fn purge_periodically<S: Store>(store: Arc<S>, limits: Arc<Limits>) {
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot create {path}: {source}")]
@@ -216,7 +222,8 @@ impl LocalServer {
         data_dir: &Path,
         limits: Limits,
     ) -> Result<LocalServer, StartError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+        limits.validate()?;
+        crate::config::create_data_dir(data_dir).map_err(|source| StartError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;

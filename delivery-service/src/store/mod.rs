@@ -1,12 +1,14 @@
 //! Durable state of the DS behind the [`Store`] trait: users, KeyPackages, groups, members,
-//! messages and delivery cursors. Every backend must pass the conformance suite in
-//! `tests/store_conformance.rs`.
+//! messages, idempotency records and delivery cursors. Every backend must pass the conformance
+//! suite in `tests/store_conformance.rs`.
 
 mod sqlite;
 
 pub use sqlite::SqliteStore;
 
 use std::future::Future;
+
+use tokio::sync::mpsc;
 
 use crate::protocol::{ClientMessageId, Delivery, DeliveryKind, Epoch, GroupId, Seq, UserName};
 
@@ -46,6 +48,9 @@ pub enum StoreError {
     InvalidMembership(String),
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The sender already used this client message id in this group for a different message.
+    #[error("the client message id was already used for another message (seq {seq})")]
+    ReusedMessageId { seq: Seq },
     #[error("storage failure: {0}")]
     Backend(String),
 }
@@ -56,6 +61,15 @@ pub enum Registration {
     Created,
     /// The name was already bound to this very key: registration is idempotent.
     AlreadyRegistered,
+}
+
+/// A verified KeyPackage to store, with the end of its lifetime (RFC 9420 §7.2, `not_after`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKeyPackage {
+    pub key_package: Vec<u8>,
+    /// Unix seconds after which the KeyPackage is expired: it is never handed out after that
+    /// and a purge deletes it.
+    pub not_after: u64,
 }
 
 /// A KeyPackage handed out by [`Store::claim_key_package`].
@@ -117,10 +131,32 @@ pub struct FetchPage {
 pub struct Purged {
     pub messages: u64,
     pub memberships: u64,
+    /// Expired KeyPackages.
+    pub key_packages: u64,
+    /// Idempotency records older than the retention period.
+    pub idempotency_records: u64,
+}
+
+/// A message another DS node sharing the store has accepted (see [`Store::remote_appends`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteAppend {
+    /// `seq` of `group_id` is stored; `added` and `removed` are the commit's membership change.
+    Appended {
+        group_id: GroupId,
+        seq: Seq,
+        added: Vec<UserName>,
+        removed: Vec<UserName>,
+    },
+    /// Notifications may have been lost (the listening connection dropped, or a notification
+    /// was too large to carry): every session must resynchronise from the store.
+    ResyncAll,
 }
 
 /// The DS's durable state. Every method is one transaction; a method that returns `Ok` has made
 /// its effect durable (for writes: fsync'd) before returning.
+///
+/// The methods return `impl Future + Send` so that the server, generic over `S: Store`, can
+/// spawn them; `main` picks the backend at startup and instantiates the server for it.
 pub trait Store: Send + Sync + 'static {
     fn register_user(
         &self,
@@ -133,21 +169,25 @@ pub trait Store: Send + Sync + 'static {
         name: &UserName,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
-    /// Stores verified KeyPackages; returns how many unclaimed ones the user now has.
+    /// Stores verified KeyPackages; returns how many unexpired unclaimed ones the user now has.
+    /// Expired ones of the user are deleted first and do not count against the quota.
     fn store_key_packages(
         &self,
         user: &UserName,
-        key_packages: Vec<Vec<u8>>,
-        last_resort: Option<Vec<u8>>,
+        key_packages: Vec<NewKeyPackage>,
+        last_resort: Option<NewKeyPackage>,
     ) -> impl Future<Output = Result<u32, StoreError>> + Send;
 
-    /// Removes and returns the user's oldest unclaimed KeyPackage, or else its last-resort one.
+    /// Removes and returns the user's oldest unexpired unclaimed KeyPackage, or else its
+    /// last-resort one if that has not expired. Each one-time KeyPackage is handed out at most
+    /// once, however many claims run at the same time.
     fn claim_key_package(
         &self,
         user: &UserName,
     ) -> impl Future<Output = Result<Option<ClaimedKeyPackage>, StoreError>> + Send;
 
-    /// Unclaimed KeyPackages of the user, and whether it has a last-resort one.
+    /// Unexpired unclaimed KeyPackages of the user, and whether it has an unexpired last-resort
+    /// one.
     fn count_key_packages(
         &self,
         user: &UserName,
@@ -161,6 +201,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sequences and stores one message, applying the epoch rule and any membership change in
     /// the same transaction.
+    ///
+    /// Idempotency: a message whose (sender, group, client message id) was stored within the
+    /// retention period is answered with its original seq and epoch (`duplicate`), even after
+    /// the message itself was purged; the same key with a different payload is
+    /// [`StoreError::ReusedMessageId`].
     fn append(
         &self,
         request: AppendRequest,
@@ -195,10 +240,67 @@ pub trait Store: Send + Sync + 'static {
         seq: Seq,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Deletes messages every member has acknowledged or that were stored before
-    /// `expire_before_unix_secs`, and memberships of removed users that are fully delivered.
+    /// Deletes messages that were stored before `expire_before_unix_secs` or that every member
+    /// who may still receive them has acknowledged (a removed member only holds messages up to
+    /// its removal), memberships of removed users that are fully delivered, expired
+    /// KeyPackages and idempotency records older than `expire_before_unix_secs`.
     fn purge(
         &self,
         expire_before_unix_secs: i64,
     ) -> impl Future<Output = Result<Purged, StoreError>> + Send;
+
+    /// Finishes every write already submitted, then releases the database (for SQLite: the
+    /// writer thread is joined and the WAL checkpointed). Later calls fail with
+    /// [`StoreError::Backend`]. Once this returns, everything acknowledged is on disk and no
+    /// thread of the store is left running.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Messages accepted by *other* DS nodes sharing this store, so that this node can wake its
+    /// own sessions. Called once by the server at start. A single-node backend returns `None`
+    /// (the default): every message it stores was accepted by this very process.
+    fn remote_appends(&self) -> Option<mpsc::Receiver<RemoteAppend>> {
+        None
+    }
+}
+
+/// Unix time in seconds.
+pub(crate) fn now_unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What an idempotency record remembers of a message: enough to tell a retry (same bytes) from
+/// a reuse of its client message id (other bytes), without keeping the ciphertext.
+pub(crate) fn payload_hash(payload: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(payload).into()
+}
+
+/// The checks of a membership change that need no database: nobody named twice, the sender
+/// not removing itself, and a Welcome exactly when users are added.
+pub(crate) fn check_membership_shape(
+    request: &AppendRequest,
+    change: &MembershipChange,
+) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    for user in change.added.iter().chain(&change.removed) {
+        if !seen.insert(user) {
+            return Err(StoreError::InvalidMembership(format!(
+                "{user} is named twice"
+            )));
+        }
+    }
+    if change.removed.contains(&request.sender) {
+        return Err(StoreError::InvalidMembership(
+            "a commit cannot remove its own sender (RFC 9420 §12.2)".into(),
+        ));
+    }
+    if change.added.is_empty() != change.welcome.is_none() {
+        return Err(StoreError::InvalidMembership(
+            "a Welcome must come with added users, and added users need a Welcome".into(),
+        ));
+    }
+    Ok(())
 }

@@ -25,8 +25,8 @@ use mlschat_ds::protocol::{
 };
 use mlschat_ds::tls::CertFingerprint;
 use openmls::prelude::{
-    BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, KeyPackage,
-    MlsMessageOut,
+    BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, Extension, ExtensionType,
+    Extensions, KeyPackage, MlsMessageOut, UnknownExtension,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -153,6 +153,41 @@ impl MlsIdentity {
         let bundle = builder
             .build(CIPHERSUITE, &self.provider, &*self.key_pair, credential)
             .expect("build a KeyPackage");
+        MlsMessageOut::from(bundle.key_package().clone())
+            .to_bytes()
+            .expect("serialize a KeyPackage")
+    }
+
+    /// A valid KeyPackage padded with an unknown KeyPackage extension of `padding` bytes (so
+    /// that its encoding is at least that large), with or without the last_resort extension.
+    pub fn padded_key_package(&self, padding: usize, last_resort: bool) -> Vec<u8> {
+        const PADDING: u16 = 0xff0a;
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(self.name.as_str().as_bytes().to_vec()).into(),
+            signature_key: self.key_pair.public().into(),
+        };
+        let mut builder = KeyPackage::builder()
+            .key_package_extensions(
+                Extensions::single(Extension::Unknown(
+                    PADDING,
+                    UnknownExtension(vec![0x5a; padding]),
+                ))
+                .expect("an unknown extension is valid in a KeyPackage"),
+            )
+            .leaf_node_capabilities(
+                Capabilities::builder()
+                    .extensions(vec![
+                        ExtensionType::Unknown(PADDING),
+                        ExtensionType::LastResort,
+                    ])
+                    .build(),
+            );
+        if last_resort {
+            builder = builder.mark_as_last_resort();
+        }
+        let bundle = builder
+            .build(CIPHERSUITE, &self.provider, &*self.key_pair, credential)
+            .expect("build a padded KeyPackage");
         MlsMessageOut::from(bundle.key_package().clone())
             .to_bytes()
             .expect("serialize a KeyPackage")
@@ -407,6 +442,17 @@ impl TestServer {
 
     pub fn fingerprint(&self) -> CertFingerprint {
         self.server.fingerprint()
+    }
+
+    /// The DS's data directory (certificate and database).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
+    }
+
+    /// Shuts the DS down gracefully and hands back its data directory for inspection.
+    pub async fn shutdown(self) -> tempfile::TempDir {
+        self.server.shutdown().await;
+        self._data
     }
 
     /// A new raw connection whose stream receive window is only `window` bytes.

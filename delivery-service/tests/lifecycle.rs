@@ -1,0 +1,149 @@
+//! Start-up and shutdown of the DS: configuration validation, the certificate pair, the data
+//! directory, log output of the real binary, and a graceful shutdown that leaves the store
+//! closed (every write done, the WAL checkpointed) when it returns.
+
+mod common;
+mod support_durability;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Client, Signer, group, timed, user};
+use mlschat_ds::client::RawConnection;
+use mlschat_ds::config::Limits;
+use mlschat_ds::store::{SqliteStore, Store as _};
+use mlschat_ds::tls::{self, ServerIdentity};
+use support_durability::{DsOptions, DsProcess};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_closes_the_store() {
+    timed(async {
+        let data = tempfile::tempdir().expect("temporary directory");
+        let limits = Limits::default();
+        let store = SqliteStore::open(data.path().join("ds.sqlite3"), limits.store_limits())
+            .expect("open the store");
+        let identity = ServerIdentity::self_signed().expect("certificate");
+        let fingerprint = identity.fingerprint();
+        let endpoint = tls::bind_endpoint(
+            "127.0.0.1:0".parse().expect("address"),
+            Some(tls::server_config(identity, &limits).expect("server config")),
+            limits.udp_buffer_bytes,
+        )
+        .expect("bind");
+        let address = endpoint.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The test keeps a clone of the store, as an embedding application might: `run`
+        // returning must still mean the store is closed, not merely that `run` let go of it.
+        let server = tokio::spawn(mlschat_ds::run(endpoint, store.clone(), limits, async {
+            let _ = stopped.await;
+        }));
+
+        let raw = RawConnection::connect(address, fingerprint)
+            .await
+            .expect("connect");
+        let mut alice = Client::new(raw, user("alice"), Signer::ed25519());
+        alice.expect_authenticated_by_register().await;
+        let g = group("closing");
+        alice.create_group(&g).await;
+        for n in 0..20u8 {
+            alice.send_application(&g, 0, &[n; 64]).await;
+        }
+        // Still connected when the DS stops: shutdown has to close the session as well.
+        let _ = stop.send(());
+        server.await.expect("run returns");
+
+        let wal = data.path().join("ds.sqlite3-wal");
+        let wal_len = std::fs::metadata(&wal).map_or(0, |metadata| metadata.len());
+        assert_eq!(wal_len, 0, "the WAL is checkpointed once run returned");
+        assert!(
+            store.register_user(&user("bob"), &[7; 32]).await.is_err(),
+            "the store is closed once run returned"
+        );
+        let reopened =
+            SqliteStore::open(data.path().join("ds.sqlite3"), Default::default()).expect("reopen");
+        assert_eq!(
+            reopened
+                .fetch(&user("alice"), &g, 0, 100)
+                .await
+                .map(|page| page.deliveries.len()),
+            Ok(20)
+        );
+        drop(alice);
+    })
+    .await;
+}
+
+fn ds_command(data_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mlschat-ds"));
+    command
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null());
+    command
+}
+
+#[test]
+fn an_invalid_limit_stops_the_start_and_is_named() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("ds.toml");
+    std::fs::write(&config, "[limits]\nudp_buffer_bytes = 1024\n").expect("write config");
+    let output = ds_command(&dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run mlschat-ds");
+    assert!(!output.status.success(), "the DS must not start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("udp_buffer_bytes"), "{stderr}");
+}
+
+#[test]
+fn half_a_certificate_pair_stops_the_start_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(data.join("cert.pem"), b"an old certificate").expect("write");
+    let output = ds_command(&data).output().expect("run mlschat-ds");
+    assert!(!output.status.success(), "the DS must not start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("key.pem"), "{stderr}");
+    assert!(
+        !data.join("key.pem").exists(),
+        "no new key beside the old certificate"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_is_private_and_logs_have_no_colour_codes() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = dir.path().join("data");
+    let log = dir.path().join("ds.log");
+    let mut ds = DsProcess::start(DsOptions {
+        data_dir: &data,
+        config: None,
+        rust_log: "info",
+        stderr_log: Some(&log),
+    });
+    let mode = std::fs::metadata(&data)
+        .expect("data dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "data directory mode {mode:o}");
+    ds.terminate();
+    let status = ds
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the DS exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    let logged = std::fs::read(&log).expect("read the log");
+    let text = String::from_utf8_lossy(&logged);
+    assert!(text.contains("listening"), "{text}");
+    assert!(
+        !logged.contains(&0x1b),
+        "ANSI escape codes in a log file: {text:?}"
+    );
+}
