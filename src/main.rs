@@ -73,26 +73,43 @@ fn main() -> Result<()> {
     };
     init_logging(&log_path(&cli, options.as_ref())?)?;
     let runtime = tokio::runtime::Runtime::new().wrap_err("cannot start the async runtime")?;
-    if cli.headless {
-        let options = options.ok_or_else(|| eyre!("--headless needs --name"))?;
-        return runtime.block_on(async move {
-            let client = Client::start(options).await?;
-            if let Some(hosted) = &client.hosted {
-                eprintln!(
-                    "no DS answered at {}: hosting one in-process (certificate SHA-256 {})",
-                    hosted.address(),
-                    hosted.fingerprint()
-                );
-            }
-            mlschat::headless::run(
-                client,
-                tokio::io::BufReader::new(tokio::io::stdin()),
-                tokio::io::stdout(),
-            )
-            .await
-            .wrap_err("headless session failed")
-        });
-    }
+    let result = if cli.headless {
+        run_headless(&runtime, options)
+    } else {
+        run_tui(&runtime, cli, options)
+    };
+    // A blocking task (a read of stdin that will never complete, a DNS lookup) must not keep
+    // the process alive once the session is over: everything worth waiting for was awaited.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+fn run_headless(runtime: &tokio::runtime::Runtime, options: Option<ClientOptions>) -> Result<()> {
+    let options = options.ok_or_else(|| eyre!("--headless needs --name"))?;
+    runtime.block_on(async move {
+        let client = Client::start(options).await?;
+        if let Some(hosted) = &client.hosted {
+            eprintln!(
+                "no DS answered at {}: hosting one in-process (certificate SHA-256 {})",
+                hosted.address(),
+                hosted.fingerprint()
+            );
+        }
+        mlschat::headless::run(
+            client,
+            tokio::io::BufReader::new(tokio::io::stdin()),
+            tokio::io::stdout(),
+        )
+        .await
+        .wrap_err("headless session failed")
+    })
+}
+
+fn run_tui(
+    runtime: &tokio::runtime::Runtime,
+    cli: Cli,
+    options: Option<ClientOptions>,
+) -> Result<()> {
     let settings_path = cli.config.clone().or_else(mlschat::config::default_path);
     let settings = match &settings_path {
         Some(path) => mlschat::config::load(path)?,

@@ -85,7 +85,16 @@ impl Tmux {
 
     fn wait_exit(&self, session: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while self.display(session, "#{pane_dead}") != "1" {
+        // The pane is marked dead when its terminal closes; the exit status comes a moment
+        // later, when tmux reaps the process.
+        while self
+            .display(
+                session,
+                "#{pane_dead}#{pane_dead_status}#{pane_dead_signal}",
+            )
+            .len()
+            < 2
+        {
             if Instant::now() > deadline {
                 panic!(
                     "{session} did not exit; its screen:\n{}",
@@ -212,7 +221,12 @@ async fn two_people_chat_in_real_terminals() {
             "0",
             "alice's terminal left the alternate screen"
         );
-        assert_eq!(tmux.display("alice", "#{pane_dead_status}"), "0");
+        assert_eq!(
+            tmux.display("alice", "#{pane_dead_status}:#{pane_dead_signal}"),
+            "0:",
+            "alice exited cleanly; screen:\n{}",
+            tmux.screen("alice")
+        );
         tmux.keys("bob", "C-c");
         tmux.wait_exit("bob", patience);
         assert_eq!(
@@ -220,7 +234,12 @@ async fn two_people_chat_in_real_terminals() {
             "0",
             "bob's terminal left the alternate screen"
         );
-        assert_eq!(tmux.display("bob", "#{pane_dead_status}"), "0");
+        assert_eq!(
+            tmux.display("bob", "#{pane_dead_status}:#{pane_dead_signal}"),
+            "0:",
+            "bob exited cleanly; screen:\n{}",
+            tmux.screen("bob")
+        );
     })
     .await;
     server.shutdown().await;
