@@ -78,7 +78,9 @@ pub fn members(state: &State, frame: &mut Frame, area: Rect) {
     let columns = usize::from(inner.width);
     let mut lines = Vec::new();
     for member in members {
-        let (mark, style) = if member.key_changed {
+        let (mark, style) = if member.name == state.me {
+            ("•", Style::default().fg(theme.own))
+        } else if member.key_changed {
             (
                 "!",
                 Style::default()
