@@ -83,6 +83,23 @@ impl Tmux {
         }
     }
 
+    /// Waits for the program to exit and checks it left the terminal as it found it: off the
+    /// alternate screen, with exit status 0 (not killed by a signal).
+    fn assert_exited_cleanly(&self, session: &str, timeout: Duration) {
+        self.wait_exit(session, timeout);
+        assert_eq!(
+            self.display(session, "#{alternate_on}"),
+            "0",
+            "{session}'s terminal left the alternate screen"
+        );
+        assert_eq!(
+            self.display(session, "#{pane_dead_status}:#{pane_dead_signal}"),
+            "0:",
+            "{session} exited cleanly; screen:\n{}",
+            self.screen(session)
+        );
+    }
+
     fn wait_exit(&self, session: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         // The pane is marked dead when its terminal closes; the exit status comes a moment
@@ -215,31 +232,9 @@ async fn two_people_chat_in_real_terminals() {
 
         // Quitting restores the terminal: no alternate screen, exit status 0.
         tmux.type_line("alice", "/quit");
-        tmux.wait_exit("alice", patience);
-        assert_eq!(
-            tmux.display("alice", "#{alternate_on}"),
-            "0",
-            "alice's terminal left the alternate screen"
-        );
-        assert_eq!(
-            tmux.display("alice", "#{pane_dead_status}:#{pane_dead_signal}"),
-            "0:",
-            "alice exited cleanly; screen:\n{}",
-            tmux.screen("alice")
-        );
+        tmux.assert_exited_cleanly("alice", patience);
         tmux.keys("bob", "C-c");
-        tmux.wait_exit("bob", patience);
-        assert_eq!(
-            tmux.display("bob", "#{alternate_on}"),
-            "0",
-            "bob's terminal left the alternate screen"
-        );
-        assert_eq!(
-            tmux.display("bob", "#{pane_dead_status}:#{pane_dead_signal}"),
-            "0:",
-            "bob exited cleanly; screen:\n{}",
-            tmux.screen("bob")
-        );
+        tmux.assert_exited_cleanly("bob", patience);
     })
     .await;
     server.shutdown().await;
