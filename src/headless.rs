@@ -249,6 +249,25 @@ pub async fn run(
     mut output: impl AsyncWrite + Unpin,
 ) -> std::io::Result<()> {
     let mut session = Session::default();
+    // The core lists the profile's groups first thing, and that sets the current group. A
+    // script may write to it on its first line, so no line is read before the list arrived.
+    loop {
+        let Some(event) = client.events.recv().await else {
+            client.finish().await;
+            return Ok(());
+        };
+        if event == CoreEvent::Stopped {
+            client.finish().await;
+            return Ok(());
+        }
+        let listed = matches!(event, CoreEvent::Groups { .. });
+        if let Some(value) = session.observe(&event) {
+            write_line(&mut output, &value).await?;
+        }
+        if listed {
+            break;
+        }
+    }
     let mut lines = input.lines();
     let mut input_open = true;
     let mut quitting = false;

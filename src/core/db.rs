@@ -77,21 +77,48 @@ pub fn open(path: &std::path::Path) -> Result<Connection, CoreError> {
     Ok(connection)
 }
 
+/// V2: outbox ids are never reused (AUTOINCREMENT). An id names one message for its whole life:
+/// it is the `local_id` of `Queued`/`Sent`/`Failed`, and late DS answers are matched to it, so
+/// a new message must not inherit the id of a settled one.
+const SCHEMA_V2: &str = "
+CREATE TABLE outbox_v2 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id BLOB NOT NULL,
+    intent TEXT NOT NULL,
+    client_message_id BLOB NOT NULL,
+    payload BLOB,
+    welcome BLOB,
+    added TEXT,
+    removed TEXT,
+    created_at INTEGER NOT NULL
+);
+INSERT INTO outbox_v2 SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed, created_at FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_v2 RENAME TO outbox;
+CREATE INDEX outbox_by_group ON outbox (group_id, id);
+";
+
 pub fn migrate(connection: &Connection) -> Result<(), CoreError> {
     let version: i64 = connection
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(sql)?;
-    match version {
-        0 => connection
-            .execute_batch(&format!(
-                "BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
-            ))
-            .map_err(sql),
-        1 => Ok(()),
-        newer => Err(CoreError::Database(format!(
-            "the profile database has schema version {newer}, newer than this mlschat understands"
-        ))),
+    let steps: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+    if version > 2 {
+        return Err(CoreError::Database(format!(
+            "the profile database has schema version {version}, newer than this mlschat understands"
+        )));
     }
+    for (target, schema) in steps.iter().filter(|(target, _)| *target > version) {
+        connection
+            .execute_batch(&format!(
+                "BEGIN IMMEDIATE; {schema} PRAGMA user_version = {target}; COMMIT;"
+            ))
+            .map_err(|error| {
+                let _ = connection.execute_batch("ROLLBACK");
+                sql(error)
+            })?;
+    }
+    Ok(())
 }
 
 /// Runs `step` in one IMMEDIATE transaction: everything it writes, openmls state included,
@@ -294,6 +321,19 @@ impl Intent {
     /// must be alone in flight.
     pub fn is_application(&self) -> bool {
         matches!(self, Intent::Text { .. } | Intent::GroupName { .. })
+    }
+
+    /// What kind of intent this is, for logs (never the text itself).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Intent::Text { .. } => "text",
+            Intent::GroupName { .. } => "group_name",
+            Intent::Invite { .. } => "invite",
+            Intent::Kick { .. } => "kick",
+            Intent::Update => "update",
+            Intent::CommitProposals => "commit_proposals",
+            Intent::Leave => "leave",
+        }
     }
 }
 

@@ -8,17 +8,18 @@
 //!   delivers it back (compared byte for byte with what we sent); if another commit won the
 //!   epoch, ours is discarded and its intent is rebuilt in the new epoch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, Capabilities, CredentialWithKey, ExtensionType, GroupId as MlsGroupId,
-    KeyPackage, LeafNodeParameters, MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY, MlsGroup,
-    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent,
-    Proposal, ProtocolMessage, ProtocolVersion, StagedCommit, StagedWelcome,
+    BasicCredential, Capabilities, ContentType, CredentialWithKey, ExtensionType,
+    GroupId as MlsGroupId, KeyPackage, LeafNodeParameters, MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY,
+    MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    ProcessedMessageContent, ProtocolMessage, ProtocolVersion, StagedCommit, StagedWelcome,
+    WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_sqlite_storage::Connection;
@@ -126,10 +127,38 @@ enum Link {
 enum Request {
     Auth,
     CreateGroup(GroupId),
-    Send(i64),
-    Claim { outbox: i64, user: UserName },
+    /// An outbox item, sent as this client message id. An item gets a new id when it is
+    /// rebuilt, so an answer to an older version of it is recognised as stale.
+    Send {
+        outbox: i64,
+        client_message_id: [u8; 16],
+    },
+    Claim {
+        outbox: i64,
+        user: UserName,
+    },
     CountKeyPackages,
     UploadKeyPackages,
+}
+
+/// What one pass over a group's outbox did.
+#[derive(Debug, PartialEq, Eq)]
+enum Pumped {
+    /// Nothing to send, or waiting (for an answer, a claim, an epoch, a retry).
+    Idle,
+    Sent,
+    /// An item was settled without sending anything; look at the next one.
+    Again,
+}
+
+/// What building an outbox item gave.
+enum Built {
+    /// The MLS message, recorded in the outbox row.
+    Ready(OutboxRow),
+    /// KeyPackages are being claimed first.
+    Waiting,
+    /// Nothing needs sending any more (the row is deleted).
+    Settled,
 }
 
 #[derive(Default)]
@@ -153,11 +182,19 @@ struct Engine {
     link: Link,
     next_request_id: u32,
     requests: HashMap<u32, Request>,
-    /// Outbox items sent and not yet answered; `Some(seq)` once accepted.
-    in_flight: HashMap<i64, Option<u64>>,
+    /// Outbox items sent whose outcome is awaited (the DS's answer, and for handshake
+    /// messages their delivery), with the client message id they were sent as.
+    in_flight: HashMap<i64, [u8; 16]>,
+    /// Client message ids of leave proposals the DS accepted (waiting for a commit).
+    awaiting_commit: HashSet<[u8; 16]>,
+    /// Invites whose KeyPackages are being claimed.
     claims: HashMap<i64, Claim>,
+    /// Invites whose KeyPackages are all claimed, kept until the add commit is sequenced.
+    claimed: HashMap<i64, Vec<(UserName, KeyPackage)>>,
     retry_at: HashMap<i64, Instant>,
     ready_announced: bool,
+    /// Whether a connection attempt failed or a connection broke in this run.
+    seen_disconnect: bool,
     quit_deadline: Option<Instant>,
     stop: bool,
 }
@@ -172,7 +209,9 @@ pub fn spawn(
 ) -> Result<(String, std::thread::JoinHandle<()>), CoreError> {
     let (opened, opening) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new()
-        .name("mlschat-core".into())
+        // The user's name in the thread name tells clients apart in a shared log (tests run
+        // several in one process).
+        .name(format!("mlschat-core-{}", config.name))
         .spawn(move || match Engine::open(config, events, net) {
             Ok(mut engine) => {
                 let _ = opened.send(Ok(fingerprint(engine.signer.public())));
@@ -283,8 +322,11 @@ impl Engine {
             requests: HashMap::new(),
             in_flight: HashMap::new(),
             claims: HashMap::new(),
+            claimed: HashMap::new(),
+            awaiting_commit: HashSet::new(),
             retry_at: HashMap::new(),
             ready_announced: false,
+            seen_disconnect: false,
             quit_deadline: None,
             stop: false,
         })
@@ -439,6 +481,7 @@ impl Engine {
                 }
                 let was_connected = !matches!(self.link, Link::Offline);
                 self.link = Link::Offline;
+                self.seen_disconnect = true;
                 self.forget_in_flight();
                 if was_connected || !self.ready_announced {
                     self.emit(CoreEvent::Connection {
@@ -498,8 +541,12 @@ impl Engine {
                 }
             }
             Frame::Accepted(accepted) => {
-                if let Some(Request::Send(outbox)) = self.requests.remove(&accepted.request_id) {
-                    self.on_accepted(outbox, accepted.seq);
+                if let Some(Request::Send {
+                    outbox,
+                    client_message_id,
+                }) = self.requests.remove(&accepted.request_id)
+                {
+                    self.on_accepted(outbox, client_message_id, accepted.seq);
                 }
             }
             Frame::Deliver(delivery) => self.on_deliver(delivery),
@@ -565,9 +612,16 @@ impl Engine {
                     ));
                 }
             }
-            Some(Request::Send(outbox)) => {
-                self.on_send_refused(outbox, code, error.current_epoch, message)
-            }
+            Some(Request::Send {
+                outbox,
+                client_message_id,
+            }) => self.on_send_refused(
+                outbox,
+                client_message_id,
+                code,
+                error.current_epoch,
+                message,
+            ),
             Some(Request::Claim { outbox, user }) => {
                 let reason = match code {
                     Some(ErrorCode::UnknownUser) => {
@@ -743,10 +797,13 @@ impl Engine {
                 }
             }
             Command::Quit => {
-                let wait = if self.online() {
-                    self.config.quit_flush_timeout
-                } else {
+                // Offline after a failed attempt: the outbox is kept for the next start. While
+                // connected, or still connecting for the first time (a script that writes a
+                // message and closes stdin right away), wait for the outbox to drain.
+                let wait = if matches!(self.link, Link::Offline) && self.seen_disconnect {
                     Duration::ZERO
+                } else {
+                    self.config.quit_flush_timeout
                 };
                 self.quit_deadline = Some(Instant::now() + wait);
                 Ok(())
@@ -1026,10 +1083,15 @@ impl Engine {
             }
         }
         if let Some(deadline) = self.quit_deadline {
+            // A leave whose proposal the DS has sequenced waits for another member's commit,
+            // which may take any time; it is sent again (de-duplicated) on the next start.
             let drained = db::outbox(&self.connection)
-                .map(|rows| rows.is_empty())
+                .map(|rows| {
+                    rows.iter()
+                        .all(|row| self.awaiting_commit.contains(&row.client_message_id))
+                })
                 .unwrap_or(true);
-            if drained || now >= deadline || !self.online() {
+            if drained || now >= deadline {
                 self.stop = true;
             }
         }
@@ -1044,20 +1106,33 @@ impl Engine {
         }
     }
 
-    /// Sends the next outbox item of a group if nothing of it is in flight.
+    /// Sends the next outbox item of a group if nothing of it is in flight. Items that turn
+    /// out to need no message (nothing left to commit, the user already removed) are settled
+    /// on the way, and the next one is considered.
     fn pump(&mut self, group_id: &GroupId) {
+        // Every `Again` settled (deleted) an outbox row or emptied the proposal store, so this
+        // ends; the bound only guards against a bug turning into a hang.
+        for _ in 0..10_000 {
+            if self.pump_once(group_id) != Pumped::Again {
+                return;
+            }
+        }
+        tracing::error!(group = %group_id, "the outbox did not settle");
+    }
+
+    fn pump_once(&mut self, group_id: &GroupId) -> Pumped {
         if !self.online() {
-            return;
+            return Pumped::Idle;
         }
         let Some(group) = self.groups.get_mut(group_id) else {
-            return;
+            return Pumped::Idle;
         };
         if !group.active || !group.announced {
-            return;
+            return Pumped::Idle;
         }
         if let Some(epoch) = group.wait_for_epoch {
             if group.mls.epoch().as_u64() < epoch {
-                return;
+                return Pumped::Idle;
             }
             group.wait_for_epoch = None;
         }
@@ -1070,49 +1145,87 @@ impl Engine {
                 .collect::<Vec<_>>(),
             Err(error) => {
                 self.error(error.to_string());
-                return;
+                return Pumped::Idle;
             }
         };
         if rows
             .iter()
-            .any(|row| self.in_flight.contains_key(&row.id) || self.claims.contains_key(&row.id))
+            .any(|row| self.is_in_flight(row) || self.claims.contains_key(&row.id))
         {
-            return;
+            return Pumped::Idle;
         }
-        // Proposals from others (a member leaving) block application messages until someone
-        // commits them, so committing them comes first.
-        let next = if has_proposals && !leaving {
+        // An item already built goes first: its answer may have been lost with a connection,
+        // and the DS may have sequenced it (a retry with the same client message id is
+        // de-duplicated). Building anything else now would replace a pending commit the group
+        // may already have accepted.
+        let next = if let Some(row) = rows.iter().find(|row| row.payload.is_some()) {
+            row.clone()
+        } else if has_proposals && !leaving {
+            // Proposals from others (a member leaving) block application messages until
+            // someone commits them, so committing them comes first.
             match rows
                 .iter()
                 .find(|row| row.intent == Intent::CommitProposals)
             {
                 Some(row) => row.clone(),
-                None => match db::insert_outbox(
-                    &self.connection,
-                    group_id.as_bytes(),
-                    &Intent::CommitProposals,
-                ) {
-                    Ok(_) => return self.pump(group_id),
-                    Err(error) => return self.error(error.to_string()),
-                },
+                None => {
+                    return match db::insert_outbox(
+                        &self.connection,
+                        group_id.as_bytes(),
+                        &Intent::CommitProposals,
+                    ) {
+                        Ok(_) => Pumped::Again,
+                        Err(error) => {
+                            self.error(error.to_string());
+                            Pumped::Idle
+                        }
+                    };
+                }
             }
         } else {
             match rows.into_iter().next() {
                 Some(row) => row,
-                None => return,
+                None => return Pumped::Idle,
             }
         };
         if self.retry_at.contains_key(&next.id) {
-            return;
+            return Pumped::Idle;
         }
         if next.payload.is_some() {
             self.transmit(&next);
-            return;
+            return Pumped::Sent;
         }
         match self.build(group_id, &next) {
-            Ok(Some(row)) => self.transmit(&row),
-            Ok(None) => {}
-            Err(error) => self.fail_outbox(group_id, next.id, &next.intent, &error.to_string()),
+            Ok(Built::Ready(row)) => {
+                self.transmit(&row);
+                Pumped::Sent
+            }
+            Ok(Built::Waiting) => Pumped::Idle,
+            Ok(Built::Settled) => Pumped::Again,
+            Err(error) => {
+                if next.intent == Intent::CommitProposals {
+                    // Proposals we cannot commit would block the group for good (and be
+                    // retried forever): drop them, and say so.
+                    self.drop_proposals(group_id);
+                }
+                self.fail_outbox(group_id, next.id, &next.intent, &error.to_string());
+                Pumped::Again
+            }
+        }
+    }
+
+    /// Whether this version of an outbox item was sent and its outcome is still awaited.
+    fn is_in_flight(&self, row: &OutboxRow) -> bool {
+        self.in_flight.get(&row.id) == Some(&row.client_message_id)
+    }
+
+    fn drop_proposals(&mut self, group_id: &GroupId) {
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        if let Err(error) = group.mls.clear_pending_proposals(self.provider.storage()) {
+            self.error(format!("cannot drop the pending proposals: {error}"));
+            self.reload(group_id);
         }
     }
 
@@ -1138,108 +1251,136 @@ impl Engine {
             })
         };
         let client_message_id = row.client_message_id;
-        self.in_flight.insert(row.id, None);
-        tracing::debug!(group = %group_id, outbox = row.id, "sending");
-        self.request(Request::Send(row.id), |request_id| {
-            Frame::Send(Send {
-                request_id,
+        self.in_flight.insert(row.id, client_message_id);
+        tracing::debug!(group = %group_id, outbox = row.id, intent = row.intent.label(), "sending");
+        self.request(
+            Request::Send {
+                outbox: row.id,
                 client_message_id,
-                message: payload.into(),
-                commit,
-            })
-        });
+            },
+            |request_id| {
+                Frame::Send(Send {
+                    request_id,
+                    client_message_id,
+                    message: payload.into(),
+                    commit,
+                })
+            },
+        );
     }
 
-    /// Turns an intent into an MLS message (one transaction). `Ok(None)` when there is
-    /// nothing to send yet (KeyPackages being claimed) or any more (nothing to commit).
-    fn build(
-        &mut self,
-        group_id: &GroupId,
-        row: &OutboxRow,
-    ) -> Result<Option<OutboxRow>, CoreError> {
-        if let Intent::Invite { users } = &row.intent
-            && !self.claims.contains_key(&row.id)
-        {
-            return self.start_claims(row.id, users.clone()).map(|()| None);
+    /// Turns an intent into an MLS message (one transaction).
+    fn build(&mut self, group_id: &GroupId, row: &OutboxRow) -> Result<Built, CoreError> {
+        if matches!(row.intent, Intent::Invite { .. }) && !self.claimed.contains_key(&row.id) {
+            let Intent::Invite { users } = &row.intent else {
+                return Ok(Built::Waiting);
+            };
+            return self
+                .start_claims(row.id, users.clone())
+                .map(|()| Built::Waiting);
         }
+        let claimed = self.claimed.get(&row.id).cloned().unwrap_or_default();
         let Some(group) = self.groups.get_mut(group_id) else {
-            return Ok(None);
+            return Ok(Built::Waiting);
         };
         let provider = &self.provider;
         let signer = &self.signer;
         let connection = &self.connection;
         let built = db::transaction(connection, || {
-            let (payload, welcome, added, removed) = match &row.intent {
+            let (payload, welcome) = match &row.intent {
                 Intent::Text { text } => {
                     let envelope = serde_json::to_vec(&Envelope::Text { text: text.clone() })
                         .map_err(|error| CoreError::Invalid(error.to_string()))?;
-                    (
-                        to_bytes(
-                            &group
-                                .mls
-                                .create_message(provider, signer, &envelope)
-                                .map_err(mls_error)?,
-                        )?,
-                        None,
-                        vec![],
-                        vec![],
-                    )
+                    let message = group
+                        .mls
+                        .create_message(provider, signer, &envelope)
+                        .map_err(mls_error)?;
+                    (to_bytes(&message)?, None)
                 }
                 Intent::GroupName { name } => {
                     let envelope = serde_json::to_vec(&Envelope::GroupName { name: name.clone() })
                         .map_err(|error| CoreError::Invalid(error.to_string()))?;
-                    (
-                        to_bytes(
-                            &group
-                                .mls
-                                .create_message(provider, signer, &envelope)
-                                .map_err(mls_error)?,
-                        )?,
-                        None,
-                        vec![],
-                        vec![],
-                    )
+                    let message = group
+                        .mls
+                        .create_message(provider, signer, &envelope)
+                        .map_err(mls_error)?;
+                    (to_bytes(&message)?, None)
                 }
-                Intent::Invite { .. } => return Ok(None),
+                Intent::Invite { .. } => {
+                    // Someone else may have added a user while we were claiming or retrying.
+                    let members: Vec<String> = group
+                        .mls
+                        .members()
+                        .map(|member| identity_of(&member.credential))
+                        .collect();
+                    let key_packages: Vec<KeyPackage> = claimed
+                        .iter()
+                        .filter(|(user, _)| !members.iter().any(|member| member == user.as_str()))
+                        .map(|(_, key_package)| key_package.clone())
+                        .collect();
+                    if key_packages.is_empty() {
+                        db::delete_outbox(connection, row.id)?;
+                        return Ok(Built::Settled);
+                    }
+                    let (commit, welcome, _info) = group
+                        .mls
+                        .add_members(provider, signer, &key_packages)
+                        .map_err(mls_error)?;
+                    (to_bytes(&commit)?, Some(to_bytes(&welcome)?))
+                }
                 Intent::Kick { user } => {
-                    let index = group
+                    let Some(index) = group
                         .mls
                         .members()
                         .find(|member| identity_of(&member.credential) == *user)
                         .map(|member| member.index)
-                        .ok_or_else(|| CoreError::Invalid(format!("{user} is not a member")))?;
-                    let (commit, _welcome, _info) = group
+                    else {
+                        // Already removed (by another member's commit): nothing left to do.
+                        db::delete_outbox(connection, row.id)?;
+                        return Ok(Built::Settled);
+                    };
+                    let (commit, welcome, _info) = group
                         .mls
                         .remove_members(provider, signer, &[index])
                         .map_err(mls_error)?;
-                    (to_bytes(&commit)?, None, vec![], vec![user.clone()])
+                    let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
+                    (to_bytes(&commit)?, welcome)
                 }
                 Intent::Update => {
                     let bundle = group
                         .mls
                         .self_update(provider, signer, LeafNodeParameters::default())
                         .map_err(mls_error)?;
-                    let (commit, _welcome, _info) = bundle.into_messages();
-                    (to_bytes(&commit)?, None, vec![], vec![])
+                    let (commit, welcome, _info) = bundle.into_messages();
+                    let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
+                    (to_bytes(&commit)?, welcome)
                 }
                 Intent::CommitProposals => {
                     if group.mls.pending_proposals().next().is_none() {
+                        // Someone else committed them first.
                         db::delete_outbox(connection, row.id)?;
-                        return Ok(None);
+                        return Ok(Built::Settled);
                     }
-                    let (added, removed) = proposal_routing(&group.mls);
                     let (commit, welcome, _info) = group
                         .mls
                         .commit_to_pending_proposals(provider, signer)
                         .map_err(mls_error)?;
                     let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
-                    (to_bytes(&commit)?, welcome, added, removed)
+                    (to_bytes(&commit)?, welcome)
                 }
                 Intent::Leave => {
                     let proposal = group.mls.leave_group(provider, signer).map_err(mls_error)?;
                     db::set_group_flag(connection, &row.group_id, GroupFlag::Leaving, true)?;
-                    (to_bytes(&proposal)?, None, vec![], vec![])
+                    (to_bytes(&proposal)?, None)
                 }
+            };
+            // Every commit also carries the proposals pending in the group (openmls consumes
+            // the proposal store), so the DS's routing comes from the staged commit itself,
+            // not from the intent: a self-update that also commits a member's leave removes
+            // that member at the DS too.
+            let (added, removed) = match group.mls.pending_commit() {
+                Some(staged) => commit_routing(&group.mls, staged),
+                None => (vec![], vec![]),
             };
             db::set_outbox_payload(
                 connection,
@@ -1249,7 +1390,7 @@ impl Engine {
                 &added,
                 &removed,
             )?;
-            Ok(Some(OutboxRow {
+            Ok(Built::Ready(OutboxRow {
                 payload: Some(payload),
                 welcome,
                 added,
@@ -1263,6 +1404,10 @@ impl Engine {
                     && let Some(group) = self.groups.get_mut(group_id)
                 {
                     group.leaving = true;
+                }
+                if matches!(built, Built::Settled) {
+                    self.claimed.remove(&row.id);
+                    self.in_flight.remove(&row.id);
                 }
                 Ok(built)
             }
@@ -1324,6 +1469,10 @@ impl Engine {
         Ok(key_package)
     }
 
+    /// Collects the claimed KeyPackages of an invite. Once all are in, they are kept (in
+    /// memory) until the add commit is sequenced: a commit that loses its epoch is rebuilt
+    /// with the same KeyPackages, since its Welcome was never delivered, instead of using up
+    /// another one-time KeyPackage of each invitee per retry.
     fn on_claimed(&mut self, outbox: i64, user: UserName, result: Result<Vec<u8>, String>) {
         let checked = result.and_then(|bytes| {
             self.check_key_package(&user, &bytes)
@@ -1360,59 +1509,37 @@ impl Engine {
             return;
         };
         if claim.key_packages.is_empty() {
-            let _ = db::delete_outbox(&self.connection, outbox);
-            self.pump(&group_id);
-            return;
-        }
-        let Some(group) = self.groups.get_mut(&group_id) else {
-            return;
-        };
-        let provider = &self.provider;
-        let signer = &self.signer;
-        let connection = &self.connection;
-        let built = db::transaction(connection, || {
-            let names: Vec<String> = claim
-                .key_packages
-                .iter()
-                .map(|(user, _)| user.to_string())
-                .collect();
-            let key_packages: Vec<KeyPackage> = claim
-                .key_packages
-                .iter()
-                .map(|(_, kp)| kp.clone())
-                .collect();
-            let (commit, welcome, _info) = group
-                .mls
-                .add_members(provider, signer, &key_packages)
-                .map_err(mls_error)?;
-            let payload = to_bytes(&commit)?;
-            let welcome = to_bytes(&welcome)?;
-            db::set_outbox_payload(connection, outbox, &payload, Some(&welcome), &names, &[])?;
-            Ok(OutboxRow {
-                payload: Some(payload),
-                welcome: Some(welcome),
-                added: names,
-                ..row.clone()
-            })
-        });
-        match built {
-            Ok(row) => self.transmit(&row),
-            Err(error) => {
-                self.reload(&group_id);
-                self.fail_outbox(
-                    &group_id,
-                    outbox,
-                    &Intent::Invite { users: vec![] },
-                    &error.to_string(),
-                );
+            if let Err(error) = db::delete_outbox(&self.connection, outbox) {
+                self.error(error.to_string());
             }
+        } else {
+            self.claimed.insert(outbox, claim.key_packages);
         }
+        self.pump(&group_id);
     }
 
-    fn on_accepted(&mut self, outbox: i64, seq: u64) {
-        let rows = db::outbox(&self.connection).unwrap_or_default();
-        let Some(row) = rows.into_iter().find(|row| row.id == outbox) else {
-            self.in_flight.remove(&outbox);
+    /// Finds the outbox row a DS answer is about. `None` for a stale answer: the row is gone,
+    /// or it was rebuilt since (new client message id) and this answers the old version.
+    fn answered_row(&mut self, outbox: i64, client_message_id: [u8; 16]) -> Option<OutboxRow> {
+        let row = db::outbox(&self.connection)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|row| row.id == outbox && row.client_message_id == client_message_id);
+        if row.is_none() {
+            tracing::debug!(
+                outbox,
+                "an answer for an outbox item already settled or rebuilt; ignored"
+            );
+            if self.in_flight.get(&outbox) == Some(&client_message_id) {
+                self.in_flight.remove(&outbox);
+            }
+        }
+        row
+    }
+
+    fn on_accepted(&mut self, outbox: i64, client_message_id: [u8; 16], seq: u64) {
+        tracing::debug!(outbox, seq, "accepted");
+        let Some(row) = self.answered_row(outbox, client_message_id) else {
             return;
         };
         let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
@@ -1422,10 +1549,11 @@ impl Engine {
             self.settle_application(&group_id, outbox, &row.intent, seq);
             self.in_flight.remove(&outbox);
             self.pump(&group_id);
-        } else {
-            // Handshake messages take effect when the DS delivers them back in order.
-            self.in_flight.insert(outbox, Some(seq));
+        } else if row.intent == Intent::Leave {
+            self.awaiting_commit.insert(client_message_id);
         }
+        // Handshake messages take effect when the DS delivers them back in order; until then
+        // the item stays in flight.
     }
 
     fn settle_application(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, seq: u64) {
@@ -1450,15 +1578,16 @@ impl Engine {
     fn on_send_refused(
         &mut self,
         outbox: i64,
+        client_message_id: [u8; 16],
         code: Option<ErrorCode>,
         current_epoch: Option<u64>,
         message: String,
     ) {
-        self.in_flight.remove(&outbox);
-        let rows = db::outbox(&self.connection).unwrap_or_default();
-        let Some(row) = rows.into_iter().find(|row| row.id == outbox) else {
+        tracing::debug!(outbox, ?code, ?current_epoch, "send refused");
+        let Some(row) = self.answered_row(outbox, client_message_id) else {
             return;
         };
+        self.in_flight.remove(&outbox);
         let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
             return;
         };
@@ -1477,26 +1606,28 @@ impl Engine {
             _ => {
                 self.discard_pending(&group_id, &row.intent);
                 self.fail_outbox(&group_id, outbox, &row.intent, &message);
+                self.pump(&group_id);
             }
         }
     }
 
     /// Forgets the MLS message built for an outbox item (another commit won the epoch) so that
-    /// the intent is built again.
+    /// the intent is built again in the next epoch.
+    ///
+    /// Pending proposals stay: the commit that won may reference them (they are dropped when
+    /// it is merged), and without them it could not be processed. That includes our own
+    /// Remove proposal when leaving.
     fn discard_built(&mut self, group_id: &GroupId, row: &OutboxRow) {
         let Some(group) = self.groups.get_mut(group_id) else {
             return;
         };
         let storage = self.provider.storage();
         let result = db::transaction(&self.connection, || {
-            if !row.intent.is_application() && group.mls.pending_commit().is_some() {
+            if !row.intent.is_application()
+                && row.intent != Intent::Leave
+                && group.mls.pending_commit().is_some()
+            {
                 group.mls.clear_pending_commit(storage).map_err(mls_error)?;
-            }
-            if row.intent == Intent::Leave {
-                group
-                    .mls
-                    .clear_pending_proposals(storage)
-                    .map_err(mls_error)?;
             }
             db::reset_outbox(&self.connection, row.id).map(|_| ())
         });
@@ -1507,7 +1638,7 @@ impl Engine {
     }
 
     fn discard_pending(&mut self, group_id: &GroupId, intent: &Intent) {
-        if intent.is_application() {
+        if intent.is_application() || *intent == Intent::Leave {
             return;
         }
         let Some(group) = self.groups.get_mut(group_id) else {
@@ -1522,8 +1653,23 @@ impl Engine {
         }
     }
 
+    /// Gives up on an outbox item. The caller pumps the group's next item.
     fn fail_outbox(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, reason: &str) {
         self.in_flight.remove(&outbox);
+        self.claimed.remove(&outbox);
+        if *intent == Intent::Leave
+            && let Some(group) = self.groups.get_mut(group_id)
+        {
+            group.leaving = false;
+            if let Err(error) = db::set_group_flag(
+                &self.connection,
+                group_id.as_bytes(),
+                GroupFlag::Leaving,
+                false,
+            ) {
+                self.error(error.to_string());
+            }
+        }
         let result = db::transaction(&self.connection, || {
             db::settle_history(&self.connection, outbox, None, &format!("failed: {reason}"))?;
             db::delete_outbox(&self.connection, outbox)
@@ -1539,7 +1685,6 @@ impl Engine {
             }),
             _ => self.error(format!("{}: {reason}", self.group_ref(group_id).name)),
         }
-        self.pump(group_id);
     }
 
     // ---- deliveries -----------------------------------------------------------------------
@@ -1595,10 +1740,16 @@ impl Engine {
             self.ack(&group_id, group.cursor);
             return;
         }
+        if !group.active {
+            // We left or were removed; the MLS state cannot process anything newer.
+            self.ack(&group_id, seq);
+            return;
+        }
         if seq > group.cursor + 1 {
             tracing::warn!(group = %group_id, expected = group.cursor + 1, seq, "gap in deliveries (expired messages?)");
         }
         let from_me = delivery.sender == self.me;
+        tracing::debug!(group = %group_id, seq, kind = delivery.kind, sender = %delivery.sender, epoch = delivery.epoch, "delivery");
         let outcome = self.process_delivery(&group_id, &delivery, from_me);
         let events = match outcome {
             Ok(events) => events,
@@ -1658,6 +1809,7 @@ impl Engine {
         let mut events = Vec::new();
         let mut observed: Vec<(String, Vec<u8>)> = Vec::new();
         let mut merged_own: Option<OutboxRow> = None;
+        let mut settled_own: Option<i64> = None;
         let mut self_removed_by: Option<String> = None;
         let mut epoch_changed = false;
         let mut renamed = false;
@@ -1675,6 +1827,7 @@ impl Engine {
                     if let Some(row) = &own_row {
                         db::settle_history(connection, row.id, Some(seq), "sent")?;
                         db::delete_outbox(connection, row.id)?;
+                        settled_own = Some(row.id);
                         if matches!(row.intent, Intent::Text { .. }) {
                             events.push(CoreEvent::Sent {
                                 group: group_ref.clone(),
@@ -1724,14 +1877,25 @@ impl Engine {
                     merged_own = Some(row);
                     epoch_changed = true;
                 }
+                (Some(DeliveryKind::Commit), true) => {
+                    // The DS sequenced a commit of ours that we hold no pending state for:
+                    // merging is impossible, and silently skipping it would fork the group.
+                    return Err(CoreError::Invalid(
+                        "our own commit was sequenced but its pending state is gone".into(),
+                    ));
+                }
                 (Some(_), _) => {
                     let message =
                         MlsMessageIn::tls_deserialize_exact(payload).map_err(mls_error)?;
                     let protocol: ProtocolMessage =
                         message.try_into_protocol_message().map_err(mls_error)?;
-                    if protocol.is_handshake_message() && group.mls.pending_commit().is_some() {
+                    if protocol.content_type() == ContentType::Commit
+                        && group.mls.pending_commit().is_some()
+                    {
                         // Another commit won this epoch: ours is void (its intent is retried
-                        // when the DS answers StaleEpoch).
+                        // when the DS answers StaleEpoch). Only a commit voids it: a proposal
+                        // or a message sequenced before our commit leaves it valid, and the DS
+                        // may well accept it after them.
                         group
                             .mls
                             .clear_pending_commit(provider.storage())
@@ -1814,6 +1978,11 @@ impl Engine {
         group.cursor = seq;
         if let Some(row) = merged_own {
             self.in_flight.remove(&row.id);
+            self.claimed.remove(&row.id);
+        }
+        if let Some(id) = settled_own {
+            // Delivered before its `Accepted`: it is sequenced, so the next item may go.
+            self.in_flight.remove(&id);
         }
         for (user, key) in observed {
             self.observe(&user, &key);
@@ -1854,10 +2023,13 @@ impl Engine {
             return;
         }
         let rows = db::outbox(&self.connection).unwrap_or_default();
-        if let Some(row) = rows
-            .iter()
-            .find(|row| row.group_id == group_id.as_bytes() && row.intent == Intent::Leave)
-        {
+        if let Some(row) = rows.iter().find(|row| {
+            row.group_id == group_id.as_bytes()
+                && row.intent == Intent::Leave
+                && row.payload.is_some()
+        }) {
+            // Whatever answer the DS gives the old proposal no longer matters (it names the
+            // old client message id and is ignored).
             self.in_flight.remove(&row.id);
             if let Err(error) = db::reset_outbox(&self.connection, row.id) {
                 self.error(error.to_string());
@@ -1866,6 +2038,17 @@ impl Engine {
     }
 
     fn deactivate(&mut self, group_id: &GroupId, note: String) {
+        // Messages still queued for the group will never be sent: their lines say so, and the
+        // UI hears it, instead of showing them as "sending" forever.
+        let unsent: Vec<i64> = db::outbox(&self.connection)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|row| {
+                row.group_id == group_id.as_bytes() && matches!(row.intent, Intent::Text { .. })
+            })
+            .map(|row| row.id)
+            .collect();
+        let reason = "you are no longer a member of the group";
         let result = db::transaction(&self.connection, || {
             db::set_group_flag(
                 &self.connection,
@@ -1873,6 +2056,9 @@ impl Engine {
                 GroupFlag::Active,
                 false,
             )?;
+            for id in &unsent {
+                db::settle_history(&self.connection, *id, None, &format!("failed: {reason}"))?;
+            }
             db::delete_group_outbox(&self.connection, group_id.as_bytes())?;
             db::insert_history(
                 &self.connection,
@@ -1883,10 +2069,19 @@ impl Engine {
         });
         if let Err(error) = result {
             self.error(error.to_string());
+            return;
         }
         if let Some(group) = self.groups.get_mut(group_id) {
             group.active = false;
             group.leaving = false;
+        }
+        for id in unsent {
+            self.in_flight.remove(&id);
+            self.emit(CoreEvent::Failed {
+                group: self.group_ref(group_id),
+                local_id: id,
+                reason: reason.to_string(),
+            });
         }
     }
 
@@ -1911,7 +2106,16 @@ impl Engine {
             if replace {
                 builder = builder.replace_old_group();
             }
-            let staged = builder.build().map_err(mls_error)?;
+            let staged = builder.build().map_err(|error| match error {
+                // The DS protocol has no channel for the tree (docs/interop.md).
+                WelcomeError::MissingRatchetTree => CoreError::Invalid(format!(
+                    "the Welcome from {} carries no ratchet tree (RFC 9420 §12.4.3.3 ratchet_tree \
+                     extension) and mlschat has no other way to get the group's tree; the \
+                     inviter's client must put the ratchet tree in its Welcomes",
+                    delivery.sender
+                )),
+                other => mls_error(other),
+            })?;
             let by = staged
                 .welcome_sender()
                 .map(|leaf| identity_of(leaf.credential()))
@@ -2036,22 +2240,25 @@ fn apply_inspection(
     observed.extend(inspection.updated.iter().cloned());
 }
 
-/// Users added and removed by the pending proposals, for the DS's routing.
-fn proposal_routing(group: &MlsGroup) -> (Vec<String>, Vec<String>) {
-    let mut added = Vec::new();
-    let mut removed = Vec::new();
-    for queued in group.pending_proposals() {
-        match queued.proposal() {
-            Proposal::Add(add) => {
-                added.push(identity_of(add.key_package().leaf_node().credential()))
-            }
-            Proposal::Remove(remove) => {
-                if let Some(member) = group.member_at(remove.removed()) {
-                    removed.push(identity_of(&member.credential));
-                }
-            }
-            _ => {}
-        }
-    }
+/// Users a staged commit adds and removes, for the DS's routing (names of removed members are
+/// read from the tree the commit applies to).
+fn commit_routing(group: &MlsGroup, staged: &StagedCommit) -> (Vec<String>, Vec<String>) {
+    let added = staged
+        .add_proposals()
+        .map(|proposal| {
+            identity_of(
+                proposal
+                    .add_proposal()
+                    .key_package()
+                    .leaf_node()
+                    .credential(),
+            )
+        })
+        .collect();
+    let removed = staged
+        .remove_proposals()
+        .filter_map(|proposal| group.member_at(proposal.remove_proposal().removed()))
+        .map(|member| identity_of(&member.credential))
+        .collect();
     (added, removed)
 }

@@ -1,0 +1,604 @@
+//! End-to-end tests of the client core: real clients (`Client::start`) against a real DS on
+//! `127.0.0.1:0`, driven with `Command`s and checked through `CoreEvent`s.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Ds, Peer, STEP, converge, create_group, invite, raw_login, timed, user};
+use mlschat::core::{Command, CoreEvent};
+use mlschat_ds::protocol::{ErrorCode, Fetch, Frame, GroupId};
+
+/// Asserts that every text in `texts` (sent by `from`) arrived exactly once at `peer`, with the
+/// right sender, and that nothing else from `from` with these texts arrived.
+fn assert_exactly_once(peer: &mut Peer, group: &GroupId, from: &str, texts: &[String]) {
+    let messages = peer.messages(group);
+    for text in texts {
+        let copies: Vec<_> = messages.iter().filter(|(_, t, _)| t == text).collect();
+        assert_eq!(
+            copies.len(),
+            1,
+            "{} got {text:?} {} times: {copies:?}",
+            peer.name,
+            copies.len()
+        );
+        assert_eq!(copies[0].0, from, "{}: wrong sender of {text:?}", peer.name);
+    }
+}
+
+/// Asserts that the seqs of the messages `peer` received strictly increase.
+fn assert_in_order(peer: &mut Peer, group: &GroupId) {
+    let seqs: Vec<u64> = peer
+        .messages(group)
+        .iter()
+        .map(|(_, _, seq)| *seq)
+        .collect();
+    assert!(
+        seqs.windows(2).all(|pair| pair[0] < pair[1]),
+        "{}: message seqs out of order: {seqs:?}",
+        peer.name
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_users_chat_kick_and_leave() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+
+        let group = create_group(&mut alice, "team").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+        for peer in [&bob, &carol] {
+            assert_eq!(peer.group_name(&id).as_deref(), Some("team"));
+        }
+
+        // Everyone chats; every message reaches every other member exactly once.
+        let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+        for round in 0..3 {
+            for peer in [&alice, &bob, &carol] {
+                let text = format!("hello from {} #{round}", peer.name);
+                peer.send_text(&id, &text);
+                sent.entry(peer.name.clone()).or_default().push(text);
+            }
+        }
+        let mut peers = [alice, bob, carol];
+        for sender in 0..3 {
+            let name = peers[sender].name.clone();
+            for text in sent[&name].clone() {
+                peers[sender].wait_sent(&id, &text).await;
+                for (receiver, peer) in peers.iter_mut().enumerate() {
+                    if receiver != sender {
+                        let (from, _) = peer.wait_message(&id, &text).await;
+                        assert_eq!(from, name);
+                    }
+                }
+            }
+        }
+        let [mut alice, mut bob, mut carol] = peers;
+        converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            for (from, texts) in &sent {
+                if *from != peer.name {
+                    assert_exactly_once(peer, &id, from, texts);
+                } else {
+                    assert!(peer.messages(&id).iter().all(|(_, t, _)| !texts.contains(t)));
+                    for text in texts {
+                        assert_eq!(peer.sent_count(&id, text), 1, "{}: Sent for {text:?}", peer.name);
+                    }
+                }
+            }
+            assert_in_order(peer, &id);
+        }
+
+        // Alice kicks Carol.
+        alice.command(Command::Kick {
+            group: id.clone(),
+            user: user("carol"),
+        });
+        carol
+            .wait_for("left", |event| {
+                matches!(event, CoreEvent::Left { group, by } if group.id == id && by == "alice")
+            })
+            .await;
+        for peer in [&mut alice, &mut bob] {
+            peer.wait_for("carol removed", |event| {
+                matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
+            })
+            .await;
+        }
+        let (_, _, members) = converge(&mut [&mut alice, &mut bob], &id).await;
+        assert_eq!(members, 2);
+
+        // After the removal Carol reads nothing.
+        let secrets = ["after the kick from alice", "after the kick from bob"];
+        alice.send_text(&id, secrets[0]);
+        bob.send_text(&id, secrets[1]);
+        let first_secret_seq = alice
+            .wait_sent(&id, secrets[0])
+            .await
+            .min(bob.wait_sent(&id, secrets[1]).await);
+        bob.wait_message(&id, secrets[0]).await;
+        alice.wait_message(&id, secrets[1]).await;
+        carol.idle(Duration::from_millis(500)).await;
+        assert!(
+            carol
+                .messages(&id)
+                .iter()
+                .all(|(_, text, _)| !secrets.contains(&text.as_str())),
+            "carol read a message sent after her removal"
+        );
+        carol.command(Command::Send {
+            group: id.clone(),
+            text: "am I still here?".into(),
+        });
+        carol
+            .wait_for("error", |event| matches!(event, CoreEvent::Error { .. }))
+            .await;
+        carol.stop().await;
+
+        // The DS agrees: Carol's access ended with the commit that removed her.
+        let mut raw = raw_login(&ds, "carol", &carol.dir).await;
+        raw.send_frame(&Frame::Fetch(Fetch {
+            request_id: 7,
+            group_id: id.clone(),
+            after_seq: 0,
+            limit: 1000,
+        }))
+        .await
+        .expect("send fetch");
+        loop {
+            match tokio::time::timeout(STEP, raw.next_frame()).await {
+                Ok(Ok(Some(Frame::Messages(messages)))) => {
+                    assert!(
+                        messages.messages.iter().all(|m| m.seq < first_secret_seq),
+                        "the DS let carol fetch messages after her removal"
+                    );
+                    break;
+                }
+                Ok(Ok(Some(Frame::Error(error)))) if error.request_id == 7 => {
+                    assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::NotMember));
+                    break;
+                }
+                Ok(Ok(Some(Frame::Deliver(delivery)))) => {
+                    assert!(
+                        delivery.group_id != id || delivery.seq < first_secret_seq,
+                        "the DS delivered to carol a message after her removal"
+                    );
+                }
+                other => panic!("unexpected answer to carol's fetch: {other:?}"),
+            }
+        }
+        raw.close().await;
+
+        // Bob leaves: Alice's client commits his proposal by itself.
+        bob.command(Command::Leave { group: id.clone() });
+        bob.wait_for("left", |event| {
+            matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+        })
+        .await;
+        alice
+            .wait_for("bob removed", |event| {
+                matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "bob")
+            })
+            .await;
+        let (_, _, members) = alice.status(&id).await;
+        assert_eq!(members, 1);
+        alice.send_text(&id, "alone now");
+        alice.wait_sent(&id, "alone now").await;
+        bob.idle(Duration::from_millis(300)).await;
+        assert!(bob.messages(&id).iter().all(|(_, text, _)| text != "alone now"));
+
+        assert_eq!(alice.errors(), Vec::<String>::new());
+        assert_eq!(bob.errors(), Vec::<String>::new());
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_member_catches_up() {
+    timed(Duration::from_secs(120), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let mut dave = Peer::start(&ds, "dave", root.path()).await;
+        let group = create_group(&mut alice, "catch-up").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+        converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+
+        carol.stop().await;
+        let texts: Vec<String> = (0..100)
+            .map(|n| format!("while carol is away #{n}"))
+            .collect();
+        for (n, text) in texts.iter().enumerate() {
+            let sender = if n % 2 == 0 { &alice } else { &bob };
+            sender.send_text(&id, text);
+            if n == 30 {
+                alice.command(Command::Update { group: id.clone() });
+            }
+            if n == 60 {
+                bob.command(Command::Invite {
+                    group: id.clone(),
+                    users: vec![user("dave")],
+                });
+            }
+        }
+        for (n, text) in texts.iter().enumerate() {
+            if n % 2 == 0 {
+                alice.wait_sent(&id, text).await;
+                bob.wait_message(&id, text).await;
+            } else {
+                bob.wait_sent(&id, text).await;
+                alice.wait_message(&id, text).await;
+            }
+        }
+        dave.wait_for("joined", |event| {
+            matches!(event, CoreEvent::Joined { group, by } if group.id == id && by == "bob")
+        })
+        .await;
+
+        carol.restart().await;
+        for text in &texts {
+            carol.wait_message(&id, text).await;
+        }
+        let (epoch, _, members) =
+            converge(&mut [&mut alice, &mut bob, &mut carol, &mut dave], &id).await;
+        assert_eq!(members, 4);
+        assert_eq!(epoch, 3, "add bob and carol, an update, add dave");
+        let received = carol.messages(&id);
+        assert_eq!(
+            received.len(),
+            texts.len(),
+            "carol got extra or missing messages"
+        );
+        for (n, text) in texts.iter().enumerate() {
+            let from = if n % 2 == 0 { "alice" } else { "bob" };
+            assert_exactly_once(&mut carol, &id, from, std::slice::from_ref(text));
+        }
+        assert_in_order(&mut carol, &id);
+        // Sent order equals delivery order: carol saw the messages in the order they were
+        // sequenced.
+        let seqs: Vec<u64> = received.iter().map(|(_, _, seq)| *seq).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted);
+
+        for peer in [&mut alice, &mut bob, &mut carol, &mut dave] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_way_update_races_converge() {
+    const ROUNDS: usize = 20;
+    timed(Duration::from_secs(150), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let names = ["p0", "p1", "p2", "p3", "p4"];
+        let mut peers = Vec::new();
+        for name in names {
+            peers.push(Peer::start(&ds, name, root.path()).await);
+        }
+        let group = create_group(&mut peers[0], "race").await;
+        let id = group.id.clone();
+        {
+            let (creator, rest) = peers.split_at_mut(1);
+            let mut invitees: Vec<&mut Peer> = rest.iter_mut().collect();
+            invite(&mut creator[0], &group, &mut invitees).await;
+        }
+        let (start_epoch, _, _) = {
+            let mut all: Vec<&mut Peer> = peers.iter_mut().collect();
+            converge(&mut all, &id).await
+        };
+
+        for round in 0..ROUNDS {
+            // Everyone updates and talks at the same moment.
+            for peer in &peers {
+                peer.command(Command::Update { group: id.clone() });
+            }
+            for peer in &peers {
+                peer.send_text(&id, &format!("{} in round {round}", peer.name));
+            }
+            for sender in 0..peers.len() {
+                let text = format!("{} in round {round}", peers[sender].name);
+                peers[sender].wait_sent(&id, &text).await;
+                for (receiver, peer) in peers.iter_mut().enumerate() {
+                    if receiver != sender {
+                        peer.wait_message(&id, &text).await;
+                    }
+                }
+            }
+        }
+
+        let (epoch, _, members) = {
+            let mut all: Vec<&mut Peer> = peers.iter_mut().collect();
+            converge(&mut all, &id).await
+        };
+        assert_eq!(members, 5);
+        assert_eq!(
+            epoch,
+            start_epoch + (ROUNDS * names.len()) as u64,
+            "every update must be committed exactly once"
+        );
+        for peer in peers.iter_mut() {
+            for sender in names {
+                if sender == peer.name {
+                    continue;
+                }
+                let texts: Vec<String> = (0..ROUNDS)
+                    .map(|round| format!("{sender} in round {round}"))
+                    .collect();
+                assert_exactly_once(peer, &id, sender, &texts);
+            }
+            assert_in_order(peer, &id);
+            let name = peer.name.clone();
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{name}");
+        }
+        for peer in &mut peers {
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_every_step() {
+    timed(Duration::from_secs(150), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        carol.stop().await;
+
+        let group = create_group(&mut alice, "restarts").await;
+        let id = group.id.clone();
+        alice.stop().await;
+        alice.restart().await;
+
+        // Invite, and stop right away: /quit flushes the outbox first.
+        alice.command(Command::Invite {
+            group: id.clone(),
+            users: vec![user("bob")],
+        });
+        alice.stop().await;
+        bob.wait_for("joined", |event| {
+            matches!(event, CoreEvent::Joined { group, .. } if group.id == id)
+        })
+        .await;
+        bob.stop().await;
+        alice.restart().await;
+        bob.restart().await;
+        bob.wait_for("group name", |event| {
+            matches!(event, CoreEvent::GroupRenamed { group } if group.id == id && group.name == "restarts")
+        })
+        .await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+
+        let mut expected_at_bob = Vec::new();
+        let mut expected_at_alice = Vec::new();
+        // Each step: one side acts and stops at once; the other is restarted too.
+        let steps: Vec<(&str, Command)> = vec![
+            ("alice", Command::Send { group: id.clone(), text: "a1".into() }),
+            ("bob", Command::Send { group: id.clone(), text: "b1".into() }),
+            ("alice", Command::Update { group: id.clone() }),
+            ("alice", Command::Send { group: id.clone(), text: "a2".into() }),
+            ("bob", Command::Update { group: id.clone() }),
+            ("bob", Command::Send { group: id.clone(), text: "b2".into() }),
+            ("alice", Command::Invite { group: id.clone(), users: vec![user("carol")] }),
+            ("bob", Command::Send { group: id.clone(), text: "b3".into() }),
+            ("alice", Command::Kick { group: id.clone(), user: user("carol") }),
+            ("alice", Command::Send { group: id.clone(), text: "a3".into() }),
+            ("bob", Command::Send { group: id.clone(), text: "b4".into() }),
+        ];
+        for (actor, command) in steps {
+            let (actor, other) = if actor == "alice" {
+                (&mut alice, &mut bob)
+            } else {
+                (&mut bob, &mut alice)
+            };
+            if let Command::Send { text, .. } = &command {
+                if actor.name == "alice" {
+                    expected_at_bob.push(text.clone());
+                } else {
+                    expected_at_alice.push(text.clone());
+                }
+            }
+            other.stop().await;
+            actor.command(command.clone());
+            actor.stop().await;
+            actor.restart().await;
+            other.restart().await;
+            if let Command::Send { text, .. } = &command {
+                actor.wait_sent(&id, text).await;
+                other.wait_message(&id, text).await;
+            }
+            if let Command::Invite { .. } = &command {
+                carol.restart().await;
+                carol
+                    .wait_for("joined", |event| {
+                        matches!(event, CoreEvent::Joined { group, .. } if group.id == id)
+                    })
+                    .await;
+                converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+                carol.stop().await;
+            }
+            if let Command::Kick { .. } = &command {
+                for peer in [&mut alice, &mut bob] {
+                    peer.wait_for("carol removed", |event| {
+                        matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
+                    })
+                    .await;
+                }
+            }
+            converge(&mut [&mut alice, &mut bob], &id).await;
+        }
+        carol.restart().await;
+        carol
+            .wait_for("left", |event| {
+                matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+            })
+            .await;
+        assert!(
+            carol.messages(&id).iter().all(|(_, text, _)| text != "a3" && text != "b4"),
+            "carol read messages after her removal"
+        );
+
+        let (epoch, _, members) = converge(&mut [&mut alice, &mut bob], &id).await;
+        assert_eq!(members, 2);
+        assert_eq!(epoch, 5, "add bob, two updates, add carol, remove carol");
+        assert_exactly_once(&mut bob, &id, "alice", &expected_at_bob);
+        assert_exactly_once(&mut alice, &id, "bob", &expected_at_alice);
+        assert_eq!(alice.messages(&id).len(), expected_at_alice.len());
+        assert_eq!(bob.messages(&id).len(), expected_at_bob.len());
+        assert_in_order(&mut alice, &id);
+        assert_in_order(&mut bob, &id);
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_races_with_commits() {
+    const ROUNDS: usize = 6;
+    timed(Duration::from_secs(120), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let mut dave = Peer::start(&ds, "dave", root.path()).await;
+        let group = create_group(&mut alice, "leavers").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut carol, &mut dave]).await;
+        for round in 0..ROUNDS {
+            invite(&mut alice, &group, &mut [&mut bob]).await;
+            converge(&mut [&mut alice, &mut bob, &mut carol, &mut dave], &id).await;
+            // Bob's Remove proposal races with three commits (and a message) made at the same
+            // moment; whoever wins, Bob must end up removed and the rest must agree.
+            bob.command(Command::Leave { group: id.clone() });
+            for peer in [&alice, &carol, &dave] {
+                peer.command(Command::Update { group: id.clone() });
+            }
+            let text = format!("carol in round {round}");
+            carol.send_text(&id, &text);
+            bob.wait_for("left", |event| {
+                matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+            })
+            .await;
+            for peer in [&mut alice, &mut carol, &mut dave] {
+                peer.wait_for("bob removed", |event| {
+                    matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "bob")
+                })
+                .await;
+            }
+            carol.wait_sent(&id, &text).await;
+            alice.wait_message(&id, &text).await;
+            dave.wait_message(&id, &text).await;
+            let (_, _, members) = converge(&mut [&mut alice, &mut carol, &mut dave], &id).await;
+            assert_eq!(members, 3);
+        }
+        for peer in [&mut alice, &mut bob, &mut carol, &mut dave] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+        }
+        for peer in [&mut alice, &mut bob, &mut carol, &mut dave] {
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_replaced_mid_traffic() {
+    const ROUNDS: usize = 5;
+    timed(Duration::from_secs(120), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let group = create_group(&mut alice, "flaky").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+
+        let mut texts: Vec<(String, String)> = Vec::new();
+        for round in 0..ROUNDS {
+            for n in 0..10 {
+                let text = format!("alice {round}.{n}");
+                alice.send_text(&id, &text);
+                texts.push(("alice".into(), text));
+                let text = format!("bob {round}.{n}");
+                bob.send_text(&id, &text);
+                texts.push(("bob".into(), text));
+                if n == 4 {
+                    alice.command(Command::Update { group: id.clone() });
+                    bob.command(Command::Update { group: id.clone() });
+                }
+            }
+            // Another connection authenticating as the same user replaces the client's
+            // (SessionReplaced) while its messages and commits are in flight.
+            let victim = if round % 2 == 0 { &bob } else { &alice };
+            let raw = raw_login(&ds, &victim.name, &victim.dir).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            raw.close().await;
+        }
+        for (from, text) in &texts {
+            let (sender, others): (&mut Peer, [&mut Peer; 2]) = if from == "alice" {
+                (&mut alice, [&mut bob, &mut carol])
+            } else {
+                (&mut bob, [&mut alice, &mut carol])
+            };
+            sender.wait_sent(&id, text).await;
+            for other in others {
+                other.wait_message(&id, text).await;
+            }
+        }
+        let (epoch, _, _) = converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        assert_eq!(epoch, 1 + 2 * ROUNDS as u64, "every update committed once");
+        carol.idle(Duration::from_millis(300)).await;
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            for from in ["alice", "bob"] {
+                if from == peer.name {
+                    continue;
+                }
+                let sent: Vec<String> = texts
+                    .iter()
+                    .filter(|(f, _)| f == from)
+                    .map(|(_, t)| t.clone())
+                    .collect();
+                assert_exactly_once(peer, &id, from, &sent);
+            }
+            assert_in_order(peer, &id);
+            for (from, text) in &texts {
+                if *from == peer.name {
+                    assert_eq!(
+                        peer.sent_count(&id, text),
+                        1,
+                        "{}: Sent for {text:?}",
+                        peer.name
+                    );
+                }
+            }
+        }
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}

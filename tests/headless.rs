@@ -1,0 +1,331 @@
+//! The `--headless` contract, through the real binary: commands on stdin, one JSON object per
+//! line on stdout (every line has an "event"), and exit code 0 on EOF once the outbox is
+//! flushed. Also: with the most verbose logging, no message text reaches the log file.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Ds, Headless, STEP, timed};
+use serde_json::Value;
+
+fn is_fingerprint(text: &Value) -> bool {
+    text.as_str().is_some_and(|text| {
+        text.split(' ').count() == 12
+            && text
+                .split(' ')
+                .all(|group| group.len() == 5 && group.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Polls `/status` on both until they agree; returns alice's answer.
+async fn same_status(alice: &mut Headless, bob: &mut Headless) -> Value {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let a = alice.status().await;
+        let b = bob.status().await;
+        if a["epoch_authenticator"] == b["epoch_authenticator"] && a["epoch"] == b["epoch"] {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no agreement: {a} vs {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_contract() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Headless::start(&ds, "alice", root.path(), &[]).await;
+        let mut bob = Headless::start(&ds, "bob", root.path(), &[]).await;
+        let ready_alice = alice
+            .log
+            .iter()
+            .find(|e| e["event"] == "ready")
+            .cloned()
+            .expect("ready");
+        let ready_bob = bob
+            .log
+            .iter()
+            .find(|e| e["event"] == "ready")
+            .cloned()
+            .expect("ready");
+        assert!(is_fingerprint(&ready_alice["fingerprint"]), "{ready_alice}");
+        assert!(is_fingerprint(&ready_bob["fingerprint"]), "{ready_bob}");
+        assert_ne!(ready_alice["fingerprint"], ready_bob["fingerprint"]);
+
+        // Bad input is answered with an error event, and the session goes on.
+        alice.send_line("/frobnicate").await;
+        let error = alice.wait_event("error", |e| e["event"] == "error").await;
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("frobnicate")),
+            "{error}"
+        );
+        alice.send_line("hello nobody").await;
+        let error = alice.wait_event("error", |e| e["event"] == "error").await;
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("group")),
+            "{error}"
+        );
+
+        alice.send_line("/create room1").await;
+        let created = alice
+            .wait_event("group_created", |e| e["event"] == "group_created")
+            .await;
+        assert_eq!(created["group"], "room1");
+        let room1 = created["group_id"].as_str().expect("group_id").to_string();
+
+        alice.send_line("/invite bob").await;
+        let added = alice
+            .wait_event("member_added", |e| e["event"] == "member_added")
+            .await;
+        assert_eq!(added["user"], "bob");
+        assert_eq!(added["by"], "alice");
+        assert_eq!(added["group"], "room1");
+        assert_eq!(added["group_id"], room1.as_str());
+        let joined = bob.wait_event("joined", |e| e["event"] == "joined").await;
+        assert_eq!(joined["group_id"], room1.as_str());
+        assert_eq!(joined["by"], "alice");
+        assert!(joined["group"].is_string(), "{joined}");
+        bob.wait_event("group name", |e| {
+            e["event"] == "group_renamed"
+                && e["group"] == "room1"
+                && e["group_id"] == room1.as_str()
+        })
+        .await;
+
+        // Messages: the receiver gets message, the sender gets sent with the same seq.
+        alice.send_line("hi bob").await;
+        let message = bob.wait_event("message", |e| e["event"] == "message").await;
+        assert_eq!(message["text"], "hi bob");
+        assert_eq!(message["from"], "alice");
+        assert_eq!(message["group"], "room1");
+        assert_eq!(message["group_id"], room1.as_str());
+        let sent = alice.wait_event("sent", |e| e["event"] == "sent").await;
+        assert_eq!(sent["group"], "room1");
+        assert_eq!(sent["group_id"], room1.as_str());
+        assert!(message["seq"].as_u64().is_some());
+        assert_eq!(sent["seq"], message["seq"]);
+
+        // `//` escapes a leading slash.
+        bob.send_line("//escaped").await;
+        let message = alice
+            .wait_event("message", |e| e["event"] == "message")
+            .await;
+        assert_eq!(message["text"], "/escaped");
+        assert_eq!(message["from"], "bob");
+
+        alice.send_line("/members").await;
+        let members = alice
+            .wait_event("members", |e| e["event"] == "members")
+            .await;
+        let list = members["members"].as_array().expect("a member list");
+        assert_eq!(list.len(), 2, "{members}");
+        for (name, ready) in [("alice", &ready_alice), ("bob", &ready_bob)] {
+            let member = list
+                .iter()
+                .find(|m| m["name"] == name)
+                .expect("member listed");
+            assert_eq!(member["fingerprint"], ready["fingerprint"], "{members}");
+        }
+
+        alice.send_line("/fingerprint").await;
+        let own = alice
+            .wait_event("fingerprint", |e| e["event"] == "fingerprint")
+            .await;
+        assert_eq!(own["user"], "alice");
+        assert_eq!(own["fingerprint"], ready_alice["fingerprint"]);
+        alice.send_line("/fingerprint bob").await;
+        let theirs = alice
+            .wait_event("fingerprint", |e| e["event"] == "fingerprint")
+            .await;
+        assert_eq!(theirs["user"], "bob");
+        assert_eq!(theirs["fingerprint"], ready_bob["fingerprint"]);
+
+        let status = same_status(&mut alice, &mut bob).await;
+        assert_eq!(
+            status["ciphersuite"],
+            "MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519"
+        );
+        assert_eq!(status["epoch"], 1);
+        assert_eq!(status["group_id"], room1.as_str());
+        assert!(
+            status["epoch_authenticator"]
+                .as_str()
+                .is_some_and(|a| a.len() == 64)
+        );
+
+        // A second group becomes current; /switch goes back.
+        alice.send_line("/create room2").await;
+        let created = alice
+            .wait_event("group_created", |e| e["event"] == "group_created")
+            .await;
+        assert_eq!(created["group"], "room2");
+        let room2 = created["group_id"].as_str().expect("group_id").to_string();
+        assert_ne!(room1, room2);
+        alice.send_line("/status").await;
+        let status = alice.wait_event("status", |e| e["event"] == "status").await;
+        assert_eq!(status["group_id"], room2.as_str());
+        alice.send_line("/switch room1").await;
+        let switched = alice
+            .wait_event("switched", |e| e["event"] == "switched")
+            .await;
+        assert_eq!(switched["group_id"], room1.as_str());
+        alice.send_line("back in room1").await;
+        let message = bob.wait_event("message", |e| e["event"] == "message").await;
+        assert_eq!(message["text"], "back in room1");
+        assert_eq!(message["group_id"], room1.as_str());
+        alice.send_line("/switch room2").await;
+        alice
+            .wait_event("switched", |e| e["event"] == "switched")
+            .await;
+        alice.send_line("/switch nowhere").await;
+        alice.wait_event("error", |e| e["event"] == "error").await;
+
+        // EOF right after a message: it is still delivered, then the process exits with 0.
+        alice.send_line("/switch room1").await;
+        alice.send_line("last words").await;
+        assert_eq!(alice.close_stdin().await.code(), Some(0));
+        let message = bob.wait_event("message", |e| e["event"] == "message").await;
+        assert_eq!(message["text"], "last words");
+        assert_eq!(message["group_id"], room1.as_str());
+        assert!(
+            alice.messages(&room2).is_empty(),
+            "nothing was sent to room2 by others"
+        );
+        assert!(
+            alice
+                .log
+                .iter()
+                .any(|e| e["event"] == "sent" && e["group_id"] == room1.as_str()),
+            "alice saw her last message sent"
+        );
+
+        // A script on an existing profile writes at once and closes stdin, without waiting for
+        // anything: the line goes to the current group, and is delivered before the exit.
+        alice.spawn();
+        alice.send_line("/switch room1").await;
+        alice.send_line("quick hello").await;
+        assert_eq!(alice.close_stdin().await.code(), Some(0));
+        let message = bob.wait_event("message", |e| e["event"] == "message").await;
+        assert_eq!(message["text"], "quick hello");
+        assert_eq!(message["group_id"], room1.as_str());
+        assert_eq!(alice.errors().len(), 3, "only the three provoked errors");
+
+        assert_eq!(bob.close_stdin().await.code(), Some(0));
+        assert_eq!(bob.errors(), Vec::<Value>::new());
+    })
+    .await;
+}
+
+/// Every form in which `canary` could appear in a log: as text, as hex, or as a Debug byte
+/// list in decimal or hex (openmls traces bytes as `{:x?}`), also inside a longer buffer.
+fn forms(canary: &str) -> Vec<String> {
+    let bytes = canary.as_bytes();
+    vec![
+        canary.to_string(),
+        hex::encode(bytes),
+        format!("{bytes:?}").trim_matches(['[', ']']).to_string(),
+        format!("{bytes:x?}").trim_matches(['[', ']']).to_string(),
+    ]
+}
+
+fn leaked(haystack: &str, canaries: &[String]) -> Vec<String> {
+    canaries
+        .iter()
+        .flat_map(|canary| forms(canary))
+        .filter(|form| haystack.contains(form.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_in_the_trace_log() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let trace = [("MLSCHAT_LOG", "trace")];
+        let mut alice = Headless::start(&ds, "alice", root.path(), &trace).await;
+        let mut bob = Headless::start(&ds, "bob", root.path(), &trace).await;
+        let tag: u64 = rand::random();
+        let canaries: Vec<String> = (0..4).map(|n| format!("canary{n}x{tag:016x}")).collect();
+
+        alice.send_line("/create secretroom").await;
+        alice
+            .wait_event("group_created", |e| e["event"] == "group_created")
+            .await;
+        alice.send_line("/invite bob").await;
+        bob.wait_event("joined", |e| e["event"] == "joined").await;
+        alice.send_line(&canaries[0]).await;
+        alice
+            .send_line(&format!("with spaces {} and more", canaries[1]))
+            .await;
+        bob.send_line(&canaries[2]).await;
+        alice.send_line("/update").await;
+        bob.send_line(&canaries[3]).await;
+        for text in [&canaries[0], &canaries[2], &canaries[3]] {
+            let receiver = if *text == canaries[0] {
+                &mut bob
+            } else {
+                &mut alice
+            };
+            receiver
+                .wait_event("canary", |e| {
+                    e["event"] == "message" && e["text"] == text.as_str()
+                })
+                .await;
+        }
+        bob.wait_event("canary", |e| {
+            e["event"] == "message"
+                && e["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(canaries[1].as_str()))
+        })
+        .await;
+        assert_eq!(alice.close_stdin().await.code(), Some(0));
+        assert_eq!(bob.close_stdin().await.code(), Some(0));
+
+        // The search finds every form of a canary where there is one.
+        let control = root.path().join("control.log");
+        let mut planted = String::from("a line\n");
+        for form in forms(&canaries[2]) {
+            planted.push_str(&format!("something {form} something\n"));
+        }
+        std::fs::write(&control, &planted).expect("write the control file");
+        let control_text = std::fs::read_to_string(&control).expect("read the control file");
+        assert_eq!(
+            leaked(&control_text, &canaries).len(),
+            4,
+            "the search works"
+        );
+
+        for client in [&alice, &bob] {
+            let log = std::fs::read_to_string(&client.log_file).expect("the log file exists");
+            assert!(
+                log.lines().count() > 50,
+                "{}: the trace log is suspiciously short",
+                client.name
+            );
+            let found = leaked(&log, &canaries);
+            assert!(
+                found.is_empty(),
+                "{}'s log contains plaintext: {found:?}",
+                client.name
+            );
+        }
+        // Checked, not required: the group name is not logged either.
+        for client in [&alice, &bob] {
+            let log = std::fs::read_to_string(&client.log_file).expect("the log file exists");
+            assert!(
+                !log.contains("secretroom"),
+                "{}'s log names the group",
+                client.name
+            );
+        }
+    })
+    .await;
+}
