@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::protocol::{FrameKind, max_body_len};
-use crate::store::StoreLimits;
+use crate::store::{DatabaseUrl, StoreLimits};
 
 /// Limits that protect the DS from its peers. Every field has a default suited to a team chat
 /// server; a config file overrides any of them.
@@ -184,8 +184,8 @@ pub struct ConfigFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// Where the DS keeps its state: `sqlite://PATH` or `postgres://...` (default: SQLite in
-    /// the data directory).
-    pub database: Option<String>,
+    /// the data directory). Its `Debug` hides any password.
+    pub database: Option<DatabaseUrl>,
     pub limits: Limits,
 }
 

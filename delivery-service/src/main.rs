@@ -1,5 +1,6 @@
 //! `mlschat-ds`: parses flags and the config file, prepares the certificate, store and endpoint,
-//! and runs the DS until SIGINT or SIGTERM.
+//! and runs the DS until SIGINT or SIGTERM. The `--database` URL's scheme picks the store
+//! backend; the server is instantiated for the one chosen.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -7,8 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use mlschat_ds::config::ConfigFile;
-use mlschat_ds::store::SqliteStore;
+use mlschat_ds::config::{ConfigFile, Limits};
+use mlschat_ds::store::{DatabaseUrl, PostgresOptions, PostgresStore, SqliteStore, Store};
 use mlschat_ds::tls::{self, ServerIdentity};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -32,6 +33,11 @@ struct Cli {
     /// TOML config file with limits (see docs/operations.md).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where to keep state: sqlite://PATH, or postgres://USER@HOST/DB to share one PostgreSQL
+    /// database between several DS nodes [default: sqlite in the data directory]. Prefer the
+    /// environment variable when the URL holds a password.
+    #[arg(long, env = "MLSCHAT_DS_DATABASE", hide_env_values = true, value_parser = DatabaseUrl::parse)]
+    database: Option<DatabaseUrl>,
 }
 
 fn default_data_dir() -> Result<PathBuf> {
@@ -40,27 +46,39 @@ fn default_data_dir() -> Result<PathBuf> {
         .context("cannot determine a data directory; pass --data-dir")
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now, before the banner tells anyone the DS is up (a
+/// signal that arrived before would get the default action and kill the process without a
+/// graceful shutdown), and returns the future that completes at the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            match signals {
+                (Some(mut terminate), Some(mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
         }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutdown signal received");
 }
 
 #[tokio::main]
@@ -106,18 +124,59 @@ async fn main() -> Result<()> {
         }
         _ => anyhow::bail!("--cert and --key go together"),
     };
-    let fingerprint = identity.fingerprint();
-    let store = SqliteStore::open(data_dir.join("ds.sqlite3"), limits.store_limits())?;
-    let endpoint = tls::bind_endpoint(
+    let database = cli
+        .database
+        .or(file.database)
+        .unwrap_or_else(|| DatabaseUrl::Sqlite(data_dir.join("ds.sqlite3")));
+    let server = Server {
+        identity,
         listen,
-        Some(tls::server_config(identity, &limits)?),
-        limits.udp_buffer_bytes,
-    )?;
-    let address = endpoint.local_addr()?;
-    println!("mlschat-ds listening on {address}");
-    println!("certificate SHA-256: {fingerprint}");
-    println!("data directory: {}", data_dir.display());
-    tracing::info!(%address, %fingerprint, "listening");
-    mlschat_ds::run(endpoint, store, limits, shutdown_signal()).await;
-    Ok(())
+        limits,
+        data_dir,
+    };
+    match database {
+        DatabaseUrl::Sqlite(path) => {
+            let store = SqliteStore::open(&path, server.limits.store_limits())
+                .with_context(|| format!("cannot open the database {}", path.display()))?;
+            server.run(store, "sqlite").await
+        }
+        DatabaseUrl::Postgres(ref url) => {
+            let store = PostgresStore::connect(
+                url,
+                server.limits.store_limits(),
+                PostgresOptions::default(),
+            )
+            .await
+            .with_context(|| format!("cannot open the database {database}"))?;
+            server.run(store, "postgres").await
+        }
+    }
+}
+
+/// Everything but the store.
+struct Server {
+    identity: ServerIdentity,
+    listen: SocketAddr,
+    limits: Limits,
+    data_dir: PathBuf,
+}
+
+impl Server {
+    async fn run<S: Store>(self, store: S, backend: &str) -> Result<()> {
+        let fingerprint = self.identity.fingerprint();
+        let endpoint = tls::bind_endpoint(
+            self.listen,
+            Some(tls::server_config(self.identity, &self.limits)?),
+            self.limits.udp_buffer_bytes,
+        )?;
+        let address = endpoint.local_addr()?;
+        let shutdown = shutdown_signal();
+        println!("mlschat-ds listening on {address}");
+        println!("database: {backend}");
+        println!("certificate SHA-256: {fingerprint}");
+        println!("data directory: {}", self.data_dir.display());
+        tracing::info!(%address, %fingerprint, backend, "listening");
+        mlschat_ds::run(endpoint, store, self.limits, shutdown).await;
+        Ok(())
+    }
 }

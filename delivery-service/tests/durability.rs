@@ -159,6 +159,7 @@ fn start_ds(dir: &Path) -> DsProcess {
     }
     DsProcess::start(DsOptions {
         data_dir: &dir.join("data"),
+        database: None,
         config: Some(&config),
         rust_log: "info",
         stderr_log: Some(&dir.join("ds.log")),

@@ -124,6 +124,7 @@ async fn the_data_directory_is_private_and_logs_have_no_colour_codes() {
     let log = dir.path().join("ds.log");
     let mut ds = DsProcess::start(DsOptions {
         data_dir: &data,
+        database: None,
         config: None,
         rust_log: "info",
         stderr_log: Some(&log),

@@ -167,6 +167,7 @@ async fn scenario() {
     let log_file = dir.path().join("ds-trace.log");
     let mut ds = DsProcess::start(DsOptions {
         data_dir: &data_dir,
+        database: None,
         config: None,
         rust_log: "trace",
         stderr_log: Some(&log_file),

@@ -1,14 +1,17 @@
 //! Conformance suite for the [`Store`] trait.
 //!
 //! Every check is a generic `async fn check<B: Backend>(backend: B)`; the [`conformance!`] macro
-//! turns the whole list into one `#[tokio::test]` per check for one backend. Adding a backend
-//! (PostgreSQL, say) is one implementation of [`Backend`] plus one line:
+//! turns the whole list into one `#[tokio::test]` per check for one backend. Both backends run
+//! it: SQLite in a temporary directory, PostgreSQL in a fresh schema of the test database (see
+//! `support_postgres`; those tests are skipped with a printed reason when PostgreSQL is not
+//! reachable, and fail instead under `CI=true`).
 //!
-//! ```ignore
-//! conformance!(postgres, PostgresBackend::new().await);
-//! ```
+//! A backend can open several stores on one location: the checks that race two handles stand
+//! for two DS nodes sharing a database.
 //!
 //! Payloads are plain bytes: the store never parses MLS.
+
+mod support_postgres;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
@@ -18,8 +21,9 @@ use std::time::Duration;
 use mlschat_ds::protocol::{ClientMessageId, DeliveryKind, Epoch, GroupId, Seq, UserName};
 use mlschat_ds::store::{
     AppendRequest, Appended, ClaimedKeyPackage, Membership, MembershipChange, NewKeyPackage,
-    Registration, SqliteStore, Store, StoreError, StoreLimits,
+    PostgresOptions, PostgresStore, Registration, SqliteStore, Store, StoreError, StoreLimits,
 };
+use support_postgres::TestDatabase;
 
 /// Upper bound for any single check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,7 +33,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 
 /// One database location for a backend under test. The first `open` creates an empty store;
-/// later ones (after the previous handle was dropped) reopen the same data.
+/// later ones reopen the same data, after the previous handle was dropped or (as a second
+/// node would) beside it.
 pub trait Backend: Send + 'static {
     type S: Store;
     fn open(&self, limits: StoreLimits) -> impl Future<Output = Self::S> + Send;
@@ -56,6 +61,30 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// A schema of its own in the PostgreSQL test database.
+pub struct PostgresBackend {
+    database: TestDatabase,
+}
+
+impl PostgresBackend {
+    /// `None` (and a printed reason) when PostgreSQL is not reachable outside CI.
+    pub async fn connect() -> Option<PostgresBackend> {
+        Some(PostgresBackend {
+            database: TestDatabase::create().await?,
+        })
+    }
+}
+
+impl Backend for PostgresBackend {
+    type S = PostgresStore;
+
+    async fn open(&self, limits: StoreLimits) -> PostgresStore {
+        PostgresStore::connect(&self.database.url, limits, PostgresOptions::default())
+            .await
+            .expect("open PostgresStore")
+    }
+}
+
 /// Instantiates every check for one backend: `conformance!(module_name, backend_expression)`.
 /// The expression is evaluated inside each (async) test, so it may `.await`.
 macro_rules! conformance {
@@ -71,6 +100,7 @@ macro_rules! conformance {
                 key_package_quota_is_enforced,
                 create_group_rejects_existing_group,
                 one_commit_per_epoch_under_concurrent_appends,
+                two_handles_share_one_order,
                 sequence_numbers_are_gap_free_under_concurrent_appends,
                 retries_are_idempotent,
                 an_accepted_message_is_always_stored_in_its_group,
@@ -106,6 +136,13 @@ macro_rules! conformance {
 }
 
 conformance!(sqlite, SqliteBackend::default());
+conformance!(
+    postgres,
+    match PostgresBackend::connect().await {
+        Some(backend) => backend,
+        None => return,
+    }
+);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -641,6 +678,117 @@ async fn one_commit_per_epoch_under_concurrent_appends<B: Backend>(backend: B) {
         .await
         .expect("message in the new epoch");
     assert_eq!((next.seq, next.epoch), (3, epoch + 1));
+}
+
+/// Two stores on one location, as two DS nodes sharing a database: commits racing through both
+/// still have exactly one winner per epoch, sequence numbers stay gap-free, a retry through the
+/// other handle is recognised, and KeyPackages are claimed once.
+async fn two_handles_share_one_order<B: Backend>(backend: B) {
+    let first = Arc::new(backend.open(StoreLimits::default()).await);
+    let second = Arc::new(backend.open(StoreLimits::default()).await);
+    let alice = user("alice");
+    let bob = user("bob");
+    let g = group("two-nodes");
+    group_with_members(&*first, &g, &alice, &[&bob]).await;
+    let handles = [Arc::clone(&first), Arc::clone(&second)];
+
+    for epoch in 1..=3u64 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..8u64 {
+            let store = Arc::clone(&handles[(n % 2) as usize]);
+            let sender = if n % 2 == 0 {
+                alice.clone()
+            } else {
+                bob.clone()
+            };
+            let g = g.clone();
+            tasks.spawn(async move {
+                store
+                    .append(commit(
+                        &g,
+                        &sender,
+                        epoch,
+                        message_id(20, epoch * 100 + n),
+                        b"c",
+                        None,
+                    ))
+                    .await
+            });
+        }
+        let mut winners = 0;
+        while let Some(joined) = tasks.join_next().await {
+            match joined.expect("commit task") {
+                Ok(appended) => {
+                    assert_eq!(appended.epoch, epoch + 1);
+                    winners += 1;
+                }
+                Err(StoreError::StaleEpoch { current }) => assert_eq!(current, epoch + 1),
+                Err(other) => panic!("unexpected failure {other}"),
+            }
+        }
+        assert_eq!(
+            winners, 1,
+            "exactly one commit wins epoch {epoch} across both handles"
+        );
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..60u64 {
+        let store = Arc::clone(&handles[(n % 2) as usize]);
+        let sender = if n % 3 == 0 {
+            bob.clone()
+        } else {
+            alice.clone()
+        };
+        let g = g.clone();
+        tasks.spawn(async move {
+            store
+                .append(application(&g, &sender, 4, message_id(21, n), b"m"))
+                .await
+                .expect("append")
+                .seq
+        });
+    }
+    let mut seqs_seen = BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        assert!(
+            seqs_seen.insert(joined.expect("append task")),
+            "a seq was handed out twice"
+        );
+    }
+    // Seq 1 added bob, 2..=4 are the winning commits.
+    assert_eq!(seqs_seen, (5..=64).collect());
+    assert_eq!(
+        seqs(&fetch_all(&*second, &bob, &g, 0).await),
+        (1..=64).collect::<Vec<_>>()
+    );
+    // A retry through the other handle gets the original answer.
+    let retry = second
+        .append(application(&g, &alice, 4, message_id(21, 1), b"m"))
+        .await
+        .expect("retry");
+    assert!(retry.duplicate);
+    assert!(seqs_seen.contains(&retry.seq));
+
+    // KeyPackages claimed through both handles at once are handed out once each.
+    first
+        .store_key_packages(&bob, fresh((0..20).map(|n| vec![n]).collect()), None)
+        .await
+        .expect("store");
+    let mut claims = tokio::task::JoinSet::new();
+    for n in 0..24usize {
+        let store = Arc::clone(&handles[n % 2]);
+        let bob = bob.clone();
+        claims.spawn(async move { store.claim_key_package(&bob).await.expect("claim") });
+    }
+    let mut claimed = Vec::new();
+    while let Some(joined) = claims.join_next().await {
+        if let Some(package) = joined.expect("claim task") {
+            claimed.push(package.key_package);
+        }
+    }
+    claimed.sort();
+    assert_eq!(claimed, (0..20).map(|n| vec![n]).collect::<Vec<_>>());
 }
 
 async fn sequence_numbers_are_gap_free_under_concurrent_appends<B: Backend>(backend: B) {

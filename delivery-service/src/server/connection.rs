@@ -736,8 +736,10 @@ async fn on_notification<S: Store>(
     if notification.seq <= last {
         return true;
     }
-    if notification.seq == last + 1 {
-        if !outbox.send_bytes(notification.frame).await {
+    if notification.seq == last + 1
+        && let Some(frame) = notification.frame
+    {
+        if !outbox.send_bytes(frame).await {
             return false;
         }
         delivered.insert(notification.group_id, notification.seq);

@@ -325,7 +325,7 @@ pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame
         context.hub.publish(Publication {
             group_id: &group_id,
             seq: appended.seq,
-            frame,
+            frame: Some(frame),
             welcome_frame,
             added: &appended.added,
             removed: &appended.removed,

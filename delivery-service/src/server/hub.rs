@@ -1,7 +1,9 @@
 //! In-process fan-out: which authenticated session each user has, and which sessions follow
-//! which groups. The hub only routes wake-ups carrying encoded `Deliver` frames; each session's
-//! delivery task restores order and fills gaps from the store, so a dropped wake-up costs a read,
-//! never a message.
+//! which groups. The hub only routes wake-ups, carrying the encoded `Deliver` frame for
+//! messages this node accepted and none for messages another node accepted (see
+//! [`Store::remote_appends`](crate::store::Store::remote_appends)); each session's delivery
+//! task restores order and fills gaps from the store, so a dropped wake-up costs a read, never
+//! a message.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,8 +21,9 @@ pub const SESSION_QUEUE: usize = 4096;
 pub struct Notification {
     pub group_id: GroupId,
     pub seq: Seq,
-    /// The encoded `Deliver` frame for this recipient.
-    pub frame: Bytes,
+    /// The encoded `Deliver` frame for this recipient; `None` when another node accepted the
+    /// message, and the session reads it from the store.
+    pub frame: Option<Bytes>,
 }
 
 /// The hub's handle on one authenticated connection.
@@ -50,8 +53,8 @@ struct HubState {
 pub struct Publication<'a> {
     pub group_id: &'a GroupId,
     pub seq: Seq,
-    /// The `Deliver` frame every current member gets.
-    pub frame: Bytes,
+    /// The `Deliver` frame every current member gets (`None` for another node's message).
+    pub frame: Option<Bytes>,
     /// For a commit with a Welcome: the `Deliver` frame the added users get instead.
     pub welcome_frame: Option<Bytes>,
     pub added: &'a [UserName],
@@ -174,9 +177,12 @@ impl Hub {
                 let Some(session) = sessions.get(user) else {
                     continue;
                 };
-                let frame = match &publication.welcome_frame {
-                    Some(welcome) if publication.added.contains(user) => welcome.clone(),
-                    _ => publication.frame.clone(),
+                let frame = if publication.added.contains(user) {
+                    // An added user gets the Welcome, never the commit: without the Welcome
+                    // frame at hand it reads it from the store.
+                    publication.welcome_frame.clone()
+                } else {
+                    publication.frame.clone()
                 };
                 let notification = Notification {
                     group_id: group_id.clone(),
@@ -194,6 +200,13 @@ impl Hub {
             if let Some(session) = sessions.get_mut(user) {
                 session.groups.remove(group_id);
             }
+        }
+    }
+
+    /// Makes every session resynchronise from the store (wake-ups may have been lost).
+    pub fn resync_all(&self) {
+        for session in self.state().sessions.values() {
+            session.handle.lagged.notify_one();
         }
     }
 

@@ -19,10 +19,10 @@ use tokio::task::JoinSet;
 
 use crate::config::Limits;
 use crate::protocol::ErrorCode;
-use crate::store::{SqliteStore, Store};
+use crate::store::{RemoteAppend, SqliteStore, Store};
 use crate::tls::{self, CertFingerprint, ServerIdentity};
 use connection::Shared;
-use hub::Hub;
+use hub::{Hub, Publication};
 
 /// How long shutdown waits for connections to finish their in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -107,6 +107,12 @@ pub async fn run<S: Store>(
         Arc::clone(&shared.store),
         Arc::clone(&limits),
     ));
+    // Messages other DS nodes accepted (shared-database backends only) wake this node's
+    // sessions; their delivery tasks read them from the store.
+    let remote = shared
+        .store
+        .remote_appends()
+        .map(|remote| tokio::spawn(wake_for_remote_appends(Arc::clone(&shared.hub), remote)));
     tokio::pin!(shutdown);
     loop {
         while connections.try_join_next().is_some() {}
@@ -154,6 +160,9 @@ pub async fn run<S: Store>(
         connections.abort_all();
     }
     purger.abort();
+    if let Some(remote) = remote {
+        remote.abort();
+    }
     // The aborted tasks may still have writes queued in the store: `close` finishes them
     // before it releases the database.
     shared.store.close().await;
@@ -163,6 +172,30 @@ pub async fn run<S: Store>(
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tracing::info!("shut down");
+}
+
+async fn wake_for_remote_appends(
+    hub: Arc<Hub>,
+    mut remote: tokio::sync::mpsc::Receiver<RemoteAppend>,
+) {
+    while let Some(append) = remote.recv().await {
+        match append {
+            RemoteAppend::Appended {
+                group_id,
+                seq,
+                added,
+                removed,
+            } => hub.publish(Publication {
+                group_id: &group_id,
+                seq,
+                frame: None,
+                welcome_frame: None,
+                added: &added,
+                removed: &removed,
+            }),
+            RemoteAppend::ResyncAll => hub.resync_all(),
+        }
+    }
 }
 
 async fn purge_periodically<S: Store>(store: Arc<S>, limits: Arc<Limits>) {
@@ -176,10 +209,12 @@ async fn purge_periodically<S: Store>(store: Arc<S>, limits: Arc<Limits>) {
             .unwrap_or(0);
         let expire_before = i64::try_from(now.saturating_sub(limits.retention_secs)).unwrap_or(0);
         match store.purge(expire_before).await {
-            Ok(purged) if purged.messages > 0 || purged.memberships > 0 => {
+            Ok(purged) if purged != crate::store::Purged::default() => {
                 tracing::info!(
                     messages = purged.messages,
                     memberships = purged.memberships,
+                    key_packages = purged.key_packages,
+                    idempotency_records = purged.idempotency_records,
                     "purged"
                 );
             }

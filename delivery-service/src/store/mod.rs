@@ -1,10 +1,17 @@
 //! Durable state of the DS behind the [`Store`] trait: users, KeyPackages, groups, members,
 //! messages, idempotency records and delivery cursors. Every backend must pass the conformance
 //! suite in `tests/store_conformance.rs`.
+//!
+//! Two backends exist: [`SqliteStore`], embedded and single-node (the default), and
+//! [`PostgresStore`], which several DS nodes can share. [`DatabaseUrl`] picks one from a URL.
 
+mod postgres;
 mod sqlite;
+mod url;
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
+pub use url::{DatabaseUrl, DatabaseUrlError};
 
 use std::future::Future;
 

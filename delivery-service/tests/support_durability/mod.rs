@@ -36,6 +36,8 @@ pub struct DsProcess {
 /// How to start the DS.
 pub struct DsOptions<'a> {
     pub data_dir: &'a Path,
+    /// A `--database` URL; the default SQLite database in `data_dir` when `None`.
+    pub database: Option<&'a str>,
     /// A TOML config file (`--config`).
     pub config: Option<&'a Path>,
     /// The value of RUST_LOG.
@@ -57,6 +59,9 @@ impl DsProcess {
             .stdout(Stdio::piped());
         if let Some(config) = options.config {
             command.arg("--config").arg(config);
+        }
+        if let Some(database) = options.database {
+            command.arg("--database").arg(database);
         }
         match options.stderr_log {
             Some(path) => {
@@ -379,6 +384,18 @@ impl Client {
                 deliveries,
             },
         )
+    }
+
+    /// Ends the connection gracefully: finishes our side and waits until the DS has finished
+    /// its side, which it does only after every request it read (acks included) completed.
+    pub async fn disconnect(mut self) {
+        let _ = self.send.finish();
+        let drained = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            while self.responses.recv().await.is_some() {}
+        })
+        .await;
+        assert!(drained.is_ok(), "the DS did not finish the stream in time");
+        self.close();
     }
 
     pub fn close(self) {
