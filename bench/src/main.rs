@@ -1,0 +1,242 @@
+//! `mlschat-bench`: benchmarks of mlschat against real peers on loopback, each figure running its
+//! peer in the same run, interleaved (A B A B), and reporting the ratio.
+//!
+//! ```text
+//! cargo run --release -p mlschat-bench -- <figure|all> [--quick] [--out FILE]
+//! ```
+//!
+//! Figures: 1 end-to-end latency, 2 DS fan-out, 3 commit processing, 4 add one member,
+//! 5 durable appends, 6 DS memory, 7 client cost per message, 8 TUI cold start.
+//! The run exits non-zero if any delivery was lost (or a figure could not run at all);
+//! ratios never fail it, because timing on a shared machine is noise.
+
+mod brokers;
+mod ds;
+mod durable;
+mod fanout;
+mod latency;
+mod mls;
+mod report;
+mod track;
+mod tui;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+
+use report::{Machine, Row, markdown_table};
+
+/// How a run is sized.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub quick: bool,
+    /// Interleaved rounds per figure (A B A B ...).
+    pub rounds: usize,
+}
+
+/// Failures collected over the run: any of them makes the exit status non-zero.
+#[derive(Default)]
+pub struct Failures {
+    lost: Mutex<Vec<String>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Failures {
+    pub fn lost(&self, what: String) {
+        eprintln!("LOST DELIVERY: {what}");
+        if let Ok(mut lost) = self.lost.lock() {
+            lost.push(what);
+        }
+    }
+
+    pub fn error(&self, what: String) {
+        eprintln!("ERROR: {what}");
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.push(what);
+        }
+    }
+
+    fn take(&self) -> (Vec<String>, Vec<String>) {
+        let lost = self.lost.lock().map(|l| l.clone()).unwrap_or_default();
+        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        (lost, errors)
+    }
+}
+
+const USAGE: &str =
+    "usage: mlschat-bench <1-8|all>[,<figure>...] [--quick] [--rounds N] [--out FILE]";
+
+struct Args {
+    figures: Vec<u8>,
+    quick: bool,
+    rounds: Option<usize>,
+    out: PathBuf,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut figures = Vec::new();
+    let mut quick = false;
+    let mut rounds = None;
+    let mut out = None;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--rounds" => {
+                rounds = Some(iter.next().context(USAGE)?.parse().context("--rounds N")?);
+            }
+            "--out" => out = Some(PathBuf::from(iter.next().context(USAGE)?)),
+            "-h" | "--help" => bail!("{USAGE}"),
+            list => {
+                for figure in list.split(',') {
+                    match figure {
+                        "all" => figures.extend(1..=8),
+                        number => {
+                            let number: u8 = number.parse().with_context(|| USAGE.to_string())?;
+                            if !(1..=8).contains(&number) {
+                                bail!("figures are 1 to 8\n{USAGE}");
+                            }
+                            figures.push(number);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if figures.is_empty() {
+        bail!("{USAGE}");
+    }
+    figures.sort_unstable();
+    figures.dedup();
+    Ok(Args {
+        figures,
+        quick,
+        rounds,
+        out: out.unwrap_or_else(|| PathBuf::from("target/mlschat-bench/results.json")),
+    })
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Child-process roles (the DS under test).
+    if args.first().map(String::as_str) == Some("__ds-server") {
+        let dir = args.get(1).context("__ds-server DIR")?;
+        return ds::serve_child(std::path::Path::new(dir));
+    }
+    let args = parse_args(&args)?;
+    let settings = Settings {
+        quick: args.quick,
+        rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let failures = Failures::default();
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut timings = Vec::new();
+    let figures = &args.figures;
+    runtime.block_on(async {
+        for &figure in figures {
+            // Figure 6 is measured in figure 2's runs when both are asked for.
+            if figure == 6 && figures.contains(&2) {
+                continue;
+            }
+            let figure_started = Instant::now();
+            eprintln!("== figure {figure}");
+            let new_rows = match figure {
+                1 => latency::figure(&settings, &failures).await,
+                2 | 6 => {
+                    let sizes: &[usize] = match (settings.quick, figure) {
+                        (true, _) => &[10, 100],
+                        (false, _) => &[10, 100, 1000],
+                    };
+                    fanout::figures(
+                        &settings,
+                        sizes,
+                        figure == 2,
+                        figure == 6 || figures.contains(&6),
+                        &failures,
+                    )
+                    .await
+                }
+                3 => mls::figure3(&settings, &failures).await,
+                4 => mls::figure4(&settings, &failures).await,
+                5 => durable::figure(&settings, &failures).await,
+                7 => mls::figure7(&settings, &failures).await,
+                8 => tui::figure(&settings, &failures).await,
+                _ => Vec::new(),
+            };
+            timings.push((figure, figure_started.elapsed().as_secs_f64()));
+            eprint!("{}", markdown_table(&new_rows));
+            rows.extend(new_rows);
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    rows.sort_by_key(|row| row.figure);
+    let machine = Machine::probe();
+    let (lost, errors) = failures.take();
+    println!(
+        "\nmlschat-bench {} ({} round(s), {:.0} s) on {} x {}, {} MiB, kernel {}",
+        if settings.quick {
+            "--quick"
+        } else {
+            "full run"
+        },
+        settings.rounds,
+        started.elapsed().as_secs_f64(),
+        machine.cpus,
+        machine.cpu_model,
+        machine.memory_kib / 1024,
+        machine.kernel
+    );
+    println!("ratio = mlschat / peer, measured in the same run, interleaved\n");
+    print!("{}", markdown_table(&rows));
+    let report = serde_json::json!({
+        "quick": settings.quick,
+        "rounds": settings.rounds,
+        "seconds": started.elapsed().as_secs_f64(),
+        "figure_seconds": timings,
+        "machine": machine,
+        "rows": rows,
+        "lost_deliveries": lost,
+        "errors": errors,
+    });
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent).ok();
+    }
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("\nJSON: {}", args.out.display());
+    if !lost.is_empty() || !errors.is_empty() {
+        eprintln!(
+            "FAILED: {} lost-delivery failure(s), {} error(s)",
+            lost.len(),
+            errors.len()
+        );
+        for what in lost.iter().chain(&errors) {
+            eprintln!("  {what}");
+        }
+        std::process::exit(1);
+    }
+    println!("no delivery lost");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments() {
+        let args = parse_args(&["all".into(), "--quick".into()]).expect("parses");
+        assert_eq!(args.figures, (1..=8).collect::<Vec<_>>());
+        assert!(args.quick);
+        let args = parse_args(&["2,6".into()]).expect("parses");
+        assert_eq!(args.figures, vec![2, 6]);
+        assert!(parse_args(&["9".into()]).is_err());
+        assert!(parse_args(&[]).is_err());
+    }
+}
