@@ -242,7 +242,15 @@ async fn write_line(output: &mut (impl AsyncWrite + Unpin), value: &Value) -> st
     output.flush().await
 }
 
-/// Runs the headless session until `/quit` or EOF (after the outbox is flushed).
+/// The core stopped without being asked to (the server's certificate changed, the name is
+/// taken): a script must see a failure, not the exit code of a clean `/quit`. The reason was
+/// printed as an `error` event just before.
+fn stopped_by_itself() -> std::io::Error {
+    std::io::Error::other("the client stopped; the last error event says why")
+}
+
+/// Runs the headless session until `/quit` or EOF (after the outbox is flushed). Fails if the
+/// client stops by itself.
 pub async fn run(
     mut client: Client,
     input: impl AsyncBufRead + Unpin,
@@ -258,7 +266,7 @@ pub async fn run(
         };
         if event == CoreEvent::Stopped {
             client.finish().await;
-            return Ok(());
+            return Err(stopped_by_itself());
         }
         let listed = matches!(event, CoreEvent::Groups { .. });
         if let Some(value) = session.observe(&event) {
@@ -305,6 +313,10 @@ pub async fn run(
             event = client.events.recv() => {
                 let Some(event) = event else { break };
                 if event == CoreEvent::Stopped {
+                    if !quitting {
+                        client.finish().await;
+                        return Err(stopped_by_itself());
+                    }
                     break;
                 }
                 if let Some(value) = session.observe(&event) {

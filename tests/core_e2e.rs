@@ -602,3 +602,206 @@ async fn connections_replaced_mid_traffic() {
     })
     .await;
 }
+
+/// Errors a user can provoke by racing other members (inviting someone just added, kicking
+/// someone just removed, leaving twice). Anything else means the client broke.
+fn benign(error: &str) -> bool {
+    [
+        "is already a member",
+        "not a member",
+        "you are leaving",
+        "already leaving",
+        "no longer a member",
+        "no such group",
+    ]
+    .iter()
+    .any(|pattern| error.contains(pattern))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_concurrent_operations_converge() {
+    use rand::{Rng as _, SeedableRng as _};
+    // CHAOS_STEPS makes a longer run (for hunting rare interleavings by hand).
+    let steps: usize = std::env::var("CHAOS_STEPS")
+        .ok()
+        .and_then(|steps| steps.parse().ok())
+        .unwrap_or(40);
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("chaos seed {seed} (rerun with CHAOS_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    timed(Duration::from_secs(150 + steps as u64), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut core = Vec::new();
+        for name in ["m0", "m1", "m2", "m3"] {
+            core.push(Peer::start(&ds, name, root.path()).await);
+        }
+        let mut floaters = Vec::new();
+        for name in ["f0", "f1", "f2"] {
+            floaters.push(Peer::start(&ds, name, root.path()).await);
+        }
+        let group = create_group(&mut core[0], "chaos").await;
+        let id = group.id.clone();
+        {
+            let (creator, rest) = core.split_at_mut(1);
+            let mut invitees: Vec<&mut Peer> = rest.iter_mut().collect();
+            invite(&mut creator[0], &group, &mut invitees).await;
+        }
+
+        let mut texts: Vec<(usize, String)> = Vec::new();
+        for step in 0..steps {
+            let sender = rng.gen_range(0..core.len());
+            let text = format!("chaos {step} from {}", core[sender].name);
+            core[sender].send_text(&id, &text);
+            texts.push((sender, text));
+            let actor = rng.gen_range(0..core.len());
+            let floater = rng.gen_range(0..floaters.len());
+            match rng.gen_range(0..8) {
+                0 => core[actor].command(Command::Update { group: id.clone() }),
+                1 => core[actor].command(Command::Invite {
+                    group: id.clone(),
+                    users: vec![user(&floaters[floater].name)],
+                }),
+                2 => core[actor].command(Command::Kick {
+                    group: id.clone(),
+                    user: user(&floaters[floater].name),
+                }),
+                3 => floaters[floater].command(Command::Leave { group: id.clone() }),
+                4 => {
+                    let raw = raw_login(&ds, &core[actor].name, &core[actor].dir).await;
+                    raw.close().await;
+                }
+                5 => {
+                    core[actor].stop().await;
+                    core[actor].restart().await;
+                }
+                6 if floaters[floater].in_group(&id) => {
+                    // It may be removed meanwhile: then the message fails, visibly.
+                    floaters[floater].send_text(&id, &format!("floater {step}"));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..40))).await;
+        }
+
+        // Core members never leave: each of their messages reaches the others exactly once.
+        for (sender, text) in &texts {
+            core[*sender].wait_sent(&id, text).await;
+            for (receiver, peer) in core.iter_mut().enumerate() {
+                if receiver != *sender {
+                    peer.wait_message(&id, text).await;
+                }
+            }
+        }
+        for (receiver, peer) in core.iter_mut().enumerate() {
+            for (sender, name) in ["m0", "m1", "m2", "m3"].iter().enumerate() {
+                if sender != receiver {
+                    let sent: Vec<String> = texts
+                        .iter()
+                        .filter(|(s, _)| *s == sender)
+                        .map(|(_, t)| t.clone())
+                        .collect();
+                    assert_exactly_once(peer, &id, name, &sent);
+                }
+            }
+            assert_in_order(peer, &id);
+        }
+
+        // Everyone the group lists agrees with the core, floaters included.
+        let (_, _, _) = {
+            let mut all: Vec<&mut Peer> = core.iter_mut().collect();
+            converge(&mut all, &id).await
+        };
+        let members = core[0].members(&id).await;
+        let deadline = std::time::Instant::now() + STEP;
+        for floater in floaters.iter_mut() {
+            let listed = members.contains(&floater.name);
+            while floater.in_group(&id) != listed {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}: listed {listed}, but its events say otherwise",
+                    floater.name
+                );
+                floater.idle(Duration::from_millis(50)).await;
+            }
+        }
+        {
+            let mut all: Vec<&mut Peer> = core.iter_mut().collect();
+            all.extend(floaters.iter_mut().filter(|f| members.contains(&f.name)));
+            let (_, _, count) = converge(&mut all, &id).await;
+            assert_eq!(count, members.len());
+        }
+        for peer in core.iter_mut().chain(floaters.iter_mut()) {
+            let name = peer.name.clone();
+            let errors: Vec<String> = peer
+                .errors()
+                .into_iter()
+                .filter(|error| !benign(error))
+                .collect();
+            assert_eq!(errors, Vec::<String>::new(), "{name} (seed {seed})");
+        }
+        for peer in core.iter_mut().chain(floaters.iter_mut()) {
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_updates_while_chatting() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let every = Some(Duration::from_secs(1));
+        let mut alice = Peer::start_with_auto_update(&ds, "alice", root.path(), every).await;
+        let mut bob = Peer::start_with_auto_update(&ds, "bob", root.path(), every).await;
+        let group = create_group(&mut alice, "auto").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        let (first_epoch, _, _) = converge(&mut [&mut alice, &mut bob], &id).await;
+        let mut texts = Vec::new();
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_secs(5) {
+            let (sender, receiver) = if n % 2 == 0 {
+                (&mut alice, &mut bob)
+            } else {
+                (&mut bob, &mut alice)
+            };
+            let text = format!("auto {n}");
+            sender.send_text(&id, &text);
+            receiver.wait_message(&id, &text).await;
+            texts.push(text);
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Restart without automatic updates, so the group can come to rest.
+        for peer in [&mut alice, &mut bob] {
+            peer.stop().await;
+            peer.auto_update = None;
+            peer.restart().await;
+        }
+        let (epoch, _, _) = converge(&mut [&mut alice, &mut bob], &id).await;
+        assert!(
+            epoch >= first_epoch + 2,
+            "self-updates happened: epoch {first_epoch} -> {epoch}"
+        );
+        for (sender, receiver) in [(&mut alice, "bob"), (&mut bob, "alice")] {
+            let name = sender.name.clone();
+            let from_other: Vec<String> = texts
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| (n % 2 == 0) == (name == "bob"))
+                .map(|(_, t)| t.clone())
+                .collect();
+            assert_exactly_once(sender, &id, receiver, &from_other);
+            assert_eq!(sender.errors(), Vec::<String>::new(), "{name}");
+        }
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}

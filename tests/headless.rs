@@ -219,6 +219,23 @@ async fn headless_contract() {
 
         assert_eq!(bob.close_stdin().await.code(), Some(0));
         assert_eq!(bob.errors(), Vec::<Value>::new());
+
+        // A second "alice" with another key cannot register: an error event, then a failing
+        // exit status (not the 0 of a clean quit), with stdin still open.
+        let elsewhere = tempfile::tempdir().expect("temporary directory");
+        let mut impostor = Headless::new(&ds, "alice", elsewhere.path(), &[]);
+        impostor.spawn();
+        let error = impostor
+            .wait_event("error", |e| e["event"] == "error")
+            .await;
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("registered to another key")),
+            "{error}"
+        );
+        let status = impostor.wait_exit().await;
+        assert!(!status.success(), "{status:?}");
     })
     .await;
 }

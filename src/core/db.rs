@@ -689,3 +689,39 @@ pub fn search_history(
     entries.reverse();
     Ok(entries)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_ids_are_not_reused_after_migrating_a_v1_profile() {
+        let connection = Connection::open_in_memory().expect("in-memory database");
+        connection
+            .execute_batch(&format!("{SCHEMA_V1} PRAGMA user_version = 1;"))
+            .expect("a version 1 profile");
+        let kept = insert_outbox(&connection, b"group", &Intent::Update).expect("insert");
+        migrate(&connection).expect("migrate to the current schema");
+        migrate(&connection).expect("migrating twice does nothing");
+        let rows = outbox(&connection).expect("read the outbox");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, kept);
+        assert_eq!(rows[0].intent, Intent::Update);
+
+        let first = insert_outbox(&connection, b"group", &Intent::Text { text: "one".into() })
+            .expect("insert");
+        delete_outbox(&connection, first).expect("delete");
+        let second = insert_outbox(&connection, b"group", &Intent::Text { text: "two".into() })
+            .expect("insert");
+        assert!(second > first, "id {first} was handed out again");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let connection = Connection::open_in_memory().expect("in-memory database");
+        connection
+            .execute_batch("PRAGMA user_version = 99;")
+            .expect("set the version");
+        assert!(migrate(&connection).is_err());
+    }
+}

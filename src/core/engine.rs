@@ -13,13 +13,14 @@ use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use openmls::ciphersuite::hash_ref::ProposalRef;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     BasicCredential, Capabilities, ContentType, CredentialWithKey, ExtensionType,
     GroupId as MlsGroupId, KeyPackage, LeafNodeParameters, MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY,
     MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
-    ProcessedMessageContent, ProtocolMessage, ProtocolVersion, StagedCommit, StagedWelcome,
-    WelcomeError,
+    ProcessedMessageContent, Proposal, ProtocolMessage, ProtocolVersion, Sender, StagedCommit,
+    StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_sqlite_storage::Connection;
@@ -1219,6 +1220,33 @@ impl Engine {
         self.in_flight.get(&row.id) == Some(&row.client_message_id)
     }
 
+    /// Takes our own Remove proposal back out of the proposal store after a failed leave:
+    /// left there, it would be swept into our next commit, and no commit may remove its own
+    /// committer.
+    fn withdraw_leave_proposal(&mut self, group_id: &GroupId) {
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        let own = group.mls.own_leaf_index();
+        let own_removals: Vec<ProposalRef> = group
+            .mls
+            .pending_proposals()
+            .filter(|queued| {
+                matches!(queued.sender(), Sender::Member(sender) if *sender == own)
+                    && matches!(queued.proposal(), Proposal::Remove(remove) if remove.removed() == own)
+            })
+            .map(|queued| queued.proposal_reference_ref().clone())
+            .collect();
+        for reference in own_removals {
+            if let Err(error) = group
+                .mls
+                .remove_pending_proposal(self.provider.storage(), &reference)
+            {
+                tracing::warn!(%error, "cannot withdraw our leave proposal");
+            }
+        }
+    }
+
     fn drop_proposals(&mut self, group_id: &GroupId) {
         let Some(group) = self.groups.get_mut(group_id) else {
             return;
@@ -1669,6 +1697,7 @@ impl Engine {
             ) {
                 self.error(error.to_string());
             }
+            self.withdraw_leave_proposal(group_id);
         }
         let result = db::transaction(&self.connection, || {
             db::settle_history(&self.connection, outbox, None, &format!("failed: {reason}"))?;
@@ -2091,6 +2120,12 @@ impl Engine {
             return;
         }
         let replace = self.groups.contains_key(&group_id);
+        // Added again after a removal: the name we knew still applies until the inviter's
+        // name message arrives.
+        let known_name = self
+            .groups
+            .get(&group_id)
+            .and_then(|group| group.name.clone());
         let payload = delivery.payload.as_slice();
         let provider = &self.provider;
         let connection = &self.connection;
@@ -2130,7 +2165,13 @@ impl Engine {
                 })
                 .collect();
             let mls = staged.into_group(provider).map_err(mls_error)?;
-            db::insert_group(connection, group_id.as_bytes(), None, delivery.seq, true)?;
+            db::insert_group(
+                connection,
+                group_id.as_bytes(),
+                known_name.as_deref(),
+                delivery.seq,
+                true,
+            )?;
             db::insert_history(
                 connection,
                 group_id.as_bytes(),
@@ -2144,7 +2185,7 @@ impl Engine {
                     group_id.clone(),
                     Group {
                         mls,
-                        name: None,
+                        name: known_name,
                         cursor: delivery.seq,
                         active: true,
                         announced: true,

@@ -91,6 +91,8 @@ pub struct Peer {
     pub dir: PathBuf,
     server: String,
     pinned: String,
+    /// Automatic self-updates (taken into account at the next start).
+    pub auto_update: Option<Duration>,
     client: Option<Client>,
     /// Every event received, across restarts, oldest first.
     pub log: Vec<CoreEvent>,
@@ -101,12 +103,23 @@ pub struct Peer {
 impl Peer {
     /// Starts `name` with its profile in `root/name` and waits until it is ready.
     pub async fn start(ds: &Ds, name: &str, root: &Path) -> Peer {
+        Peer::start_with_auto_update(ds, name, root, None).await
+    }
+
+    /// Like [`Peer::start`], with automatic self-updates every `auto_update`.
+    pub async fn start_with_auto_update(
+        ds: &Ds,
+        name: &str,
+        root: &Path,
+        auto_update: Option<Duration>,
+    ) -> Peer {
         init_tracing();
         let mut peer = Peer {
             name: name.to_string(),
             dir: root.join(name),
             server: ds.address(),
             pinned: ds.fingerprint(),
+            auto_update,
             client: None,
             log: Vec::new(),
             consumed: Vec::new(),
@@ -121,7 +134,7 @@ impl Peer {
         let mut options = ClientOptions::new(user(&self.name), self.dir.clone());
         options.server = Some(self.server.clone());
         options.pinned = Some(self.pinned.clone());
-        options.auto_update = None;
+        options.auto_update = self.auto_update;
         let client = Client::start(options).await.expect("the client starts");
         self.client = Some(client);
         // Older `Ready` and `Stopped` events belong to earlier runs.
@@ -357,6 +370,44 @@ impl Peer {
         }
     }
 
+    /// Whether, by the events so far, this peer is in `group` (joined or created it, and has
+    /// not left it since).
+    pub fn in_group(&mut self, group: &GroupId) -> bool {
+        self.drain();
+        self.log
+            .iter()
+            .rev()
+            .find_map(|event| match event {
+                CoreEvent::Joined { group: g, .. } | CoreEvent::GroupCreated { group: g }
+                    if g.id == *group =>
+                {
+                    Some(true)
+                }
+                CoreEvent::Left { group: g, .. } if g.id == *group => Some(false),
+                _ => None,
+            })
+            .unwrap_or(false)
+    }
+
+    /// `Command::Members`: the member names.
+    pub async fn members(&mut self, group: &GroupId) -> Vec<String> {
+        self.command(Command::Members {
+            group: group.clone(),
+        });
+        match self
+            .wait_for(
+                "members",
+                |event| matches!(event, CoreEvent::Members { group: g, .. } if g.id == *group),
+            )
+            .await
+        {
+            CoreEvent::Members { members, .. } => {
+                members.into_iter().map(|member| member.name).collect()
+            }
+            _ => unreachable!(),
+        }
+    }
+
     /// The current display name of `group` as this peer knows it.
     pub fn group_name(&self, group: &GroupId) -> Option<String> {
         self.log.iter().rev().find_map(|event| match event {
@@ -413,16 +464,20 @@ pub async fn invite(inviter: &mut Peer, group: &GroupRef, invitees: &mut [&mut P
             })
             .await;
         let by = inviter.name.clone();
-        invitee
+        let joined = invitee
             .wait_for("joined", |event| {
                 matches!(event, CoreEvent::Joined { group: g, by: b } if g.id == group.id && *b == by)
             })
             .await;
-        invitee
-            .wait_for("group name", |event| {
-                matches!(event, CoreEvent::GroupRenamed { group: g } if g.id == group.id && g.name == group.name)
-            })
-            .await;
+        // A first-time member learns the name from the inviter's message after the commit;
+        // one added again still knows it.
+        if !matches!(&joined, CoreEvent::Joined { group: g, .. } if g.name == group.name) {
+            invitee
+                .wait_for("group name", |event| {
+                    matches!(event, CoreEvent::GroupRenamed { group: g } if g.id == group.id && g.name == group.name)
+                })
+                .await;
+        }
     }
 }
 
@@ -523,7 +578,14 @@ pub struct Headless {
 impl Headless {
     /// Starts `mlschat --headless` for `name` with its profile in `root/name`; waits for `ready`.
     pub async fn start(ds: &Ds, name: &str, root: &Path, env: &[(&str, &str)]) -> Headless {
-        let mut headless = Headless {
+        let mut headless = Headless::new(ds, name, root, env);
+        headless.restart().await;
+        headless
+    }
+
+    /// The binary for `name`, not started yet.
+    pub fn new(ds: &Ds, name: &str, root: &Path, env: &[(&str, &str)]) -> Headless {
+        Headless {
             name: name.to_string(),
             dir: root.join(name),
             log_file: root.join(format!("{name}.log")),
@@ -538,9 +600,7 @@ impl Headless {
             lines: None,
             log: Vec::new(),
             consumed: Vec::new(),
-        };
-        headless.restart().await;
-        headless
+        }
     }
 
     /// Starts the binary (again) on the same profile and waits for `ready`.
@@ -560,6 +620,13 @@ impl Headless {
     /// Starts the binary without waiting for anything.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
+        // stderr goes to a file beside the log: the test harness does not capture a child's.
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file.with_extension("stderr"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlschat"));
         command
             .args(["--headless", "--name", &self.name, "--server", &self.server])
@@ -576,7 +643,7 @@ impl Headless {
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true);
         let mut child = command.spawn().expect("the mlschat binary starts");
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -688,6 +755,11 @@ impl Headless {
     /// Closes stdin (EOF) and waits for the process to exit; returns its exit status.
     pub async fn close_stdin(&mut self) -> std::process::ExitStatus {
         self.stdin = None;
+        self.wait_exit().await
+    }
+
+    /// Waits for the process to exit by itself; returns its exit status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         let status = tokio::time::timeout(STEP, child.wait())
             .await
