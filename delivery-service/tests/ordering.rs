@@ -416,6 +416,16 @@ async fn retried_send_is_sequenced_once() {
         let again = expect_accepted(alice.send_message_with_id(commit_id, commit, None).await);
         assert_eq!((again.seq, again.epoch), (3, 2));
 
+        // The same id with other bytes is not a retry: refused, not answered with seq 2.
+        let reused = alice
+            .send_message_with_id(
+                client_message_id,
+                private_message(&group_id, 2, ContentType::Application, b"other bytes"),
+                None,
+            )
+            .await;
+        expect_error(reused, ErrorCode::InvalidMessage);
+
         let next = alice.send_application(&group_id, 2, b"after").await;
         assert_eq!(next.seq, 4);
 

@@ -455,33 +455,57 @@ async fn append_throughput_with_and_without_batching() {
     let Some(database) = TestDatabase::create().await else {
         return;
     };
-    for (label, max_batch) in [("one append per transaction", 1), ("batched", 256)] {
-        let options = PostgresOptions {
-            max_batch,
-            ..PostgresOptions::default()
-        };
-        let store = PostgresStore::connect(&database.url, StoreLimits::default(), options)
-            .await
-            .expect("connect");
-        let senders: Vec<UserName> = (0..64).map(|n| user(&format!("{label:.3}-{n}"))).collect();
-        let g = GroupId::new(format!("throughput-{max_batch}").into_bytes()).expect("group");
+    for groups in [1usize, 64] {
+        for (label, max_batch) in [("one append per transaction", 1), ("batched", 256)] {
+            let options = PostgresOptions {
+                max_batch,
+                ..PostgresOptions::default()
+            };
+            let store = PostgresStore::connect(&database.url, StoreLimits::default(), options)
+                .await
+                .expect("connect");
+            let rate = measure_appends(&store, groups, &format!("{groups}-{max_batch}")).await;
+            eprintln!(
+                "{label}: 1 KiB appends from 64 concurrent senders to {groups} group(s): {rate:.0}/s"
+            );
+            store.close().await;
+        }
+    }
+}
+
+/// Appends from 64 concurrent senders, spread over `groups` groups; returns appends per second.
+async fn measure_appends(store: &PostgresStore, groups: usize, tag: &str) -> f64 {
+    const SENDERS: usize = 64;
+    const PER_SENDER: u64 = 50;
+    let senders: Vec<UserName> = (0..SENDERS).map(|n| user(&format!("s{tag}-{n}"))).collect();
+    for sender in &senders {
         store
-            .register_user(&senders[0], &[0; 32])
+            .register_user(sender, &[0; 32])
             .await
             .expect("register");
-        store.create_group(&g, &senders[0]).await.expect("group");
-        for sender in &senders[1..] {
-            store
-                .register_user(sender, &[0; 32])
-                .await
-                .expect("register");
-        }
+    }
+    // Group k is created by sender k, which adds the senders that write to it.
+    let mut epochs = Vec::new();
+    let group_ids: Vec<GroupId> = (0..groups)
+        .map(|k| GroupId::new(format!("g{tag}-{k}").into_bytes()).expect("group"))
+        .collect();
+    for (k, group_id) in group_ids.iter().enumerate() {
+        store
+            .create_group(group_id, &senders[k])
+            .await
+            .expect("group");
+        let others: Vec<UserName> = senders
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| n % groups == k && *n != k)
+            .map(|(_, sender)| sender.clone())
+            .collect();
         let mut epoch = 0;
-        for chunk in senders[1..].chunks(16) {
+        for chunk in others.chunks(16) {
             store
                 .append(AppendRequest {
-                    group_id: g.clone(),
-                    sender: senders[0].clone(),
+                    group_id: group_id.clone(),
+                    sender: senders[k].clone(),
                     client_message_id: message_id(9, epoch),
                     epoch,
                     kind: DeliveryKind::Commit,
@@ -496,37 +520,32 @@ async fn append_throughput_with_and_without_batching() {
                 .expect("add members");
             epoch += 1;
         }
-        const PER_SENDER: u64 = 50;
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, sender) in senders.iter().enumerate() {
-            let store = store.clone();
-            let sender = sender.clone();
-            let g = g.clone();
-            tasks.spawn(async move {
-                for n in 0..PER_SENDER {
-                    store
-                        .append(AppendRequest {
-                            group_id: g.clone(),
-                            sender: sender.clone(),
-                            client_message_id: message_id(index as u8, 1000 + n),
-                            epoch,
-                            kind: DeliveryKind::Application,
-                            payload: vec![0x5a; 1024],
-                            membership: None,
-                        })
-                        .await
-                        .expect("append");
-                }
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        let total = PER_SENDER * senders.len() as u64;
-        let rate = total as f64 / started.elapsed().as_secs_f64();
-        eprintln!(
-            "{label}: {total} appends of 1 KiB from {} concurrent senders to one group: {rate:.0}/s",
-            senders.len()
-        );
-        store.close().await;
+        epochs.push(epoch);
     }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, sender) in senders.iter().enumerate() {
+        let store = store.clone();
+        let sender = sender.clone();
+        let group_id = group_ids[index % groups].clone();
+        let epoch = epochs[index % groups];
+        tasks.spawn(async move {
+            for n in 0..PER_SENDER {
+                store
+                    .append(AppendRequest {
+                        group_id: group_id.clone(),
+                        sender: sender.clone(),
+                        client_message_id: message_id(index as u8, 1000 + n),
+                        epoch,
+                        kind: DeliveryKind::Application,
+                        payload: vec![0x5a; 1024],
+                        membership: None,
+                    })
+                    .await
+                    .expect("append");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    (PER_SENDER * SENDERS as u64) as f64 / started.elapsed().as_secs_f64()
 }

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, NoTls, Row, Statement};
 
 use super::url::redact_postgres_url;
 use super::{
@@ -42,8 +42,9 @@ use crate::protocol::{Delivery, DeliveryKind, GroupId, Seq, UserName};
 const SCHEMA_VERSION: i32 = 1;
 /// Key of the advisory lock that serialises migrations of nodes starting together.
 const MIGRATION_LOCK: i64 = 0x6d6c_7363_6861_7401;
-/// Key of the advisory lock that lets one node at a time purge.
-const PURGE_LOCK: i64 = 0x6d6c_7363_6861_7402;
+/// Tag of the advisory lock that lets one node at a time purge (combined with the schema, so
+/// that deployments in other schemas of the database purge independently).
+const PURGE_LOCK: &str = "mlschat-ds purge";
 /// Appends queued beyond this many wait (backpressure on senders).
 const APPEND_QUEUE: usize = 4096;
 /// Remote appends queued for the hub before they are replaced by one resync of everything.
@@ -172,6 +173,8 @@ struct Inner {
     remote: Mutex<Option<mpsc::Receiver<RemoteAppend>>>,
     closed: AtomicBool,
     redacted_url: String,
+    /// The key of this schema's purge lock.
+    purge_lock: i64,
 }
 
 /// The PostgreSQL [`Store`]. Cheap to clone; every clone is the same store.
@@ -228,6 +231,13 @@ impl PostgresStore {
             .map_err(backend)?;
         let schema = migrate(&pool).await?;
         let channel = channel_name(&schema);
+        let purge_lock = {
+            let digest = payload_hash(format!("{PURGE_LOCK} {schema}").as_bytes());
+            i64::from_be_bytes([
+                digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6],
+                digest[7],
+            ])
+        };
         let node_id: u64 = rand::random();
 
         let (remote_sender, remote) = mpsc::channel(REMOTE_QUEUE);
@@ -261,6 +271,7 @@ impl PostgresStore {
                 remote: Mutex::new(Some(remote)),
                 closed: AtomicBool::new(false),
                 redacted_url,
+                purge_lock,
             }),
         })
     }
@@ -570,18 +581,74 @@ async fn execute_batch(
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
     let mut client = pool.get().await.map_err(backend)?;
     let transaction = client.transaction().await.map_err(backend)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = append(&transaction, limits, &job.request, channel, node_id).await;
-        // A database error aborts the whole transaction (PostgreSQL refuses every later
-        // statement, and COMMIT would silently roll back), so the batch fails as one.
-        if let Err(StoreError::Backend(detail)) = outcome {
-            let _ = transaction.rollback().await;
-            return Err(StoreError::Backend(detail));
+    let statements = Statements::prepare(&transaction).await?;
+    match run_appends(&transaction, &statements, limits, batch, channel, node_id).await {
+        Ok(outcomes) => {
+            transaction.commit().await.map_err(backend)?;
+            Ok(outcomes)
         }
-        outcomes.push(outcome);
+        Err(failure) => {
+            // A database error aborts the whole transaction (PostgreSQL refuses every later
+            // statement, and COMMIT would silently roll back), so the batch fails as one.
+            let _ = transaction.rollback().await;
+            Err(failure)
+        }
     }
-    transaction.commit().await.map_err(backend)?;
+}
+
+/// Runs the batch's appends inside `transaction`; a database error fails them all.
+async fn run_appends(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    statements: &Statements,
+    limits: &StoreLimits,
+    batch: &[AppendJob],
+    channel: &str,
+    node_id: u64,
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    // The writes of one append are sent together with the checks of the next, so that an
+    // append costs one round trip: PostgreSQL runs them in the order they were sent, so the
+    // checks see the writes. `checked` holds what each pending write borrows.
+    let checked: Vec<OnceLock<Checked>> = batch.iter().map(|_| OnceLock::new()).collect();
+    let mut pending: Option<Pending<'_>> = None;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (job, slot) in batch.iter().zip(&checked) {
+        let checking = check(transaction, statements, limits, &job.request);
+        let (written, outcome) = match pending.take() {
+            Some(writing) => futures::join!(writing, checking),
+            None => (Ok(0), checking.await),
+        };
+        written.map_err(backend)?;
+        if let Err(StoreError::Backend(detail)) = &outcome {
+            return Err(StoreError::Backend(detail.clone()));
+        }
+        match outcome {
+            Ok(Check::Duplicate(appended)) => outcomes.push(Ok(appended)),
+            Ok(Check::Write(new)) => {
+                outcomes.push(Ok(Appended {
+                    seq: new.seq,
+                    epoch: new.epoch_after,
+                    duplicate: false,
+                    added: new.change.added.clone(),
+                    removed: new.change.removed.clone(),
+                }));
+                let _ = slot.set(new);
+                if let Some(new) = slot.get() {
+                    pending = Some(Box::pin(write(
+                        transaction,
+                        statements,
+                        &job.request,
+                        new,
+                        channel,
+                        node_id,
+                    )));
+                }
+            }
+            Err(refused) => outcomes.push(Err(refused)),
+        }
+    }
+    if let Some(writing) = pending {
+        writing.await.map_err(backend)?;
+    }
     Ok(outcomes)
 }
 
@@ -590,45 +657,109 @@ type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error
 /// One statement parameter.
 type Param<'a> = &'a (dyn ToSql + Sync);
 
-/// One append inside a batch transaction. Every check happens before the first write, so a
-/// refused append leaves nothing behind. Independent statements are pipelined: the checks
-/// cost one round trip, the writes another.
-async fn append(
+/// The statements of an append, prepared once per connection (deadpool caches them).
+struct Statements {
+    lock: Statement,
+    previous: Statement,
+    member: Statement,
+    user: Statement,
+    insert_message: Statement,
+    insert_record: Statement,
+    update_group: Statement,
+    remove: Statement,
+    add: Statement,
+    notify: Statement,
+}
+
+impl Statements {
+    async fn prepare(
+        transaction: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<Statements, StoreError> {
+        let prepare = |sql: &'static str| async move {
+            transaction.prepare_cached(sql).await.map_err(backend)
+        };
+        Ok(Statements {
+            lock: prepare(
+                "SELECT epoch, last_seq, stored FROM groups WHERE group_id = $1 FOR UPDATE",
+            )
+            .await?,
+            previous: prepare(
+                "SELECT seq, epoch_after, payload_hash FROM idempotency
+                 WHERE group_id = $1 AND sender = $2 AND client_message_id = $3",
+            )
+            .await?,
+            member: prepare("SELECT left_seq FROM members WHERE group_id = $1 AND user_name = $2")
+                .await?,
+            user: prepare("SELECT 1 FROM users WHERE name = $1").await?,
+            insert_message: prepare(
+                "INSERT INTO messages (group_id, seq, epoch, kind, sender, payload, welcome, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .await?,
+            insert_record: prepare(
+                "INSERT INTO idempotency
+                 (group_id, sender, client_message_id, seq, epoch_after, payload_hash, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .await?,
+            update_group: prepare(
+                "UPDATE groups SET epoch = $2, last_seq = $3, stored = stored + 1 WHERE group_id = $1",
+            )
+            .await?,
+            remove: prepare(
+                "UPDATE members SET left_seq = $3 WHERE group_id = $1 AND user_name = $2",
+            )
+            .await?,
+            add: prepare(
+                "INSERT INTO members (group_id, user_name, joined_seq, left_seq, cursor_seq)
+                 VALUES ($1, $2, $3, NULL, $4)
+                 ON CONFLICT (group_id, user_name) DO UPDATE
+                 SET joined_seq = EXCLUDED.joined_seq, left_seq = NULL, cursor_seq = EXCLUDED.cursor_seq",
+            )
+            .await?,
+            notify: prepare("SELECT pg_notify($1, $2)").await?,
+        })
+    }
+}
+
+/// What the checks of an append decided.
+enum Check {
+    /// A retry: the original answer, nothing to write.
+    Duplicate(Appended),
+    Write(Checked),
+}
+
+/// An append that passed every check, with what its writes need.
+struct Checked {
+    seq: Seq,
+    epoch_after: u64,
+    change: super::MembershipChange,
+    hash: [u8; 32],
+    now: i64,
+}
+
+/// The checks of one append, in the order of the SQLite backend. Nothing is written, so a
+/// refused append leaves nothing behind. Independent reads are pipelined (one round trip).
+async fn check(
     transaction: &deadpool_postgres::Transaction<'_>,
+    statements: &Statements,
     limits: &StoreLimits,
     request: &AppendRequest,
-    channel: &str,
-    node_id: u64,
-) -> Result<Appended, StoreError> {
+) -> Result<Check, StoreError> {
     let group_id = request.group_id.as_bytes();
     let sender = request.sender.as_str();
     let hash = payload_hash(&request.payload);
-    let lock = transaction
-        .prepare_cached("SELECT epoch, last_seq, stored FROM groups WHERE group_id = $1 FOR UPDATE")
-        .await
-        .map_err(backend)?;
-    let previous = transaction
-        .prepare_cached(
-            "SELECT seq, epoch_after, payload_hash FROM idempotency
-             WHERE group_id = $1 AND sender = $2 AND client_message_id = $3",
-        )
-        .await
-        .map_err(backend)?;
-    let member = transaction
-        .prepare_cached("SELECT left_seq FROM members WHERE group_id = $1 AND user_name = $2")
-        .await
-        .map_err(backend)?;
-    // PostgreSQL runs pipelined statements in order: the lock is taken first, and the reads
-    // after it see everything committed before it was granted (READ COMMITTED takes a new
-    // snapshot per statement).
     let client_message_id = &request.client_message_id[..];
     let lock_params: [Param<'_>; 1] = [&group_id];
     let previous_params: [Param<'_>; 3] = [&group_id, &sender, &client_message_id];
     let member_params: [Param<'_>; 2] = [&group_id, &sender];
+    // PostgreSQL runs pipelined statements in order: the group's lock is taken first, and the
+    // reads after it see everything committed before it was granted (READ COMMITTED takes a
+    // new snapshot per statement).
     let (group, previous, sender_row) = futures::try_join!(
-        transaction.query_opt(&lock, &lock_params),
-        transaction.query_opt(&previous, &previous_params),
-        transaction.query_opt(&member, &member_params),
+        transaction.query_opt(&statements.lock, &lock_params),
+        transaction.query_opt(&statements.previous, &previous_params),
+        transaction.query_opt(&statements.member, &member_params),
     )
     .map_err(backend)?;
 
@@ -641,13 +772,13 @@ async fn append(
         if stored_hash != hash {
             return Err(StoreError::ReusedMessageId { seq });
         }
-        return Ok(Appended {
+        return Ok(Check::Duplicate(Appended {
             seq,
             epoch: from_sql(previous.get(1)),
             duplicate: true,
             added: Vec::new(),
             removed: Vec::new(),
-        });
+        }));
     }
     let Some(group) = group else {
         return Err(StoreError::UnknownGroup);
@@ -679,140 +810,111 @@ async fn append(
     }
     check_membership_shape(request, &change)?;
     if !change.added.is_empty() || !change.removed.is_empty() {
-        validate_membership_change(transaction, group_id, &change).await?;
+        validate_membership_change(transaction, statements, group_id, &change).await?;
     }
+    Ok(Check::Write(Checked {
+        seq: last_seq + 1,
+        epoch_after: if request.kind == DeliveryKind::Commit {
+            epoch + 1
+        } else {
+            epoch
+        },
+        change,
+        hash,
+        now: now_unix_secs(),
+    }))
+}
 
-    let seq = last_seq + 1;
-    let new_epoch = if request.kind == DeliveryKind::Commit {
-        epoch + 1
-    } else {
-        epoch
-    };
-    let now = now_unix_secs();
-    let insert_message = transaction
-        .prepare_cached(
-            "INSERT INTO messages (group_id, seq, epoch, kind, sender, payload, welcome, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .await
-        .map_err(backend)?;
-    let insert_record = transaction
-        .prepare_cached(
-            "INSERT INTO idempotency
-             (group_id, sender, client_message_id, seq, epoch_after, payload_hash, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .await
-        .map_err(backend)?;
-    let update_group = transaction
-        .prepare_cached(
-            "UPDATE groups SET epoch = $2, last_seq = $3, stored = stored + 1 WHERE group_id = $1",
-        )
-        .await
-        .map_err(backend)?;
-    let remove = transaction
-        .prepare_cached("UPDATE members SET left_seq = $3 WHERE group_id = $1 AND user_name = $2")
-        .await
-        .map_err(backend)?;
-    let add = transaction
-        .prepare_cached(
-            "INSERT INTO members (group_id, user_name, joined_seq, left_seq, cursor_seq)
-             VALUES ($1, $2, $3, NULL, $4)
-             ON CONFLICT (group_id, user_name) DO UPDATE
-             SET joined_seq = EXCLUDED.joined_seq, left_seq = NULL, cursor_seq = EXCLUDED.cursor_seq",
-        )
-        .await
-        .map_err(backend)?;
-    let notify = transaction
-        .prepare_cached("SELECT pg_notify($1, $2)")
-        .await
-        .map_err(backend)?;
-
-    let seq_sql = to_sql(seq);
-    let joined_cursor = to_sql(seq - 1);
+/// The writes of one checked append, sent together (one round trip).
+async fn write(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    statements: &Statements,
+    request: &AppendRequest,
+    checked: &Checked,
+    channel: &str,
+    node_id: u64,
+) -> Result<u64, tokio_postgres::Error> {
+    let group_id = request.group_id.as_bytes();
+    let sender = request.sender.as_str();
+    let client_message_id = &request.client_message_id[..];
+    let seq = to_sql(checked.seq);
+    let joined_cursor = to_sql(checked.seq - 1);
     let message_epoch = to_sql(request.epoch);
-    let epoch_after = to_sql(new_epoch);
+    let epoch_after = to_sql(checked.epoch_after);
     let kind = request.kind as i16;
-    let hash = &hash[..];
-    let welcome = change.welcome.as_deref();
+    let hash = &checked.hash[..];
+    let welcome = checked.change.welcome.as_deref();
     let payload = notification_payload(
         node_id,
         &request.group_id,
-        seq,
-        &change.added,
-        &change.removed,
+        checked.seq,
+        &checked.change.added,
+        &checked.change.removed,
     );
-    let removed: Vec<&str> = change.removed.iter().map(UserName::as_str).collect();
-    let added: Vec<&str> = change.added.iter().map(UserName::as_str).collect();
+    let removed: Vec<&str> = checked
+        .change
+        .removed
+        .iter()
+        .map(UserName::as_str)
+        .collect();
+    let added: Vec<&str> = checked.change.added.iter().map(UserName::as_str).collect();
     let message_params: [Param<'_>; 8] = [
         &group_id,
-        &seq_sql,
+        &seq,
         &message_epoch,
         &kind,
         &sender,
         &request.payload,
         &welcome,
-        &now,
+        &checked.now,
     ];
     let record_params: [Param<'_>; 7] = [
         &group_id,
         &sender,
         &client_message_id,
-        &seq_sql,
+        &seq,
         &epoch_after,
         &hash,
-        &now,
+        &checked.now,
     ];
-    let group_params: [Param<'_>; 3] = [&group_id, &epoch_after, &seq_sql];
+    let group_params: [Param<'_>; 3] = [&group_id, &epoch_after, &seq];
     let remove_params: Vec<[Param<'_>; 3]> = removed
         .iter()
-        .map(|user| -> [Param<'_>; 3] { [&group_id, user, &seq_sql] })
+        .map(|user| -> [Param<'_>; 3] { [&group_id, user, &seq] })
         .collect();
     let add_params: Vec<[Param<'_>; 4]> = added
         .iter()
-        .map(|user| -> [Param<'_>; 4] { [&group_id, user, &seq_sql, &joined_cursor] })
+        .map(|user| -> [Param<'_>; 4] { [&group_id, user, &seq, &joined_cursor] })
         .collect();
     let notify_params: [Param<'_>; 2] = [&channel, &payload];
     let mut writes: Vec<Pending<'_>> = vec![
-        Box::pin(transaction.execute(&insert_message, &message_params)),
-        Box::pin(transaction.execute(&insert_record, &record_params)),
-        Box::pin(transaction.execute(&update_group, &group_params)),
+        Box::pin(transaction.execute(&statements.insert_message, &message_params)),
+        Box::pin(transaction.execute(&statements.insert_record, &record_params)),
+        Box::pin(transaction.execute(&statements.update_group, &group_params)),
     ];
     for params in &remove_params {
-        writes.push(Box::pin(transaction.execute(&remove, params)));
+        writes.push(Box::pin(transaction.execute(&statements.remove, params)));
     }
     for params in &add_params {
-        writes.push(Box::pin(transaction.execute(&add, params)));
+        writes.push(Box::pin(transaction.execute(&statements.add, params)));
     }
     // Delivered to the listening nodes only if the transaction commits.
-    writes.push(Box::pin(transaction.execute(&notify, &notify_params)));
-    futures::future::try_join_all(writes)
-        .await
-        .map_err(backend)?;
-    Ok(Appended {
-        seq,
-        epoch: new_epoch,
-        duplicate: false,
-        added: change.added,
-        removed: change.removed,
-    })
+    writes.push(Box::pin(
+        transaction.execute(&statements.notify, &notify_params),
+    ));
+    let written = futures::future::try_join_all(writes).await?;
+    Ok(written.into_iter().sum())
 }
 
 /// The database checks of a membership change: removed users are current members, added ones
 /// are registered and not current members.
 async fn validate_membership_change(
     transaction: &deadpool_postgres::Transaction<'_>,
+    statements: &Statements,
     group_id: &[u8],
     change: &super::MembershipChange,
 ) -> Result<(), StoreError> {
-    let member = transaction
-        .prepare_cached("SELECT left_seq FROM members WHERE group_id = $1 AND user_name = $2")
-        .await
-        .map_err(backend)?;
-    let user = transaction
-        .prepare_cached("SELECT 1 FROM users WHERE name = $1")
-        .await
-        .map_err(backend)?;
+    let (member, user) = (&statements.member, &statements.user);
     let is_active =
         |row: &Option<Row>| matches!(row, Some(row) if row.get::<_, Option<i64>>(0).is_none());
     let removed: Vec<&str> = change.removed.iter().map(UserName::as_str).collect();
@@ -832,17 +934,17 @@ async fn validate_membership_change(
     let removed_rows = futures::future::try_join_all(
         removed_params
             .iter()
-            .map(|params| transaction.query_opt(&member, params)),
+            .map(|params| transaction.query_opt(member, params)),
     );
     let added_users = futures::future::try_join_all(
         user_params
             .iter()
-            .map(|params| transaction.query_opt(&user, params)),
+            .map(|params| transaction.query_opt(user, params)),
     );
     let added_rows = futures::future::try_join_all(
         added_params
             .iter()
-            .map(|params| transaction.query_opt(&member, params)),
+            .map(|params| transaction.query_opt(member, params)),
     );
     let (removed_rows, added_users, added_rows) =
         futures::try_join!(removed_rows, added_users, added_rows).map_err(backend)?;
@@ -1263,7 +1365,10 @@ impl Store for PostgresStore {
         let transaction = client.transaction().await.map_err(backend)?;
         // Nodes purge on their own timers; one purge at a time is enough.
         let ours: bool = transaction
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK])
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock($1)",
+                &[&self.inner.purge_lock],
+            )
             .await
             .map_err(backend)?
             .get(0);
