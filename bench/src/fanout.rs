@@ -361,19 +361,19 @@ pub async fn figures(
                     Memory::load_per_client,
                 ),
             ] {
-                let values: Vec<f64> = ds_memory.iter().map(|m| pick(m, subscribers)).collect();
-                if values.is_empty() {
+                // The first round only: the DS process is fresh then, and later rounds reuse
+                // memory its allocator kept (the deltas would understate the cost).
+                let Some(first) = ds_memory.first() else {
                     continue;
-                }
-                let mut row = Row::new(6, metric, subscribers, "KiB/client").ours(median(&values));
+                };
+                let mut row =
+                    Row::new(6, metric, subscribers, "KiB/client").ours(pick(first, subscribers));
                 row = match nats {
                     Some(Series {
                         missing: Some(why), ..
                     }) => row.peer_missing("nats-server", why),
                     Some(series) if !series.memory.is_empty() => {
-                        let peer: Vec<f64> =
-                            series.memory.iter().map(|m| pick(m, subscribers)).collect();
-                        row.peer("nats-server", Some(median(&peer)))
+                        row.peer("nats-server", Some(pick(&series.memory[0], subscribers)))
                     }
                     _ => row.peer_missing("nats-server", "no run completed"),
                 };
