@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! - [`protocol`]: the wire format shared with clients (frames, messages, error codes).
-//! - [`store`]: the [`store::Store`] trait and its SQLite backend.
+//! - [`store`]: the [`store::Store`] trait and its backends: SQLite (embedded, one node) and
+//!   PostgreSQL (several nodes sharing one database), picked by [`store::DatabaseUrl`].
 //! - [`server`]: the QUIC accept loop, per-connection handlers and fan-out; [`server::run`] is
 //!   the entry point, in the manner of mini-redis.
 //! - [`config`]: limits and settings, loadable from TOML.

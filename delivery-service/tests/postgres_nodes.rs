@@ -112,6 +112,81 @@ async fn an_append_on_one_node_wakes_the_other() {
     .expect("timed out");
 }
 
+/// What a database failover does to the listening connection, in small: it is cut, the node
+/// reconnects, asks every session to resynchronise (notifications sent meanwhile are lost),
+/// and hears new appends again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_listening_connection_reconnects_and_resyncs() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let open = || {
+            PostgresStore::connect(
+                &database.url,
+                StoreLimits::default(),
+                PostgresOptions::default(),
+            )
+        };
+        let first = open().await.expect("node 1");
+        let second = open().await.expect("node 2");
+        let mut heard = second.remote_appends().expect("node 2 listens");
+        let alice = user("alice");
+        first.register_user(&alice, &[1; 32]).await.expect("alice");
+        let g = group("cut");
+        first.create_group(&g, &alice).await.expect("group");
+
+        let (admin, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+            .await
+            .expect("an admin connection");
+        tokio::spawn(connection);
+        let listen = format!("LISTEN \"mlschat_ds.{}\"", database.schema);
+        let cut = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1",
+                &[&listen],
+            )
+            .await
+            .expect("terminate the listening connections");
+        assert_eq!(cut.len(), 2, "both nodes listen");
+
+        let resync = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .expect("node 2 reconnects in time")
+            .expect("node 2 still listens");
+        assert_eq!(resync, RemoteAppend::ResyncAll);
+        let appended = first
+            .append(AppendRequest {
+                group_id: g.clone(),
+                sender: alice.clone(),
+                client_message_id: message_id(1, 1),
+                epoch: 0,
+                kind: DeliveryKind::Application,
+                payload: b"after the cut".to_vec(),
+                membership: None,
+            })
+            .await
+            .expect("node 1 still appends");
+        let after = tokio::time::timeout(PROMPTLY, heard.recv())
+            .await
+            .expect("node 2 hears appends again")
+            .expect("node 2 still listens");
+        assert_eq!(
+            after,
+            RemoteAppend::Appended {
+                group_id: g,
+                seq: appended.seq,
+                added: Vec::new(),
+                removed: Vec::new(),
+            }
+        );
+        first.close().await;
+        second.close().await;
+    })
+    .await
+    .expect("timed out");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Two real DS processes
 

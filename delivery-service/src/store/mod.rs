@@ -159,8 +159,9 @@ pub enum RemoteAppend {
     ResyncAll,
 }
 
-/// The DS's durable state. Every method is one transaction; a method that returns `Ok` has made
-/// its effect durable (for writes: fsync'd) before returning.
+/// The DS's durable state. A method that returns `Ok` has made its effect durable (for writes:
+/// committed and fsync'd) before returning; each append, upload, claim, registration and group
+/// creation is one transaction, so it happens completely or not at all.
 ///
 /// The methods return `impl Future + Send` so that the server, generic over `S: Store`, can
 /// spawn them; `main` picks the backend at startup and instantiates the server for it.
