@@ -45,6 +45,8 @@ const MIGRATION_LOCK: i64 = 0x6d6c_7363_6861_7401;
 /// Tag of the advisory lock that lets one node at a time purge (combined with the schema, so
 /// that deployments in other schemas of the database purge independently).
 const PURGE_LOCK: &str = "mlschat-ds purge";
+/// How long connecting to PostgreSQL may take, unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Appends queued beyond this many wait (backpressure on senders).
 const APPEND_QUEUE: usize = 4096;
 /// Remote appends queued for the hub before they are replaced by one resync of everything.
@@ -214,8 +216,13 @@ impl PostgresStore {
         options: PostgresOptions,
     ) -> Result<PostgresStore, StoreError> {
         let redacted_url = redact_postgres_url(url);
-        let config = tokio_postgres::Config::from_str(url)
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|error| StoreError::Backend(format!("invalid PostgreSQL URL: {error}")))?;
+        // Without a timeout an unreachable database (a failover in progress, a dropped route)
+        // would hold requests for as long as the operating system retries TCP.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
