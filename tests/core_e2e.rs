@@ -805,3 +805,40 @@ async fn automatic_updates_while_chatting() {
     })
     .await;
 }
+
+/// Everyone in a new group of `peers` leaves at the same moment; everyone must get `Left`.
+async fn all_leave(peers: &mut [&mut Peer]) {
+    let (creator, rest) = peers.split_at_mut(1);
+    let group = create_group(creator[0], "exodus").await;
+    let id = group.id.clone();
+    invite(creator[0], &group, rest).await;
+    for peer in peers.iter() {
+        peer.command(Command::Leave { group: id.clone() });
+    }
+    for peer in peers.iter_mut() {
+        peer.wait_for(
+            "left",
+            |event| matches!(event, CoreEvent::Left { group, .. } if group.id == id),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everyone_leaves_at_once() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        // Nobody is left to commit the others' Remove proposals unless a leaver does it.
+        all_leave(&mut [&mut alice, &mut bob]).await;
+        all_leave(&mut [&mut alice, &mut bob, &mut carol]).await;
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}

@@ -65,6 +65,11 @@ async fn sigkill_during_commits_does_not_fork() {
             } else {
                 "/update".to_string()
             };
+            if round % 2 == 1 {
+                // A commit of the other member races the victim's: one of them wins the epoch,
+                // and the victim dies while processing or retrying.
+                alice.command(Command::Update { group: id.clone() });
+            }
             victim.send_line(&command).await;
             tokio::time::sleep(Duration::from_millis(*delay)).await;
             victim.kill().await;

@@ -17,10 +17,10 @@ use openmls::ciphersuite::hash_ref::ProposalRef;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     BasicCredential, Capabilities, ContentType, CredentialWithKey, ExtensionType,
-    GroupId as MlsGroupId, KeyPackage, LeafNodeParameters, MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY,
-    MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
-    ProcessedMessageContent, Proposal, ProtocolMessage, ProtocolVersion, Sender, StagedCommit,
-    StagedWelcome, WelcomeError,
+    GroupId as MlsGroupId, KeyPackage, LeafNodeIndex, LeafNodeParameters,
+    MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn,
+    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage,
+    ProtocolVersion, Sender, StagedCommit, StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_sqlite_storage::Connection;
@@ -1139,6 +1139,10 @@ impl Engine {
         }
         let has_proposals = group.mls.pending_proposals().next().is_some();
         let leaving = group.leaving;
+        let alone = group.mls.members().count() <= 1;
+        // Everyone else has proposed to leave too: nobody but us will ever commit those
+        // proposals, so the last one out does, and then leaves an empty group on its own.
+        let last_out = leaving && others_all_leaving(&group.mls);
         let rows = match db::outbox(&self.connection) {
             Ok(rows) => rows
                 .into_iter()
@@ -1149,19 +1153,25 @@ impl Engine {
                 return Pumped::Idle;
             }
         };
-        if rows
-            .iter()
-            .any(|row| self.is_in_flight(row) || self.claims.contains_key(&row.id))
-        {
+        // A leave the DS has sequenced only waits for someone's commit; it does not keep the
+        // last one out from making that commit.
+        let waits_for_commit =
+            |row: &OutboxRow| last_out && self.awaiting_commit.contains(&row.client_message_id);
+        if rows.iter().any(|row| {
+            (self.is_in_flight(row) && !waits_for_commit(row)) || self.claims.contains_key(&row.id)
+        }) {
             return Pumped::Idle;
         }
         // An item already built goes first: its answer may have been lost with a connection,
         // and the DS may have sequenced it (a retry with the same client message id is
         // de-duplicated). Building anything else now would replace a pending commit the group
         // may already have accepted.
-        let next = if let Some(row) = rows.iter().find(|row| row.payload.is_some()) {
+        let next = if let Some(row) = rows
+            .iter()
+            .find(|row| row.payload.is_some() && !waits_for_commit(row))
+        {
             row.clone()
-        } else if has_proposals && !leaving {
+        } else if has_proposals && (!leaving || last_out) {
             // Proposals from others (a member leaving) block application messages until
             // someone commits them, so committing them comes first.
             match rows
@@ -1189,12 +1199,21 @@ impl Engine {
                 None => return Pumped::Idle,
             }
         };
-        if self.retry_at.contains_key(&next.id) {
+        if self.retry_at.contains_key(&next.id) || self.is_in_flight(&next) {
             return Pumped::Idle;
         }
         if next.payload.is_some() {
             self.transmit(&next);
             return Pumped::Sent;
+        }
+        if next.intent == Intent::Leave && alone {
+            // Nobody is left to remove us, nor to read anything: leave locally.
+            self.deactivate(group_id, "you left".into());
+            self.emit(CoreEvent::Left {
+                group: self.group_ref(group_id),
+                by: self.me.to_string(),
+            });
+            return Pumped::Idle;
         }
         match self.build(group_id, &next) {
             Ok(Built::Ready(row)) => {
@@ -1389,12 +1408,36 @@ impl Engine {
                         db::delete_outbox(connection, row.id)?;
                         return Ok(Built::Settled);
                     }
-                    let (commit, welcome, _info) = group
-                        .mls
-                        .commit_to_pending_proposals(provider, signer)
-                        .map_err(mls_error)?;
-                    let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
-                    (to_bytes(&commit)?, welcome)
+                    if group.leaving {
+                        // The last one out: the store holds our own Remove proposal, which no
+                        // commit of ours may include, so the others are removed by value.
+                        let others = leaving_others(&group.mls);
+                        if others.is_empty() {
+                            db::delete_outbox(connection, row.id)?;
+                            return Ok(Built::Settled);
+                        }
+                        let bundle = group
+                            .mls
+                            .commit_builder()
+                            .consume_proposal_store(false)
+                            .propose_removals(others)
+                            .load_psks(provider.storage())
+                            .map_err(mls_error)?
+                            .build(provider.rand(), provider.crypto(), signer, |_| true)
+                            .map_err(mls_error)?
+                            .stage_commit(provider)
+                            .map_err(mls_error)?;
+                        let (commit, welcome, _info) = bundle.into_messages();
+                        let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
+                        (to_bytes(&commit)?, welcome)
+                    } else {
+                        let (commit, welcome, _info) = group
+                            .mls
+                            .commit_to_pending_proposals(provider, signer)
+                            .map_err(mls_error)?;
+                        let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
+                        (to_bytes(&commit)?, welcome)
+                    }
                 }
                 Intent::Leave => {
                     let proposal = group.mls.leave_group(provider, signer).map_err(mls_error)?;
@@ -1579,6 +1622,8 @@ impl Engine {
             self.pump(&group_id);
         } else if row.intent == Intent::Leave {
             self.awaiting_commit.insert(client_message_id);
+            // If everyone else is leaving too, we are the one to commit.
+            self.pump(&group_id);
         }
         // Handshake messages take effect when the DS delivers them back in order; until then
         // the item stays in flight.
@@ -2279,6 +2324,36 @@ fn apply_inspection(
         });
     }
     observed.extend(inspection.updated.iter().cloned());
+}
+
+/// Other members that have proposed their own removal (their Remove proposals are pending).
+fn leaving_others(group: &MlsGroup) -> Vec<LeafNodeIndex> {
+    let own = group.own_leaf_index();
+    let mut leaving: Vec<LeafNodeIndex> = group
+        .pending_proposals()
+        .filter_map(|queued| match (queued.sender(), queued.proposal()) {
+            (Sender::Member(sender), Proposal::Remove(remove))
+                if remove.removed() == *sender && *sender != own =>
+            {
+                Some(*sender)
+            }
+            _ => None,
+        })
+        .collect();
+    leaving.sort_unstable();
+    leaving.dedup();
+    leaving
+}
+
+/// Whether every other member has proposed to leave.
+fn others_all_leaving(group: &MlsGroup) -> bool {
+    let own = group.own_leaf_index();
+    let leaving = leaving_others(group);
+    let mut others = group
+        .members()
+        .map(|member| member.index)
+        .filter(|index| *index != own);
+    !leaving.is_empty() && others.all(|index| leaving.contains(&index))
 }
 
 /// Users a staged commit adds and removes, for the DS's routing (names of removed members are
