@@ -21,7 +21,7 @@ use crate::protocol::{
     FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, GroupId, Pong, REGISTER_LABEL,
     SIGNATURE_KEY_LEN, Seq, UserName,
 };
-use crate::store::{Membership, Store, StoreError};
+use crate::store::{Membership, PendingAppend, Store, StoreError};
 
 /// Frames queued for the writer before producers wait.
 const OUTBOX: usize = 1024;
@@ -578,23 +578,93 @@ async fn serve_inner<S: Store>(
     tracing::info!(%user, "connection ended");
 }
 
-/// Runs a connection's `Send` and `CreateGroup` requests one after the other, in arrival order.
+/// Runs a connection's `Send` and `CreateGroup` requests in arrival order.
 ///
 /// Run concurrently, a client's pipelined messages could be sequenced in any order: MLS
 /// receivers then see one sender's generations out of order (openmls tolerates only a few by
-/// default) and a `Send` could overtake the `CreateGroup` of its group. The cost is one store
-/// transaction per message for a pipelining client; messages from different connections are
-/// still group-committed together.
+/// default) and a `Send` could overtake the `CreateGroup` of its group. So each `Send` is
+/// checked and queued with the store here, one after the other, and a second task awaits the
+/// store's answers in the same order, publishing and answering each. Queued appends are
+/// group-committed together, so a pipelining client still gets many messages per fsync.
 async fn run_in_order<S: Store>(
     context: Arc<RequestContext<S>>,
     mut queue: mpsc::Receiver<(Frame, OwnedSemaphorePermit)>,
     outbox: Outbox,
 ) {
+    // Unbounded in type only: each item holds one of the connection's in-flight permits.
+    let (completions, completing) = mpsc::unbounded_channel();
+    let completer = tokio::spawn(
+        complete_in_order(Arc::clone(&context), completing, outbox.clone()).in_current_span(),
+    );
     while let Some((request, permit)) = queue.recv().await {
-        if let Some(response) = dispatch(&context, request).await {
-            outbox.send(response).await;
+        let completion = match request {
+            Frame::Send(send) => match handlers::prepare_send(&context, send) {
+                Err(response) => Completion::Answer(response, permit),
+                Ok(handlers::PreparedSend { append, routing }) => Completion::Send {
+                    routing,
+                    pending: context.store.submit_append(append).await,
+                    permit,
+                },
+            },
+            other => {
+                // A CreateGroup runs once everything sent before it is stored.
+                let (done, drained) = oneshot::channel();
+                if completions.send(Completion::Barrier(done)).is_err() {
+                    break;
+                }
+                let _ = drained.await;
+                if let Some(response) = dispatch(&context, other).await {
+                    outbox.send(response).await;
+                }
+                drop(permit);
+                continue;
+            }
+        };
+        if completions.send(completion).is_err() {
+            break;
         }
-        drop(permit);
+    }
+    drop(completions);
+    let _ = completer.await;
+}
+
+/// One ordered request waiting for its answer.
+enum Completion {
+    Send {
+        routing: handlers::SendRouting,
+        pending: PendingAppend,
+        permit: OwnedSemaphorePermit,
+    },
+    Answer(Frame, OwnedSemaphorePermit),
+    Barrier(oneshot::Sender<()>),
+}
+
+async fn complete_in_order<S: Store>(
+    context: Arc<RequestContext<S>>,
+    mut completing: mpsc::UnboundedReceiver<Completion>,
+    outbox: Outbox,
+) {
+    while let Some(completion) = completing.recv().await {
+        match completion {
+            Completion::Send {
+                routing,
+                pending,
+                permit,
+            } => {
+                let outcome = pending.outcome().await;
+                outbox
+                    .send(handlers::complete_send(&context, routing, outcome))
+                    .await;
+                drop(permit);
+            }
+            Completion::Answer(response, permit) => {
+                outbox.send(response).await;
+                drop(permit);
+            }
+            Completion::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
     }
 }
 

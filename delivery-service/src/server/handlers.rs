@@ -10,6 +10,7 @@ use tls_codec::VLBytes;
 
 use super::hub::{Hub, Publication};
 use crate::config::Limits;
+use crate::protocol::Epoch;
 use crate::protocol::mls::{self, ContentType, WireFormat};
 use crate::protocol::{
     Accepted, ClaimKeyPackage, CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode,
@@ -17,7 +18,7 @@ use crate::protocol::{
     KeyPackagesStored, MAX_KEY_PACKAGE_LEN, Messages, Send, UploadKeyPackages, UserName,
     encode_frame,
 };
-use crate::store::{AppendRequest, MembershipChange, NewKeyPackage, Store, StoreError};
+use crate::store::{AppendRequest, Appended, MembershipChange, NewKeyPackage, Store, StoreError};
 
 /// The most messages one `Fetch` returns.
 pub const MAX_FETCH: u32 = 1000;
@@ -231,33 +232,50 @@ fn deliver_frame(delivery: &Delivery) -> Bytes {
     Bytes::from(encode_frame(FrameKind::Deliver, delivery))
 }
 
-pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame {
+/// A `Send` that passed the DS's own checks: what to store, and what is needed to route it
+/// and answer once it is stored.
+pub struct PreparedSend {
+    pub append: AppendRequest,
+    pub routing: SendRouting,
+}
+
+/// What [`complete_send`] needs besides the store's answer.
+pub struct SendRouting {
+    request_id: u32,
+    group_id: GroupId,
+    epoch: Epoch,
+    kind: DeliveryKind,
+    payload: Vec<u8>,
+    welcome: Option<Vec<u8>>,
+}
+
+/// Checks a `Send` without touching the store: the clear MLS header, the wire format, and the
+/// commit routing. `Err` is the error response.
+pub fn prepare_send<S: Store>(
+    context: &RequestContext<S>,
+    request: Send,
+) -> Result<PreparedSend, Frame> {
     let id = request.request_id;
-    let header = match mls::peek_message_header(request.message.as_slice()) {
-        Ok(header) => header,
-        Err(reason) => {
-            return error(
-                id,
-                ErrorCode::InvalidMessage,
-                format!("not an MLS group message: {reason}"),
-            );
-        }
-    };
+    let header = mls::peek_message_header(request.message.as_slice()).map_err(|reason| {
+        error(
+            id,
+            ErrorCode::InvalidMessage,
+            format!("not an MLS group message: {reason}"),
+        )
+    })?;
     // SECURITY: RFC 9420 §6 requires application data to travel as PrivateMessage; refusing
     // PublicMessage application data keeps a buggy client from handing the DS plaintext.
     if header.wire_format == WireFormat::PublicMessage
         && header.content_type == ContentType::Application
     {
-        return error(
+        return Err(error(
             id,
             ErrorCode::InvalidMessage,
             "application messages must be PrivateMessages",
-        );
+        ));
     }
-    let group_id = match GroupId::new(header.group_id) {
-        Ok(group_id) => group_id,
-        Err(reason) => return error(id, ErrorCode::InvalidMessage, reason.to_string()),
-    };
+    let group_id = GroupId::new(header.group_id)
+        .map_err(|reason| error(id, ErrorCode::InvalidMessage, reason.to_string()))?;
     let kind = match header.content_type {
         ContentType::Application => DeliveryKind::Application,
         ContentType::Proposal => DeliveryKind::Proposal,
@@ -266,22 +284,22 @@ pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame
     let membership = match request.commit {
         None => None,
         Some(_) if kind != DeliveryKind::Commit => {
-            return error(
+            return Err(error(
                 id,
                 ErrorCode::InvalidMessage,
                 "commit routing sent with a message that is not a commit",
-            );
+            ));
         }
         Some(routing) => {
             if let Some(welcome) = &routing.welcome
                 && let Err(reason) =
                     mls::expect_wire_format(welcome.as_slice(), WireFormat::Welcome)
             {
-                return error(
+                return Err(error(
                     id,
                     ErrorCode::InvalidMessage,
                     format!("the welcome is not a Welcome: {reason}"),
-                );
+                ));
             }
             Some(MembershipChange {
                 welcome: routing.welcome.map(Vec::from),
@@ -291,30 +309,50 @@ pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame
         }
     };
     let payload: Vec<u8> = request.message.into();
-    let append = AppendRequest {
+    let routing = SendRouting {
+        request_id: id,
         group_id: group_id.clone(),
+        epoch: header.epoch,
+        kind,
+        payload: payload.clone(),
+        welcome: membership
+            .as_ref()
+            .and_then(|change| change.welcome.clone()),
+    };
+    let append = AppendRequest {
+        group_id,
         sender: context.user.clone(),
         client_message_id: request.client_message_id,
         epoch: header.epoch,
         kind,
-        payload: payload.clone(),
-        membership: membership.clone(),
+        payload,
+        membership,
     };
-    let appended = match context.store.append(append).await {
+    Ok(PreparedSend { append, routing })
+}
+
+/// Routes a stored message to the group's sessions and builds the answer to its `Send`.
+pub fn complete_send<S: Store>(
+    context: &RequestContext<S>,
+    routing: SendRouting,
+    outcome: Result<Appended, StoreError>,
+) -> Frame {
+    let id = routing.request_id;
+    let appended = match outcome {
         Ok(appended) => appended,
         Err(failure) => return store_error(id, failure),
     };
     if !appended.duplicate {
         let delivery = Delivery {
-            group_id: group_id.clone(),
+            group_id: routing.group_id.clone(),
             seq: appended.seq,
-            epoch: header.epoch,
-            kind: kind as u8,
+            epoch: routing.epoch,
+            kind: routing.kind as u8,
             sender: context.user.clone(),
-            payload: payload.into(),
+            payload: routing.payload.into(),
         };
         let frame = deliver_frame(&delivery);
-        let welcome_frame = membership.and_then(|change| change.welcome).map(|welcome| {
+        let welcome_frame = routing.welcome.map(|welcome| {
             deliver_frame(&Delivery {
                 epoch: appended.epoch,
                 kind: DeliveryKind::Welcome as u8,
@@ -323,7 +361,7 @@ pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame
             })
         });
         context.hub.publish(Publication {
-            group_id: &group_id,
+            group_id: &routing.group_id,
             seq: appended.seq,
             frame: Some(frame),
             welcome_frame,
@@ -336,6 +374,17 @@ pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame
         seq: appended.seq,
         epoch: appended.epoch,
     })
+}
+
+/// Handles one `Send` from start to finish.
+pub async fn send<S: Store>(context: &RequestContext<S>, request: Send) -> Frame {
+    match prepare_send(context, request) {
+        Err(response) => response,
+        Ok(PreparedSend { append, routing }) => {
+            let outcome = context.store.append(append).await;
+            complete_send(context, routing, outcome)
+        }
+    }
 }
 
 pub async fn fetch<S: Store>(context: &RequestContext<S>, request: Fetch) -> Frame {

@@ -15,7 +15,7 @@ pub use url::{DatabaseUrl, DatabaseUrlError};
 
 use std::future::Future;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::{ClientMessageId, Delivery, DeliveryKind, Epoch, GroupId, Seq, UserName};
 
@@ -119,6 +119,27 @@ pub struct Appended {
     pub removed: Vec<UserName>,
 }
 
+/// An append submitted with [`Store::submit_append`].
+#[derive(Debug)]
+pub enum PendingAppend {
+    /// Already answered.
+    Done(Result<Appended, StoreError>),
+    /// Queued; answered once committed.
+    Queued(oneshot::Receiver<Result<Appended, StoreError>>),
+}
+
+impl PendingAppend {
+    /// Waits for the append to be durable (or refused).
+    pub async fn outcome(self) -> Result<Appended, StoreError> {
+        match self {
+            PendingAppend::Done(outcome) => outcome,
+            PendingAppend::Queued(answer) => answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Backend("the store writer stopped".into()))),
+        }
+    }
+}
+
 /// One group a user belongs to, with the user's acknowledged cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
@@ -218,6 +239,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         request: AppendRequest,
     ) -> impl Future<Output = Result<Appended, StoreError>> + Send;
+
+    /// Queues an append and resolves as soon as it is queued; the [`PendingAppend`] resolves
+    /// once it is durable. Appends one caller submits one after the other are sequenced in that
+    /// order, so a connection can keep many messages in flight and still have them stored in
+    /// the order it sent them, group-committed together.
+    ///
+    /// The default runs the append to completion before resolving, which keeps the order for
+    /// backends whose batching may reorder queued appends.
+    fn submit_append(&self, request: AppendRequest) -> impl Future<Output = PendingAppend> + Send {
+        async move { PendingAppend::Done(self.append(request).await) }
+    }
 
     fn memberships(
         &self,

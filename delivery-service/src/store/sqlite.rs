@@ -12,8 +12,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
     AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, MembershipChange,
-    NewKeyPackage, Purged, Registration, Store, StoreError, StoreLimits, check_membership_shape,
-    now_unix_secs, payload_hash,
+    NewKeyPackage, PendingAppend, Purged, Registration, Store, StoreError, StoreLimits,
+    check_membership_shape, now_unix_secs, payload_hash,
 };
 use crate::protocol::{Delivery, DeliveryKind, GroupId, Seq, UserName};
 
@@ -352,7 +352,11 @@ impl SqliteStore {
         })
     }
 
-    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    /// Queues a write for the writer thread, which runs queued writes in order.
+    async fn enqueue<T, F>(
+        &self,
+        operation: F,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &StoreLimits) -> Result<T, StoreError> + Send + 'static,
@@ -367,7 +371,16 @@ impl SqliteStore {
             .send(WriterMessage::Job(Box::new(job)))
             .await
             .map_err(|_| StoreError::Backend("the store is closed".into()))?;
-        answer
+        Ok(answer)
+    }
+
+    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &StoreLimits) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.enqueue(operation)
+            .await?
             .await
             .map_err(|_| StoreError::Backend("the store writer stopped".into()))?
     }
@@ -971,6 +984,18 @@ impl Store for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
         self.write(move |connection, limits| append(connection, limits, request))
             .await
+    }
+
+    /// The writer thread runs queued writes in order and group-commits them, so queueing is
+    /// all it takes to keep a connection's order while many of its messages are in flight.
+    async fn submit_append(&self, request: AppendRequest) -> PendingAppend {
+        match self
+            .enqueue(move |connection, limits| append(connection, limits, request))
+            .await
+        {
+            Ok(answer) => PendingAppend::Queued(answer),
+            Err(failure) => PendingAppend::Done(Err(failure)),
+        }
     }
 
     async fn memberships(&self, user: &UserName) -> Result<Vec<Membership>, StoreError> {
