@@ -1676,6 +1676,23 @@ impl Engine {
             Some(ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::QuotaExceeded) => {
                 self.retry_at.insert(outbox, Instant::now() + RETRY_DELAY);
             }
+            Some(ErrorCode::NotMember)
+                if self
+                    .groups
+                    .get(&group_id)
+                    .is_some_and(|group| group.leaving) =>
+            {
+                // We asked to leave and someone has already removed us: what we sent meanwhile
+                // (our proposal again, or the last-one-out commit) is moot, and the commit
+                // that removed us is on its way (the DS delivers it to us). Not an error.
+                tracing::info!(outbox, "already removed from a group we are leaving");
+                self.discard_pending(&group_id, &row.intent);
+                if let Err(error) = db::delete_outbox(&self.connection, outbox) {
+                    self.error(error.to_string());
+                }
+                self.claimed.remove(&outbox);
+                self.pump(&group_id);
+            }
             _ => {
                 self.discard_pending(&group_id, &row.intent);
                 self.fail_outbox(&group_id, outbox, &row.intent, &message);
@@ -2161,7 +2178,14 @@ impl Engine {
 
     fn on_welcome(&mut self, delivery: Delivery) {
         let group_id = delivery.group_id.clone();
-        if self.groups.get(&group_id).is_some_and(|group| group.active) {
+        // Already a member, or a Welcome replayed from before what we processed since (acks
+        // lost with a connection): joining again from it would rewind the group and replay
+        // its messages.
+        if self
+            .groups
+            .get(&group_id)
+            .is_some_and(|group| group.active || delivery.seq <= group.cursor)
+        {
             return;
         }
         let replace = self.groups.contains_key(&group_id);
