@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,12 +78,40 @@ pub struct DsProcess {
     _dir: tempfile::TempDir,
 }
 
+/// A copy of this binary made at first use, to run as the DS child. Figure 8 builds the
+/// `mlschat` binary, and that build may relink this very binary; a child started from
+/// `current_exe()` afterwards would find its file gone.
+fn ds_child_binary() -> Result<PathBuf> {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(path) = COPY.get() {
+        return Ok(path.clone());
+    }
+    let original = std::env::current_exe()?;
+    let copy = original.with_file_name(format!("mlschat-bench-ds-child-{}", std::process::id()));
+    std::fs::copy(&original, &copy).context("cannot copy the bench binary for the DS child")?;
+    Ok(COPY.get_or_init(|| copy).clone())
+}
+
+/// Makes the DS child's copy of this binary now, before anything can relink the original.
+pub fn prepare_ds_child_binary() -> Result<()> {
+    ds_child_binary().map(|_| ())
+}
+
+/// Removes the DS child's copy of this binary (call once, at exit).
+pub fn remove_ds_child_binary() {
+    let Ok(original) = std::env::current_exe() else {
+        return;
+    };
+    let copy = original.with_file_name(format!("mlschat-bench-ds-child-{}", std::process::id()));
+    let _ = std::fs::remove_file(copy);
+}
+
 impl DsProcess {
     pub async fn spawn() -> Result<DsProcess> {
         let dir = tempfile::Builder::new()
             .prefix("mlschat-bench-ds")
             .tempdir()?;
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = Command::new(ds_child_binary()?)
             .arg("__ds-server")
             .arg(dir.path())
             .stdin(Stdio::piped())

@@ -139,6 +139,10 @@ fn main() -> Result<()> {
     let mut timings = Vec::new();
     let figures = &args.figures;
     runtime.block_on(async {
+        // Copy this binary for the DS children before figure 8 may rebuild it.
+        if let Err(error) = ds::prepare_ds_child_binary() {
+            failures.error(format!("cannot prepare the DS child binary: {error}"));
+        }
         for &figure in figures {
             // Figure 6 is measured in figure 2's runs when both are asked for.
             if figure == 6 && figures.contains(&2) {
@@ -210,6 +214,7 @@ fn main() -> Result<()> {
     std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("\nJSON: {}", args.out.display());
+    ds::remove_ds_child_binary();
     if !lost.is_empty() || !errors.is_empty() {
         eprintln!(
             "FAILED: {} lost-delivery failure(s), {} error(s)",
