@@ -12,12 +12,15 @@ use mlschat_ds::config::Limits;
 /// A private tmux server, killed when the test ends (even on failure).
 struct Tmux {
     socket: String,
+    /// Where each session's shell writes the program's exit status.
+    status_dir: tempfile::TempDir,
 }
 
 impl Tmux {
     fn new() -> Tmux {
         let socket = format!("mlschat-test-{}-{}", std::process::id(), rand_suffix());
-        Tmux { socket }
+        let status_dir = tempfile::tempdir().expect("temp dir");
+        Tmux { socket, status_dir }
     }
 
     fn run(&self, args: &[&str]) -> String {
@@ -34,7 +37,17 @@ impl Tmux {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    fn status_file(&self, session: &str) -> std::path::PathBuf {
+        self.status_dir.path().join(format!("{session}.status"))
+    }
+
     fn start(&self, session: &str, width: u16, height: u16, command: &str) {
+        // The shell records the exit status itself: tmux's #{pane_dead_status} is not always
+        // filled in when the pane's shell is reaped.
+        let wrapped = format!(
+            "{command}; echo $? > {}",
+            self.status_file(session).display()
+        );
         self.run(&[
             "new-session",
             "-d",
@@ -44,7 +57,7 @@ impl Tmux {
             &width.to_string(),
             "-y",
             &height.to_string(),
-            command,
+            &wrapped,
         ]);
         self.run(&["set-option", "-t", session, "remain-on-exit", "on"]);
     }
@@ -86,32 +99,29 @@ impl Tmux {
     /// Waits for the program to exit and checks it left the terminal as it found it: off the
     /// alternate screen, with exit status 0 (not killed by a signal).
     fn assert_exited_cleanly(&self, session: &str, timeout: Duration) {
-        self.wait_exit(session, timeout);
+        let status = self.wait_exit(session, timeout);
+        assert_eq!(
+            status,
+            "0",
+            "{session} exited with status {status}; screen:\n{}",
+            self.screen(session)
+        );
         assert_eq!(
             self.display(session, "#{alternate_on}"),
             "0",
             "{session}'s terminal left the alternate screen"
         );
-        assert_eq!(
-            self.display(session, "#{pane_dead_status}:#{pane_dead_signal}"),
-            "0:",
-            "{session} exited cleanly; screen:\n{}",
-            self.screen(session)
-        );
     }
 
-    fn wait_exit(&self, session: &str, timeout: Duration) {
+    /// Waits for the program to exit and returns its exit status.
+    fn wait_exit(&self, session: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        // The pane is marked dead when its terminal closes; the exit status comes a moment
-        // later, when tmux reaps the process.
-        while self
-            .display(
-                session,
-                "#{pane_dead}#{pane_dead_status}#{pane_dead_signal}",
-            )
-            .len()
-            < 2
-        {
+        loop {
+            if let Ok(status) = std::fs::read_to_string(self.status_file(session))
+                && !status.trim().is_empty()
+            {
+                return status.trim().to_string();
+            }
             if Instant::now() > deadline {
                 panic!(
                     "{session} did not exit; its screen:\n{}",
