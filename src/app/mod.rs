@@ -714,9 +714,11 @@ fn history_entry(entry: &HistoryEntry, me: &str) -> Entry {
         let delivery = match entry.state.as_deref() {
             None => Delivery::Received,
             Some("sent") => Delivery::Sent,
-            Some("sending") => {
-                Delivery::Failed("not sent before the client stopped; it is retried".into())
-            }
+            // Still in the outbox: the core sends it and reports `Sent` with this id.
+            Some("sending") => match entry.outbox_id {
+                Some(outbox_id) => Delivery::Sending(outbox_id),
+                None => Delivery::Failed("not sent before the client stopped".into()),
+            },
             Some(other) => Delivery::Failed(other.trim_start_matches("failed: ").to_string()),
         };
         EntryKind::Message {

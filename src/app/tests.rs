@@ -439,3 +439,44 @@ fn resizing_clears_and_ticks_redraw_only_on_new_minutes() {
     update(&mut state, Msg::Tick(60 * 1001));
     assert!(state.dirty);
 }
+
+#[test]
+fn queued_messages_from_before_a_restart_settle_when_sent() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let pending = HistoryEntry {
+        id: 9,
+        seq: None,
+        sender: "alice".into(),
+        kind: "message".into(),
+        text: "typed while offline".into(),
+        at: 1_764_400_000,
+        state: Some("sending".into()),
+        outbox_id: Some(5),
+    };
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::History {
+            group: team.clone(),
+            entries: vec![pending],
+        }),
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Sent {
+            group: team,
+            local_id: 5,
+            seq: 12,
+        }),
+    );
+    let entry = state.groups[0].entries.last().expect("the restored line");
+    assert_eq!(entry.seq, Some(12));
+    assert!(matches!(
+        &entry.kind,
+        EntryKind::Message {
+            delivery: Delivery::Sent,
+            own: true,
+            ..
+        }
+    ));
+}

@@ -466,6 +466,26 @@ pub struct HistoryEntry {
     pub text: String,
     pub at: i64,
     pub state: Option<String>,
+    /// For our own messages still in the outbox: the item that will settle this line.
+    pub outbox_id: Option<i64>,
+}
+
+/// The columns [`history_entry`] reads, in order.
+const HISTORY_COLUMNS: &str = "id, seq, sender, kind, text, at, state, outbox_id";
+
+fn history_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
+    Ok(HistoryEntry {
+        id: row.get(0)?,
+        seq: row
+            .get::<_, Option<i64>>(1)?
+            .and_then(|seq| u64::try_from(seq).ok()),
+        sender: row.get(2)?,
+        kind: row.get(3)?,
+        text: row.get(4)?,
+        at: row.get(5)?,
+        state: row.get(6)?,
+        outbox_id: row.get(7)?,
+    })
 }
 
 /// A new line for a group's timeline.
@@ -553,24 +573,12 @@ pub fn history(
     limit: u32,
 ) -> Result<Vec<HistoryEntry>, CoreError> {
     let mut statement = connection
-        .prepare(
-            "SELECT id, seq, sender, kind, text, at, state FROM history WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
-        )
+        .prepare(&format!(
+            "SELECT {HISTORY_COLUMNS} FROM history WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2"
+        ))
         .map_err(sql)?;
     let rows = statement
-        .query_map(params![group_id, limit], |row| {
-            Ok(HistoryEntry {
-                id: row.get(0)?,
-                seq: row
-                    .get::<_, Option<i64>>(1)?
-                    .and_then(|seq| u64::try_from(seq).ok()),
-                sender: row.get(2)?,
-                kind: row.get(3)?,
-                text: row.get(4)?,
-                at: row.get(5)?,
-                state: row.get(6)?,
-            })
-        })
+        .query_map(params![group_id, limit], history_entry)
         .map_err(sql)?;
     let mut entries = rows.collect::<Result<Vec<_>, _>>().map_err(sql)?;
     entries.reverse();
@@ -665,25 +673,13 @@ pub fn search_history(
             .replace('_', "\\_")
     );
     let mut statement = connection
-        .prepare(
-            "SELECT id, seq, sender, kind, text, at, state FROM history
-             WHERE group_id = ?1 AND kind = 'message' AND text LIKE ?2 ESCAPE '\\' ORDER BY id DESC LIMIT ?3",
-        )
+        .prepare(&format!(
+            "SELECT {HISTORY_COLUMNS} FROM history
+             WHERE group_id = ?1 AND kind = 'message' AND text LIKE ?2 ESCAPE '\\' ORDER BY id DESC LIMIT ?3"
+        ))
         .map_err(sql)?;
     let rows = statement
-        .query_map(params![group_id, pattern, limit], |row| {
-            Ok(HistoryEntry {
-                id: row.get(0)?,
-                seq: row
-                    .get::<_, Option<i64>>(1)?
-                    .and_then(|seq| u64::try_from(seq).ok()),
-                sender: row.get(2)?,
-                kind: row.get(3)?,
-                text: row.get(4)?,
-                at: row.get(5)?,
-                state: row.get(6)?,
-            })
-        })
+        .query_map(params![group_id, pattern, limit], history_entry)
         .map_err(sql)?;
     let mut entries = rows.collect::<Result<Vec<_>, _>>().map_err(sql)?;
     entries.reverse();
