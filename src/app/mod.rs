@@ -17,8 +17,9 @@ use keymap::Action;
 
 /// Entries kept in memory per group; older ones stay in the database.
 pub const MAX_ENTRIES: usize = 10_000;
-/// History loaded when a group is first shown.
-pub const HISTORY_PAGE: u32 = 1_000;
+/// History loaded when a group is first shown (the core reads it off the UI task; the views
+/// lay out only what is visible).
+pub const HISTORY_PAGE: u32 = MAX_ENTRIES as u32;
 /// Lines one mouse-wheel step scrolls.
 const WHEEL_LINES: usize = 3;
 /// Input history kept for Up/Down.
@@ -371,7 +372,12 @@ fn clamp_scroll(state: &mut State) {
             group.new_below = 0;
             return;
         }
-        let total = crate::ui::timeline::content_height(group, width, utc_offset);
+        let total = crate::ui::timeline::content_height_up_to(
+            group,
+            width,
+            utc_offset,
+            group.scroll + height,
+        );
         group.scroll = group.scroll.min(total.saturating_sub(height));
         if group.scroll == 0 {
             group.new_below = 0;

@@ -480,3 +480,54 @@ fn queued_messages_from_before_a_restart_settle_when_sent() {
         }
     ));
 }
+
+#[test]
+fn ten_thousand_messages_of_history_load_and_scroll() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let entries: Vec<HistoryEntry> = (0..10_000)
+        .map(|index| HistoryEntry {
+            id: index,
+            seq: Some(index as u64 + 1),
+            sender: if index % 2 == 0 {
+                "bob".into()
+            } else {
+                "alice".into()
+            },
+            kind: "message".into(),
+            text: format!("message number {index}"),
+            at: 1_764_400_000 + index,
+            state: None,
+            outbox_id: None,
+        })
+        .collect();
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::History {
+            group: team,
+            entries,
+        }),
+    );
+    assert_eq!(state.groups[0].entries.len(), 10_000);
+    for _ in 0..3 {
+        update(&mut state, key(KeyCode::PageUp));
+    }
+    let page = usize::from(crate::ui::timeline_height(&state)) - 2;
+    assert_eq!(state.groups[0].scroll, 3 * page);
+    let mut terminal =
+        ratatui::Terminal::new(ratatui::backend::TestBackend::new(80, 24)).expect("terminal");
+    terminal
+        .draw(|frame| crate::ui::render(&state, frame))
+        .expect("draw");
+    let screen = terminal.backend().to_string();
+    // The bottom row holds the "more below" indicator, so the newest line shown is one above.
+    let newest_shown = 10_000 - 1 - 3 * page - 1;
+    assert!(
+        screen.contains(&format!("message number {newest_shown} ")),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains(&format!("message number {} ", newest_shown + 1)),
+        "{screen}"
+    );
+}

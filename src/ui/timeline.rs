@@ -237,14 +237,25 @@ fn lines_with_separator(
     lines
 }
 
-/// Total wrapped height of a group's timeline (used to bound scrolling).
-pub fn content_height(group: &GroupView, columns: u16, utc_offset: i32) -> usize {
+/// Wrapped height of a group's timeline, counted from the newest entry and stopping once it
+/// reaches `needed`: scrolling only needs to know whether there is that much, so a long
+/// history is never laid out in full.
+pub fn content_height_up_to(
+    group: &GroupView,
+    columns: u16,
+    utc_offset: i32,
+    needed: usize,
+) -> usize {
     let theme = Theme::default();
-    (0..group.entries.len())
-        .map(|index| {
-            lines_with_separator(group, index, usize::from(columns), utc_offset, &theme).len()
-        })
-        .sum()
+    let mut height = 0;
+    for index in (0..group.entries.len()).rev() {
+        height +=
+            lines_with_separator(group, index, usize::from(columns), utc_offset, &theme).len();
+        if height >= needed {
+            break;
+        }
+    }
+    height
 }
 
 pub fn render(state: &State, frame: &mut Frame, area: Rect) {
