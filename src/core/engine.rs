@@ -1549,12 +1549,22 @@ impl Engine {
             self.check_key_package(&user, &bytes)
                 .map_err(|reason| format!("{user}'s KeyPackage is unusable: {reason}"))
         });
-        if let Ok(key_package) = &checked {
-            self.observe(
-                user.as_str(),
-                key_package.leaf_node().signature_key().as_slice(),
-            );
-        }
+        let checked = checked.and_then(|key_package| {
+            let key = key_package.leaf_node().signature_key().as_slice();
+            self.observe(user.as_str(), key);
+            // SECURITY: a KeyPackage under a known name but a new key may be the DS's (or
+            // anyone's) substitute for the person. It is never silently accepted: the user
+            // compares fingerprints with /verify first, and invites again.
+            match db::known_key(&self.connection, user.as_str()) {
+                Ok(Some(known)) if known.key_changed => Err(format!(
+                    "{user}'s key changed since you last saw it (new fingerprint {}); compare \
+                     fingerprints with /verify {user}, then invite again",
+                    fingerprint(key)
+                )),
+                Ok(_) => Ok(key_package),
+                Err(error) => Err(error.to_string()),
+            }
+        });
         let Some(claim) = self.claims.get_mut(&outbox) else {
             return;
         };

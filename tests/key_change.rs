@@ -1,0 +1,52 @@
+//! A known name with a new key is never silently accepted: inviting a user whose key changed
+//! since we last saw them is refused until we compare fingerprints with /verify.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Ds, Peer, create_group, invite, timed, user};
+use mlschat::core::{Command, CoreEvent};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_of_a_changed_key_waits_for_verification() {
+    timed(Duration::from_secs(90), async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        // Alice meets bob on one DS and learns his key.
+        let first = Ds::start().await;
+        let mut alice = Peer::start(&first, "alice", root.path()).await;
+        let mut bob = Peer::start(&first, "bob", root.path()).await;
+        let team = create_group(&mut alice, "team").await;
+        invite(&mut alice, &team, &mut [&mut bob]).await;
+        alice.stop().await;
+        bob.stop().await;
+
+        // On another DS, someone registered "bob" with a different key.
+        let second = Ds::start().await;
+        let mut alice = Peer::start(&second, "alice", root.path()).await;
+        let mut impostor = Peer::start(&second, "bob", elsewhere.path()).await;
+        let other = create_group(&mut alice, "other").await;
+        alice.command(Command::Invite { group: other.id.clone(), users: vec![user("bob")] });
+        alice
+            .wait_for("key change warning", |event| matches!(event, CoreEvent::KeyChanged { user, .. } if user == "bob"))
+            .await;
+        alice
+            .wait_for("refused invite", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("bob's key changed") && message.contains("/verify bob"))
+            })
+            .await;
+        assert!(
+            !alice.log.iter().any(|event| matches!(event, CoreEvent::MemberAdded { group, .. } if group.id == other.id)),
+            "a changed key must not be added without verification"
+        );
+
+        // After comparing fingerprints (/verify), the invite goes through.
+        alice.command(Command::Verify { user: user("bob") });
+        alice.wait_for("verified", |event| matches!(event, CoreEvent::Verified { user } if user == "bob")).await;
+        invite(&mut alice, &other, &mut [&mut impostor]).await;
+        alice.stop().await;
+        impostor.stop().await;
+    })
+    .await;
+}
