@@ -119,6 +119,33 @@ pub struct Appended {
     pub removed: Vec<UserName>,
 }
 
+/// The rules every backend applies to an append once it has read the group's state: one epoch
+/// at a time (RFC 9420 §14: exactly one commit wins each epoch, and every handshake and
+/// application message must be for the current one), the backlog quota, and membership
+/// changes only on commits. Returns the membership change to apply.
+pub(crate) fn check_append_rules(
+    request: &AppendRequest,
+    epoch: Epoch,
+    stored: u64,
+    limits: &StoreLimits,
+) -> Result<MembershipChange, StoreError> {
+    if request.epoch != epoch {
+        return Err(StoreError::StaleEpoch { current: epoch });
+    }
+    if stored >= limits.max_group_backlog {
+        return Err(StoreError::QuotaExceeded(format!(
+            "the group holds {} undelivered messages",
+            limits.max_group_backlog
+        )));
+    }
+    if request.kind != DeliveryKind::Commit && request.membership.is_some() {
+        return Err(StoreError::InvalidMembership(
+            "only commits change membership".into(),
+        ));
+    }
+    Ok(request.membership.clone().unwrap_or_default())
+}
+
 /// An append submitted with [`Store::submit_append`].
 #[derive(Debug)]
 pub enum PendingAppend {

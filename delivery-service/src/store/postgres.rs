@@ -33,8 +33,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, Statement};
 use super::url::redact_postgres_url;
 use super::{
     AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, NewKeyPackage, Purged,
-    Registration, RemoteAppend, Store, StoreError, StoreLimits, check_membership_shape,
-    now_unix_secs, payload_hash,
+    Registration, RemoteAppend, Store, StoreError, StoreLimits, check_append_rules,
+    check_membership_shape, now_unix_secs, payload_hash,
 };
 use crate::protocol::{Delivery, DeliveryKind, GroupId, Seq, UserName};
 
@@ -798,23 +798,7 @@ async fn check(
     if !matches!(&sender_row, Some(row) if row.get::<_, Option<i64>>(0).is_none()) {
         return Err(StoreError::NotMember);
     }
-    // RFC 9420 §14: the DS accepts exactly one commit per epoch; every handshake and
-    // application message must be for the current epoch.
-    if request.epoch != epoch {
-        return Err(StoreError::StaleEpoch { current: epoch });
-    }
-    if stored >= limits.max_group_backlog {
-        return Err(StoreError::QuotaExceeded(format!(
-            "the group holds {} undelivered messages",
-            limits.max_group_backlog
-        )));
-    }
-    let change = request.membership.clone().unwrap_or_default();
-    if request.kind != DeliveryKind::Commit && request.membership.is_some() {
-        return Err(StoreError::InvalidMembership(
-            "only commits change membership".into(),
-        ));
-    }
+    let change = check_append_rules(request, epoch, stored, limits)?;
     check_membership_shape(request, &change)?;
     if !change.added.is_empty() || !change.removed.is_empty() {
         validate_membership_change(transaction, statements, group_id, &change).await?;

@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::{
     AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, MembershipChange,
     NewKeyPackage, PendingAppend, Purged, Registration, Store, StoreError, StoreLimits,
-    check_membership_shape, now_unix_secs, payload_hash,
+    check_append_rules, check_membership_shape, now_unix_secs, payload_hash,
 };
 use crate::protocol::{Delivery, DeliveryKind, GroupId, Seq, UserName};
 
@@ -604,23 +604,7 @@ fn append(
     if !is_active_member(connection, &request.group_id, &request.sender)? {
         return Err(StoreError::NotMember);
     }
-    // RFC 9420 §14: the DS accepts exactly one commit per epoch; every handshake and
-    // application message must be for the current epoch.
-    if request.epoch != epoch {
-        return Err(StoreError::StaleEpoch { current: epoch });
-    }
-    if stored >= limits.max_group_backlog {
-        return Err(StoreError::QuotaExceeded(format!(
-            "the group holds {} undelivered messages",
-            limits.max_group_backlog
-        )));
-    }
-    let change = request.membership.clone().unwrap_or_default();
-    if request.kind != DeliveryKind::Commit && request.membership.is_some() {
-        return Err(StoreError::InvalidMembership(
-            "only commits change membership".into(),
-        ));
-    }
+    let change = check_append_rules(&request, epoch, stored, limits)?;
     validate_membership_change(connection, &request, &change)?;
 
     let seq = last_seq + 1;
