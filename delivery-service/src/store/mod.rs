@@ -146,6 +146,48 @@ pub(crate) fn check_append_rules(
     Ok(request.membership.clone().unwrap_or_default())
 }
 
+/// A stored message as a backend reads it back, before it is shaped for one member.
+pub(crate) struct StoredMessage {
+    pub seq: Seq,
+    pub epoch: Epoch,
+    pub kind: i64,
+    pub sender: String,
+    pub payload: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// The delivery of a stored message to a member who joined at `joined_seq` (0: the creator).
+/// A member added by the commit at `joined_seq` gets that commit's Welcome instead of the
+/// commit, with the epoch it creates (see protocol.md); `None` if there is no Welcome to give.
+pub(crate) fn delivery_for_member(
+    group_id: &GroupId,
+    joined_seq: Seq,
+    message: StoredMessage,
+) -> Result<Option<Delivery>, StoreError> {
+    let sender = UserName::new(message.sender)
+        .map_err(|error| StoreError::Backend(format!("corrupt sender: {error}")))?;
+    if message.seq == joined_seq && joined_seq > 0 {
+        return Ok(message.welcome.map(|welcome| Delivery {
+            group_id: group_id.clone(),
+            seq: message.seq,
+            epoch: message.epoch + 1,
+            kind: DeliveryKind::Welcome as u8,
+            sender,
+            payload: welcome.into(),
+        }));
+    }
+    let kind = u8::try_from(message.kind)
+        .map_err(|_| StoreError::Backend("corrupt message kind".into()))?;
+    Ok(Some(Delivery {
+        group_id: group_id.clone(),
+        seq: message.seq,
+        epoch: message.epoch,
+        kind,
+        sender,
+        payload: message.payload.into(),
+    }))
+}
+
 /// An append submitted with [`Store::submit_append`].
 #[derive(Debug)]
 pub enum PendingAppend {

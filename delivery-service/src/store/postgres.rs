@@ -33,10 +33,10 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, Statement};
 use super::url::redact_postgres_url;
 use super::{
     AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, NewKeyPackage, Purged,
-    Registration, RemoteAppend, Store, StoreError, StoreLimits, check_append_rules,
-    check_membership_shape, now_unix_secs, payload_hash,
+    Registration, RemoteAppend, Store, StoreError, StoreLimits, StoredMessage, check_append_rules,
+    check_membership_shape, delivery_for_member, now_unix_secs, payload_hash,
 };
-use crate::protocol::{Delivery, DeliveryKind, GroupId, Seq, UserName};
+use crate::protocol::{DeliveryKind, GroupId, Seq, UserName};
 
 /// The schema version this code writes (table `mlschat_schema`).
 const SCHEMA_VERSION: i32 = 1;
@@ -1285,36 +1285,17 @@ impl Store for PostgresStore {
                 more = true;
                 break;
             }
-            let seq = from_sql(row.get(0));
-            let epoch = from_sql(row.get(1));
-            let kind: i16 = row.get(2);
-            let sender = UserName::new(row.get::<_, String>(3)).map_err(backend)?;
-            let delivery = if seq == joined_seq && joined_seq > 0 {
-                // The member was added by this commit: it gets the Welcome instead.
-                let Some(welcome) = row.get::<_, Option<Vec<u8>>>(5) else {
-                    continue;
-                };
-                Delivery {
-                    group_id: group_id.clone(),
-                    seq,
-                    epoch: epoch + 1,
-                    kind: DeliveryKind::Welcome as u8,
-                    sender,
-                    payload: welcome.into(),
-                }
-            } else {
-                let kind = u8::try_from(kind)
-                    .map_err(|_| StoreError::Backend("corrupt message kind".into()))?;
-                Delivery {
-                    group_id: group_id.clone(),
-                    seq,
-                    epoch,
-                    kind,
-                    sender,
-                    payload: row.get::<_, Vec<u8>>(4).into(),
-                }
+            let stored = StoredMessage {
+                seq: from_sql(row.get(0)),
+                epoch: from_sql(row.get(1)),
+                kind: i64::from(row.get::<_, i16>(2)),
+                sender: row.get(3),
+                payload: row.get(4),
+                welcome: row.get(5),
             };
-            deliveries.push(delivery);
+            if let Some(delivery) = delivery_for_member(group_id, joined_seq, stored)? {
+                deliveries.push(delivery);
+            }
         }
         Ok(FetchPage { deliveries, more })
     }

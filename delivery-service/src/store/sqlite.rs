@@ -13,9 +13,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::{
     AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, MembershipChange,
     NewKeyPackage, PendingAppend, Purged, Registration, Store, StoreError, StoreLimits,
-    check_append_rules, check_membership_shape, now_unix_secs, payload_hash,
+    StoredMessage, check_append_rules, check_membership_shape, delivery_for_member, now_unix_secs,
+    payload_hash,
 };
-use crate::protocol::{Delivery, DeliveryKind, GroupId, Seq, UserName};
+use crate::protocol::{DeliveryKind, GroupId, Seq, UserName};
 
 /// Writes queued beyond this many wait for the writer thread (backpressure on senders).
 const WRITE_QUEUE: usize = 4096;
@@ -747,32 +748,17 @@ fn fetch(
             more = true;
             break;
         }
-        let sender =
-            UserName::new(sender).map_err(|error| StoreError::Backend(error.to_string()))?;
-        let delivery = if seq == joined_seq && joined_seq > 0 {
-            // The member was added by this commit: it gets the Welcome instead (see protocol.md).
-            let Some(welcome) = welcome else { continue };
-            Delivery {
-                group_id: group_id.clone(),
-                seq,
-                epoch: epoch + 1,
-                kind: DeliveryKind::Welcome as u8,
-                sender,
-                payload: welcome.into(),
-            }
-        } else {
-            let kind = u8::try_from(kind)
-                .map_err(|_| StoreError::Backend("corrupt message kind".into()))?;
-            Delivery {
-                group_id: group_id.clone(),
-                seq,
-                epoch,
-                kind,
-                sender,
-                payload: payload.into(),
-            }
+        let stored = StoredMessage {
+            seq,
+            epoch,
+            kind,
+            sender,
+            payload,
+            welcome,
         };
-        deliveries.push(delivery);
+        if let Some(delivery) = delivery_for_member(group_id, joined_seq, stored)? {
+            deliveries.push(delivery);
+        }
     }
     Ok(FetchPage { deliveries, more })
 }
