@@ -26,7 +26,25 @@ const MAX_BATCH: usize = 512;
 /// opening connections (and file descriptors, and blocking threads) without bound under load.
 const MAX_READERS: usize = 8;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+/// Groups whose state the writer thread keeps in memory; past this, one is forgotten (and read
+/// again from the database when next needed) for each group loaded.
+const MAX_CACHED_GROUPS: usize = 4096;
+/// How often the background checkpointer copies the WAL into the database file while writes
+/// keep coming, and how often it looks when they do not.
+const CHECKPOINT_BUSY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+const CHECKPOINT_IDLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// WAL pages (4 KiB) past which the checkpointer works to get the WAL started over (see
+/// [`checkpointer_loop`]): 32 MiB, which stays in the OS page cache and is reused.
+const WAL_SOFT_LIMIT_PAGES: i64 = 8_192;
+/// Frames the writer may be left to copy itself when the checkpointer asks it to finish.
+const WAL_TAIL_PAGES: i64 = 512;
+/// WAL pages past which the writer checkpoints everything itself between batches, whatever
+/// the checkpointer managed: the WAL can never grow without bound.
+const WAL_HARD_LIMIT_PAGES: i64 = 32_768;
+/// The WAL file is truncated to this size when it is reset, so that a burst does not leave a
+/// huge file behind.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE users (
@@ -97,6 +115,59 @@ UPDATE groups SET stored = (SELECT COUNT(*) FROM messages WHERE messages.group_i
 -- (clients still reject an expired KeyPackage when they use it).
 ALTER TABLE key_packages ADD COLUMN not_after INTEGER NOT NULL DEFAULT 9223372036854775807;
 CREATE INDEX key_packages_by_expiry ON key_packages (not_after);
+";
+
+/// Version 3: fewer B-trees written per append. `messages` gets an `INTEGER PRIMARY KEY`
+/// (appends go to the right edge of the table) with `(group_id, seq)` as a unique index; the
+/// idempotency record of a stored message is part of its row (`payload_hash`, looked up through
+/// `messages_by_client_id`), so `idempotency` only holds the records of messages purged before
+/// the end of the retention period; `messages_by_time` is gone because `id` follows insertion
+/// order, which the retention purge scans instead. Rows are copied by [`migrate`].
+const SCHEMA_V3: &str = "
+CREATE TABLE messages_v3 (
+    id INTEGER PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    client_message_id BLOB NOT NULL,
+    payload_hash BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    welcome BLOB,
+    created_at INTEGER NOT NULL
+);
+-- Oldest first, so that `id` order is storage order for the retention purge.
+INSERT INTO messages_v3
+    (group_id, seq, epoch, kind, sender, client_message_id, payload_hash, payload, welcome, created_at)
+SELECT m.group_id, m.seq, m.epoch, m.kind, m.sender, m.client_message_id,
+       COALESCE(i.payload_hash, x''), m.payload, m.welcome, m.created_at
+FROM messages m LEFT JOIN idempotency i
+    ON i.sender = m.sender AND i.group_id = m.group_id AND i.client_message_id = m.client_message_id
+ORDER BY m.created_at, m.group_id, m.seq;
+CREATE TABLE idempotency_v3 (
+    group_id BLOB NOT NULL,
+    client_message_id BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch_after INTEGER NOT NULL,
+    payload_hash BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (group_id, client_message_id, sender)
+) WITHOUT ROWID;
+-- Records whose message is still stored now live in the message row.
+INSERT INTO idempotency_v3
+SELECT i.group_id, i.client_message_id, i.sender, i.seq, i.epoch_after, i.payload_hash, i.created_at
+FROM idempotency i
+WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.sender = i.sender
+                  AND m.group_id = i.group_id AND m.client_message_id = i.client_message_id);
+DROP TABLE messages;
+DROP TABLE idempotency;
+ALTER TABLE messages_v3 RENAME TO messages;
+ALTER TABLE idempotency_v3 RENAME TO idempotency;
+CREATE UNIQUE INDEX messages_by_seq ON messages (group_id, seq);
+CREATE INDEX messages_by_client_id ON messages (group_id, client_message_id);
+CREATE INDEX idempotency_by_time ON idempotency (created_at);
 ";
 
 fn backend(error: rusqlite::Error) -> StoreError {
@@ -196,21 +267,194 @@ fn migrate_in_transaction(connection: &Connection, version: i64) -> Result<(), S
                 .map_err(backend)?;
         }
     }
+    if version < 3 {
+        connection.execute_batch(SCHEMA_V3).map_err(backend)?;
+        // A message stored without an idempotency record (none is expected) gets its hash
+        // here: SQLite has no SHA-256 of its own.
+        let mut select = connection
+            .prepare("SELECT id, payload FROM messages WHERE payload_hash = x''")
+            .map_err(backend)?;
+        let mut update = connection
+            .prepare("UPDATE messages SET payload_hash = ?2 WHERE id = ?1")
+            .map_err(backend)?;
+        let mut rows = select.query([]).map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            let id: i64 = row.get(0).map_err(backend)?;
+            let payload: Vec<u8> = row.get(1).map_err(backend)?;
+            update
+                .execute(params![id, &payload_hash(&payload)[..]])
+                .map_err(backend)?;
+        }
+    }
     connection
         .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
         .map_err(backend)
 }
 
+/// The writer thread's connection and what it remembers between writes.
+struct Writer {
+    connection: Connection,
+    limits: StoreLimits,
+    groups: GroupCache,
+    /// `PRAGMA data_version` when the writer last looked: it changes when another connection
+    /// (a second store handle on the same file, an operator's `sqlite3`) commits, which makes
+    /// everything in [`GroupCache`] suspect.
+    data_version: Option<i64>,
+    /// Shared with the checkpoint thread.
+    wal: Arc<WalState>,
+}
+
+/// What the checkpoint thread tells the writer.
+#[derive(Default)]
+struct WalState {
+    /// Frames in the WAL at the last checkpoint.
+    pages: std::sync::atomic::AtomicI64,
+    /// The WAL is large and nearly all copied: the writer should copy the rest between two
+    /// batches, so that its next transaction starts the WAL over.
+    finish: AtomicBool,
+}
+
+impl Writer {
+    /// Between batches: copies what the checkpointer left of a large WAL (see
+    /// [`checkpointer_loop`]). No commit can come in between, so the next transaction starts
+    /// the WAL from the beginning.
+    fn finish_checkpoint(&mut self) {
+        let hard = self.wal.pages.load(Ordering::SeqCst) >= WAL_HARD_LIMIT_PAGES;
+        if !self.wal.finish.swap(false, Ordering::SeqCst) && !hard {
+            return;
+        }
+        match self
+            .connection
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                row.get::<_, i64>(1)
+            }) {
+            Ok(_) => self.wal.pages.store(0, Ordering::SeqCst),
+            Err(error) => tracing::warn!(%error, "WAL checkpoint failed"),
+        }
+    }
+
+    /// Forgets the cached group state if anyone else wrote to the database since the last
+    /// look. Called inside the batch transaction, whose write lock keeps others out until it
+    /// ends.
+    fn check_data_version(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .connection
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+            .map_err(backend)?;
+        if self.data_version != Some(version) {
+            self.groups.clear();
+            self.data_version = Some(version);
+        }
+        Ok(())
+    }
+}
+
+/// What the writer thread knows of a group, so that an append reads nothing but its
+/// idempotency lookup. Only the writer thread changes groups and members of its database (any
+/// other writer is noticed through `data_version`), and every change it makes in a batch that
+/// is rolled back clears the cache.
+struct GroupState {
+    epoch: u64,
+    last_seq: u64,
+    /// Messages stored (not yet purged).
+    stored: u64,
+    /// Members not removed.
+    active: std::collections::HashSet<String>,
+    /// Whether `idempotency` may hold records of this group (messages purged early).
+    purged_records: bool,
+}
+
+#[derive(Default)]
+struct GroupCache {
+    groups: HashMap<GroupId, GroupState>,
+}
+
+impl GroupCache {
+    fn clear(&mut self) {
+        self.groups.clear();
+    }
+
+    /// The group's state, read from the database if it is not cached; `None` for a group that
+    /// does not exist (not cached: it may be created later).
+    fn get<'a>(
+        &'a mut self,
+        connection: &Connection,
+        group_id: &GroupId,
+    ) -> Result<Option<&'a mut GroupState>, StoreError> {
+        if !self.groups.contains_key(group_id) {
+            let Some(state) = load_group(connection, group_id)? else {
+                return Ok(None);
+            };
+            if self.groups.len() >= MAX_CACHED_GROUPS
+                && let Some(evicted) = self.groups.keys().next().cloned()
+            {
+                self.groups.remove(&evicted);
+            }
+            self.groups.insert(group_id.clone(), state);
+        }
+        Ok(self.groups.get_mut(group_id))
+    }
+}
+
+fn load_group(
+    connection: &Connection,
+    group_id: &GroupId,
+) -> Result<Option<GroupState>, StoreError> {
+    let group = connection
+        .prepare_cached("SELECT epoch, last_seq, stored FROM groups WHERE group_id = ?1")
+        .and_then(|mut statement| {
+            statement
+                .query_row(params![group_id.as_bytes()], |row| {
+                    Ok((
+                        from_sql_u64(row.get(0)?),
+                        from_sql_u64(row.get(1)?),
+                        from_sql_u64(row.get(2)?),
+                    ))
+                })
+                .optional()
+        })
+        .map_err(backend)?;
+    let Some((epoch, last_seq, stored)) = group else {
+        return Ok(None);
+    };
+    let mut statement = connection
+        .prepare_cached("SELECT user FROM members WHERE group_id = ?1 AND left_seq IS NULL")
+        .map_err(backend)?;
+    let active = statement
+        .query_map(params![group_id.as_bytes()], |row| row.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<Result<_, _>>())
+        .map_err(backend)?;
+    let purged_records = connection
+        .prepare_cached("SELECT 1 FROM idempotency WHERE group_id = ?1 LIMIT 1")
+        .and_then(|mut statement| statement.exists(params![group_id.as_bytes()]))
+        .map_err(backend)?;
+    Ok(Some(GroupState {
+        epoch,
+        last_seq,
+        stored,
+        active,
+        purged_records,
+    }))
+}
+
+/// The transaction of a batch can no longer be committed: it is rolled back and every write in
+/// it fails with this error.
+struct BatchFailed(StoreError);
+
 /// A write waiting for the writer thread.
 trait WriteJob: Send {
-    /// Runs inside the batch transaction, within its own savepoint.
-    fn run(&mut self, connection: &Connection, limits: &StoreLimits);
+    /// Runs inside the batch transaction. A write that is refused must leave the transaction
+    /// as it found it; `Err` means it could not, and the whole batch is rolled back.
+    fn run(&mut self, writer: &mut Writer) -> Result<(), BatchFailed>;
     /// Called once the batch committed (or failed to).
     fn finish(self: Box<Self>, commit: Result<(), StoreError>);
 }
 
 struct TypedJob<T, F> {
     operation: Option<F>,
+    /// Whether the operation may change groups or members behind the writer's cache.
+    touches_groups: bool,
     result: Option<Result<T, StoreError>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -220,24 +464,42 @@ where
     T: Send,
     F: FnOnce(&Connection, &StoreLimits) -> Result<T, StoreError> + Send,
 {
-    fn run(&mut self, connection: &Connection, limits: &StoreLimits) {
+    /// A general write may fail half-way, so it runs in a savepoint of its own.
+    fn run(&mut self, writer: &mut Writer) -> Result<(), BatchFailed> {
         let Some(operation) = self.operation.take() else {
-            return;
+            return Ok(());
         };
-        if let Err(error) = connection.execute_batch("SAVEPOINT job") {
-            self.result = Some(Err(backend(error)));
-            return;
+        let connection = &writer.connection;
+        let savepoint = |sql: &str| {
+            connection
+                .prepare_cached(sql)
+                .and_then(|mut statement| statement.execute([]))
+                .map(|_| ())
+                .map_err(backend)
+        };
+        if let Err(error) = savepoint("SAVEPOINT job") {
+            self.result = Some(Err(error));
+            return Ok(());
         }
-        let result = operation(connection, limits);
-        let end = if result.is_ok() {
-            "RELEASE job"
+        let result = operation(connection, &writer.limits);
+        if self.touches_groups {
+            writer.groups.clear();
+        }
+        let ended = if result.is_ok() {
+            savepoint("RELEASE job")
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            savepoint("ROLLBACK TO job").and_then(|()| savepoint("RELEASE job"))
         };
-        self.result = Some(match connection.execute_batch(end) {
-            Ok(()) => result,
-            Err(error) => Err(backend(error)),
-        });
+        match ended {
+            Ok(()) => {
+                self.result = Some(result);
+                Ok(())
+            }
+            Err(error) => {
+                self.result = Some(Err(error.clone()));
+                Err(BatchFailed(error))
+            }
+        }
     }
 
     fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
@@ -247,6 +509,45 @@ where
             (Ok(()), None) => Err(StoreError::Backend("write was not run".into())),
         };
         // The requester may have gone away (connection closed); the write stands regardless.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// An append: checked against the cached group state first and written only once it is
+/// accepted, so it needs no savepoint (see [`append`]).
+struct AppendJob {
+    request: AppendRequest,
+    /// Computed by the submitting task, off the writer thread.
+    hash: [u8; 32],
+    result: Option<Result<Appended, StoreError>>,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+impl WriteJob for AppendJob {
+    fn run(&mut self, writer: &mut Writer) -> Result<(), BatchFailed> {
+        let outcome = append(writer, &self.request, &self.hash);
+        match outcome {
+            Ok(appended) => {
+                self.result = Some(Ok(appended));
+                Ok(())
+            }
+            Err(AppendFailure::Refused(error)) => {
+                self.result = Some(Err(error));
+                Ok(())
+            }
+            Err(AppendFailure::Broken(error)) => {
+                self.result = Some(Err(error.clone()));
+                Err(BatchFailed(error))
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+        let outcome = match (commit, self.result) {
+            (Err(error), _) => Err(error),
+            (Ok(()), Some(result)) => result,
+            (Ok(()), None) => Err(StoreError::Backend("write was not run".into())),
+        };
         let _ = self.reply.send(outcome);
     }
 }
@@ -330,12 +631,31 @@ impl SqliteStore {
     /// is dropped.
     pub fn open(path: impl AsRef<Path>, limits: StoreLimits) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let writer = open_connection(&path)?;
-        migrate(&writer)?;
+        let connection = open_connection(&path)?;
+        migrate(&connection)?;
+        // Checkpoints run on their own thread (see `checkpointer_loop`), not inside the
+        // writer's commits, where they would stall every append of the batch. The writer's
+        // page cache holds a batch's pages with room to spare, and a general write's savepoint
+        // journal stays in memory.
+        connection
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = 0;
+                 PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};
+                 PRAGMA temp_store = MEMORY;"
+            ))
+            .map_err(backend)?;
+        let checkpointer = open_connection(&path)?;
+        let writer = Writer {
+            connection,
+            limits,
+            groups: GroupCache::default(),
+            data_version: None,
+            wal: Arc::new(WalState::default()),
+        };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let thread = std::thread::Builder::new()
             .name("mlschat-ds-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, queue, limits))
+            .spawn(move || writer_loop(writer, checkpointer, queue))
             .map_err(|error| {
                 StoreError::Backend(format!("cannot start the writer thread: {error}"))
             })?;
@@ -354,10 +674,16 @@ impl SqliteStore {
     }
 
     /// Queues a write for the writer thread, which runs queued writes in order.
-    async fn enqueue<T, F>(
-        &self,
-        operation: F,
-    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    async fn enqueue(&self, job: Box<dyn WriteJob>) -> Result<(), StoreError> {
+        self.writes
+            .send(WriterMessage::Job(job))
+            .await
+            .map_err(|_| StoreError::Backend("the store is closed".into()))
+    }
+
+    /// Runs a general write. `touches_groups`: whether it may change groups or members, whose
+    /// state the writer caches for appends.
+    async fn write<T, F>(&self, touches_groups: bool, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &StoreLimits) -> Result<T, StoreError> + Send + 'static,
@@ -365,25 +691,30 @@ impl SqliteStore {
         let (reply, answer) = oneshot::channel();
         let job = TypedJob {
             operation: Some(operation),
+            touches_groups,
             result: None,
             reply,
         };
-        self.writes
-            .send(WriterMessage::Job(Box::new(job)))
-            .await
-            .map_err(|_| StoreError::Backend("the store is closed".into()))?;
-        Ok(answer)
-    }
-
-    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection, &StoreLimits) -> Result<T, StoreError> + Send + 'static,
-    {
-        self.enqueue(operation)
-            .await?
+        self.enqueue(Box::new(job)).await?;
+        answer
             .await
             .map_err(|_| StoreError::Backend("the store writer stopped".into()))?
+    }
+
+    /// Queues an append; the receiver answers once it is committed.
+    async fn enqueue_append(
+        &self,
+        request: AppendRequest,
+    ) -> Result<oneshot::Receiver<Result<Appended, StoreError>>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job = AppendJob {
+            hash: payload_hash(&request.payload),
+            request,
+            result: None,
+            reply,
+        };
+        self.enqueue(Box::new(job)).await?;
+        Ok(answer)
     }
 
     async fn read<T, F>(&self, operation: F) -> Result<T, StoreError>
@@ -412,10 +743,25 @@ impl SqliteStore {
 }
 
 fn writer_loop(
-    connection: Connection,
+    mut writer: Writer,
+    checkpointer: Connection,
     mut queue: mpsc::Receiver<WriterMessage>,
-    limits: StoreLimits,
 ) {
+    let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+    let wal = Arc::clone(&writer.wal);
+    let checkpoints = std::thread::Builder::new()
+        .name("mlschat-ds-ckpt".into())
+        .spawn(move || checkpointer_loop(checkpointer, &wal, stopped));
+    if let Err(error) = &checkpoints {
+        // Without it the WAL would grow without bound: fall back to SQLite's own checkpoints.
+        tracing::error!(%error, "cannot start the checkpoint thread; checkpointing on the writer");
+        if let Err(error) = writer
+            .connection
+            .execute_batch("PRAGMA wal_autocheckpoint = 1000")
+        {
+            tracing::error!(%error, "cannot turn automatic checkpoints back on");
+        }
+    }
     let mut closing = false;
     while !closing {
         let mut batch = Vec::new();
@@ -434,25 +780,15 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        let commit = match connection.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {
-                for job in &mut batch {
-                    job.run(&connection, &limits);
-                }
-                connection.execute_batch("COMMIT").map_err(|error| {
-                    tracing::error!(%error, "store commit failed; the batch is rolled back");
-                    let _ = connection.execute_batch("ROLLBACK");
-                    backend(error)
-                })
-            }
-            Err(error) => {
-                tracing::error!(%error, "store cannot begin a transaction");
-                Err(backend(error))
-            }
-        };
+        let commit = run_batch(&mut writer, &mut batch);
+        if commit.is_err() {
+            // The cache may hold changes of the rolled-back batch.
+            writer.groups.clear();
+        }
         for job in batch {
             job.finish(commit.clone());
         }
+        writer.finish_checkpoint();
     }
     // Writes submitted after `close` are refused; none is left waiting for an answer.
     queue.close();
@@ -461,14 +797,108 @@ fn writer_loop(
             job.finish(Err(StoreError::Backend("the store is closed".into())));
         }
     }
+    drop(stop_checkpoints);
+    if let Ok(checkpoints) = checkpoints
+        && checkpoints.join().is_err()
+    {
+        tracing::error!("the checkpoint thread panicked");
+    }
     if closing {
         // Move the WAL's contents into the database file, so that a closed store is one file
         // that a plain copy or another process can read. Best effort: the WAL is durable too.
-        if let Err(error) = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        if let Err(error) = writer
+            .connection
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        {
             tracing::warn!(%error, "cannot checkpoint the WAL at close");
         }
     }
-    drop(connection);
+    drop(writer);
+}
+
+/// Runs a batch in one transaction and commits it: `Ok` once it is durable.
+fn run_batch(writer: &mut Writer, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
+    if let Err(error) = writer.connection.execute_batch("BEGIN IMMEDIATE") {
+        tracing::error!(%error, "store cannot begin a transaction");
+        return Err(backend(error));
+    }
+    let mut ran = writer.check_data_version().map_err(BatchFailed);
+    if ran.is_ok() {
+        ran = batch.iter_mut().try_for_each(|job| job.run(writer));
+    }
+    let failed = match ran {
+        Ok(()) => match writer.connection.execute_batch("COMMIT") {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::error!(%error, "store commit failed; the batch is rolled back");
+                backend(error)
+            }
+        },
+        Err(BatchFailed(error)) => {
+            tracing::error!(%error, "a write failed half-way; its batch is rolled back");
+            error
+        }
+    };
+    // SQLite may have rolled back already (it does for some I/O errors).
+    if !writer.connection.is_autocommit() {
+        let _ = writer.connection.execute_batch("ROLLBACK");
+    }
+    Err(failed)
+}
+
+/// Copies the WAL into the database file from its own connection while the writer goes on
+/// committing (a PASSIVE checkpoint never blocks it), until `stop` is dropped.
+///
+/// The WAL only starts over when a transaction begins with every frame copied, which a
+/// checkpoint running beside a busy writer never achieves. So once the WAL passes
+/// [`WAL_SOFT_LIMIT_PAGES`], the checkpointer repeats passes (each copies what came in during
+/// the last) until little is left, and then asks the writer to copy that tail itself between
+/// two batches ([`Writer::finish_checkpoint`]).
+fn checkpointer_loop(connection: Connection, wal: &WalState, stop: std::sync::mpsc::Receiver<()>) {
+    let checkpoint = || {
+        connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            row.get::<_, i64>(1)
+        })
+    };
+    let mut wait = CHECKPOINT_IDLE_INTERVAL;
+    let mut last_log = 0;
+    // Nothing is ever sent: the writer drops its end to stop this thread.
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
+        let mut log = match checkpoint() {
+            Ok(log) => log,
+            Err(error) => {
+                tracing::warn!(%error, "WAL checkpoint failed");
+                wait = CHECKPOINT_IDLE_INTERVAL;
+                continue;
+            }
+        };
+        wal.pages.store(log, Ordering::SeqCst);
+        // Each pass copies what the writer added during the previous one; a few are enough
+        // unless the writer outruns the copying, in which case the hard limit takes over.
+        for _ in 0..8 {
+            if log < WAL_SOFT_LIMIT_PAGES || wal.finish.load(Ordering::SeqCst) {
+                break;
+            }
+            match checkpoint() {
+                Ok(now) if now >= log && now - log <= WAL_TAIL_PAGES => {
+                    wal.finish.store(true, Ordering::SeqCst);
+                    log = now;
+                }
+                Ok(now) => log = now,
+                Err(error) => {
+                    tracing::warn!(%error, "WAL checkpoint failed");
+                    break;
+                }
+            }
+            wal.pages.store(log, Ordering::SeqCst);
+        }
+        // The WAL changed since the last look: writes are coming in.
+        wait = if std::mem::replace(&mut last_log, log) != log {
+            CHECKPOINT_BUSY_INTERVAL
+        } else {
+            CHECKPOINT_IDLE_INTERVAL
+        };
+    }
 }
 
 fn member_row(
@@ -494,17 +924,6 @@ fn member_row(
         .map_err(backend)
 }
 
-fn is_active_member(
-    connection: &Connection,
-    group_id: &GroupId,
-    user: &UserName,
-) -> Result<bool, StoreError> {
-    Ok(matches!(
-        member_row(connection, group_id, user)?,
-        Some((_, None, _))
-    ))
-}
-
 fn user_exists(connection: &Connection, user: &UserName) -> Result<bool, StoreError> {
     connection
         .prepare_cached("SELECT 1 FROM users WHERE name = ?1")
@@ -514,12 +933,13 @@ fn user_exists(connection: &Connection, user: &UserName) -> Result<bool, StoreEr
 
 fn validate_membership_change(
     connection: &Connection,
+    group: &GroupState,
     request: &AppendRequest,
     change: &MembershipChange,
 ) -> Result<(), StoreError> {
     check_membership_shape(request, change)?;
     for user in &change.removed {
-        if !is_active_member(connection, &request.group_id, user)? {
+        if !group.active.contains(user.as_str()) {
             return Err(StoreError::InvalidMembership(format!(
                 "{user} is not a member"
             )));
@@ -529,7 +949,7 @@ fn validate_membership_change(
         if !user_exists(connection, user)? {
             return Err(StoreError::UnknownUser(user.clone()));
         }
-        if is_active_member(connection, &request.group_id, user)? {
+        if group.active.contains(user.as_str()) {
             return Err(StoreError::InvalidMembership(format!(
                 "{user} is already a member"
             )));
@@ -538,43 +958,91 @@ fn validate_membership_change(
     Ok(())
 }
 
-fn append(
+/// Why an append was not stored.
+enum AppendFailure {
+    /// Refused before anything was written: the batch goes on.
+    Refused(StoreError),
+    /// Failed while writing: the batch's transaction must be rolled back.
+    Broken(StoreError),
+}
+
+/// The original answer to a retry, if (sender, group, client message id) was stored within the
+/// retention period: in the message's row while it is stored, in `idempotency` after an early
+/// purge.
+fn previous_append(
     connection: &Connection,
-    limits: &StoreLimits,
-    request: AppendRequest,
-) -> Result<Appended, StoreError> {
-    let hash = payload_hash(&request.payload);
-    // Idempotency first: a retry gets the original answer whatever happened since, even if the
-    // message itself was purged (the record lives for the retention period).
-    let previous = connection
+    group: &GroupState,
+    request: &AppendRequest,
+) -> Result<Option<(Seq, u64, Vec<u8>)>, StoreError> {
+    let key = params![
+        request.group_id.as_bytes(),
+        &request.client_message_id[..],
+        request.sender.as_str()
+    ];
+    let stored = connection
         .prepare_cached(
-            "SELECT seq, epoch_after, payload_hash FROM idempotency
-             WHERE sender = ?1 AND group_id = ?2 AND client_message_id = ?3",
+            "SELECT seq, epoch, kind, payload_hash FROM messages
+             WHERE group_id = ?1 AND client_message_id = ?2 AND sender = ?3",
         )
         .and_then(|mut statement| {
             statement
-                .query_row(
-                    params![
-                        request.sender.as_str(),
-                        request.group_id.as_bytes(),
-                        &request.client_message_id[..]
-                    ],
-                    |row| {
-                        Ok((
-                            from_sql_u64(row.get(0)?),
-                            from_sql_u64(row.get(1)?),
-                            row.get::<_, Vec<u8>>(2)?,
-                        ))
-                    },
-                )
+                .query_row(key, |row| {
+                    let epoch = from_sql_u64(row.get(1)?);
+                    let commit = row.get::<_, i64>(2)? == DeliveryKind::Commit as i64;
+                    Ok((
+                        from_sql_u64(row.get(0)?),
+                        if commit { epoch + 1 } else { epoch },
+                        row.get::<_, Vec<u8>>(3)?,
+                    ))
+                })
                 .optional()
         })
         .map_err(backend)?;
-    if let Some((seq, epoch, stored_hash)) = previous {
+    if stored.is_some() || !group.purged_records {
+        return Ok(stored);
+    }
+    connection
+        .prepare_cached(
+            "SELECT seq, epoch_after, payload_hash FROM idempotency
+             WHERE group_id = ?1 AND client_message_id = ?2 AND sender = ?3",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row(key, |row| {
+                    Ok((
+                        from_sql_u64(row.get(0)?),
+                        from_sql_u64(row.get(1)?),
+                        row.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(backend)
+}
+
+/// Checks an append against the group's state and stores it. Everything that can refuse it is
+/// checked before the first write, so a refusal leaves the batch's transaction untouched and
+/// an append needs no savepoint of its own; a failure while writing breaks the batch.
+fn append(
+    writer: &mut Writer,
+    request: &AppendRequest,
+    hash: &[u8; 32],
+) -> Result<Appended, AppendFailure> {
+    let connection = &writer.connection;
+    let group = writer
+        .groups
+        .get(connection, &request.group_id)
+        .map_err(AppendFailure::Refused)?
+        .ok_or(AppendFailure::Refused(StoreError::UnknownGroup))?;
+    // Idempotency first: a retry gets the original answer whatever happened since, even if the
+    // message itself was purged (the record lives for the retention period).
+    if let Some((seq, epoch, stored_hash)) =
+        previous_append(connection, group, request).map_err(AppendFailure::Refused)?
+    {
         // SECURITY: answering a different message with the first one's seq would acknowledge
         // a message the DS never stored.
-        if stored_hash != hash {
-            return Err(StoreError::ReusedMessageId { seq });
+        if stored_hash != hash[..] {
+            return Err(AppendFailure::Refused(StoreError::ReusedMessageId { seq }));
         }
         return Ok(Appended {
             seq,
@@ -584,41 +1052,54 @@ fn append(
             removed: Vec::new(),
         });
     }
-
-    let group = connection
-        .prepare_cached("SELECT epoch, last_seq, stored FROM groups WHERE group_id = ?1")
-        .and_then(|mut statement| {
-            statement
-                .query_row(params![request.group_id.as_bytes()], |row| {
-                    Ok((
-                        from_sql_u64(row.get(0)?),
-                        from_sql_u64(row.get(1)?),
-                        from_sql_u64(row.get(2)?),
-                    ))
-                })
-                .optional()
-        })
-        .map_err(backend)?;
-    let Some((epoch, last_seq, stored)) = group else {
-        return Err(StoreError::UnknownGroup);
-    };
-    if !is_active_member(connection, &request.group_id, &request.sender)? {
-        return Err(StoreError::NotMember);
+    if !group.active.contains(request.sender.as_str()) {
+        return Err(AppendFailure::Refused(StoreError::NotMember));
     }
-    let change = check_append_rules(&request, epoch, stored, limits)?;
-    validate_membership_change(connection, &request, &change)?;
+    let change = check_append_rules(request, group.epoch, group.stored, &writer.limits)
+        .map_err(AppendFailure::Refused)?;
+    validate_membership_change(connection, group, request, &change)
+        .map_err(AppendFailure::Refused)?;
 
-    let seq = last_seq + 1;
+    let seq = group.last_seq + 1;
     let new_epoch = if request.kind == DeliveryKind::Commit {
-        epoch + 1
+        group.epoch + 1
     } else {
-        epoch
+        group.epoch
     };
-    let now = now_unix_secs();
+    write_append(connection, request, hash, &change, seq, new_epoch)
+        .map_err(AppendFailure::Broken)?;
+    group.epoch = new_epoch;
+    group.last_seq = seq;
+    group.stored += 1;
+    for user in &change.removed {
+        group.active.remove(user.as_str());
+    }
+    for user in &change.added {
+        group.active.insert(user.as_str().to_owned());
+    }
+    Ok(Appended {
+        seq,
+        epoch: new_epoch,
+        duplicate: false,
+        added: change.added,
+        removed: change.removed,
+    })
+}
+
+/// The writes of an accepted append.
+fn write_append(
+    connection: &Connection,
+    request: &AppendRequest,
+    hash: &[u8; 32],
+    change: &MembershipChange,
+    seq: Seq,
+    new_epoch: u64,
+) -> Result<(), StoreError> {
     connection
         .prepare_cached(
-            "INSERT INTO messages (group_id, seq, epoch, kind, sender, client_message_id, payload, welcome, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO messages (group_id, seq, epoch, kind, sender, client_message_id,
+                                   payload_hash, payload, welcome, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .and_then(|mut statement| {
             statement.execute(params![
@@ -628,27 +1109,10 @@ fn append(
                 request.kind as i64,
                 request.sender.as_str(),
                 &request.client_message_id[..],
+                &hash[..],
                 &request.payload,
                 change.welcome.as_deref(),
-                now,
-            ])
-        })
-        .map_err(backend)?;
-    connection
-        .prepare_cached(
-            "INSERT INTO idempotency
-             (sender, group_id, client_message_id, seq, epoch_after, payload_hash, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut statement| {
-            statement.execute(params![
-                request.sender.as_str(),
-                request.group_id.as_bytes(),
-                &request.client_message_id[..],
-                to_sql_u64(seq),
-                to_sql_u64(new_epoch),
-                &hash[..],
-                now,
+                now_unix_secs(),
             ])
         })
         .map_err(backend)?;
@@ -692,13 +1156,7 @@ fn append(
             })
             .map_err(backend)?;
     }
-    Ok(Appended {
-        seq,
-        epoch: new_epoch,
-        duplicate: false,
-        added: change.added,
-        removed: change.removed,
-    })
+    Ok(())
 }
 
 fn fetch(
@@ -771,7 +1229,7 @@ impl Store for SqliteStore {
     ) -> Result<Registration, StoreError> {
         let name = name.clone();
         let signature_key = signature_key.to_vec();
-        self.write(move |connection, _| {
+        self.write(false, move |connection, _| {
             let existing: Option<Vec<u8>> = connection
                 .query_row("SELECT signature_key FROM users WHERE name = ?1", params![name.as_str()], |row| {
                     row.get(0)
@@ -817,7 +1275,7 @@ impl Store for SqliteStore {
         last_resort: Option<NewKeyPackage>,
     ) -> Result<u32, StoreError> {
         let user = user.clone();
-        self.write(move |connection, limits| {
+        self.write(false, move |connection, limits| {
             let now = now_unix_secs();
             // Expired packages can never be handed out: drop them so they do not use the quota.
             connection
@@ -873,7 +1331,7 @@ impl Store for SqliteStore {
         user: &UserName,
     ) -> Result<Option<ClaimedKeyPackage>, StoreError> {
         let user = user.clone();
-        self.write(move |connection, _| {
+        self.write(false, move |connection, _| {
             if !user_exists(connection, &user)? {
                 return Err(StoreError::UnknownUser(user));
             }
@@ -926,7 +1384,7 @@ impl Store for SqliteStore {
     async fn create_group(&self, group_id: &GroupId, creator: &UserName) -> Result<(), StoreError> {
         let group_id = group_id.clone();
         let creator = creator.clone();
-        self.write(move |connection, _| {
+        self.write(false, move |connection, _| {
             let exists = connection
                 .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
                 .and_then(|mut statement| statement.exists(params![group_id.as_bytes()]))
@@ -952,17 +1410,16 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
-        self.write(move |connection, limits| append(connection, limits, request))
+        self.enqueue_append(request)
+            .await?
             .await
+            .map_err(|_| StoreError::Backend("the store writer stopped".into()))?
     }
 
     /// The writer thread runs queued writes in order and group-commits them, so queueing is
     /// all it takes to keep a connection's order while many of its messages are in flight.
     async fn submit_append(&self, request: AppendRequest) -> PendingAppend {
-        match self
-            .enqueue(move |connection, limits| append(connection, limits, request))
-            .await
-        {
+        match self.enqueue_append(request).await {
             Ok(answer) => PendingAppend::Queued(answer),
             Err(failure) => PendingAppend::Done(Err(failure)),
         }
@@ -1016,7 +1473,7 @@ impl Store for SqliteStore {
     async fn ack(&self, user: &UserName, group_id: &GroupId, seq: Seq) -> Result<(), StoreError> {
         let user = user.clone();
         let group_id = group_id.clone();
-        self.write(move |connection, _| {
+        self.write(false, move |connection, _| {
             connection
                 .prepare_cached(
                     "UPDATE members SET cursor = MAX(cursor, MIN(?3, COALESCE(left_seq,
@@ -1040,7 +1497,7 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, expire_before_unix_secs: i64) -> Result<Purged, StoreError> {
-        self.write(move |connection, _| {
+        self.write(true, move |connection, _| {
             let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
             let mut count_deleted = |statement: &mut rusqlite::CachedStatement<'_>,
                                      parameters: &[&dyn rusqlite::ToSql]|
@@ -1054,33 +1511,83 @@ impl Store for SqliteStore {
                 }
                 Ok(deleted)
             };
+            // `id` follows storage order, and so (but for a clock stepping back) does
+            // `created_at`: everything before the oldest message still in its retention period
+            // has expired. A message stored after a clock step back waits for the messages
+            // stored before it.
+            let first_kept: Option<i64> = connection
+                .prepare_cached(
+                    "SELECT id FROM messages WHERE created_at >= ?1 ORDER BY id LIMIT 1",
+                )
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![expire_before_unix_secs], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(backend)?;
             let expired = count_deleted(
                 &mut connection
-                    .prepare_cached("DELETE FROM messages WHERE created_at < ?1 RETURNING group_id")
+                    .prepare_cached("DELETE FROM messages WHERE id < ?1 RETURNING group_id")
                     .map_err(backend)?,
-                &[&expire_before_unix_secs],
+                &[&first_kept.unwrap_or(i64::MAX)],
             )?;
             // A message can go once every member that may still receive it has acknowledged
             // it: every current member, and every removed member whose unacknowledged window
             // (cursor, left_seq] contains it. A removed member never holds back messages after
             // its removal, so a lost device that was removed cannot pin the group's log.
-            let delivered = count_deleted(
-                &mut connection
-                    .prepare_cached(
-                        "DELETE FROM messages
-                         WHERE seq <= (SELECT MIN(cursor) FROM members
+            // Its idempotency record moves to `idempotency` for the rest of the retention
+            // period.
+            let mut delivered = 0;
+            let mut keep_record = connection
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO idempotency
+                     (group_id, client_message_id, sender, seq, epoch_after, payload_hash, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(backend)?;
+            let mut delete_delivered = connection
+                .prepare_cached(
+                    "DELETE FROM messages
+                     WHERE seq <= (SELECT MIN(cursor) FROM members
+                                   WHERE members.group_id = messages.group_id
+                                     AND members.left_seq IS NULL)
+                       AND NOT EXISTS (SELECT 1 FROM members
                                        WHERE members.group_id = messages.group_id
-                                         AND members.left_seq IS NULL)
-                           AND NOT EXISTS (SELECT 1 FROM members
-                                           WHERE members.group_id = messages.group_id
-                                             AND members.left_seq IS NOT NULL
-                                             AND members.cursor < messages.seq
-                                             AND messages.seq <= members.left_seq)
-                         RETURNING group_id",
-                    )
-                    .map_err(backend)?,
-                &[],
-            )?;
+                                         AND members.left_seq IS NOT NULL
+                                         AND members.cursor < messages.seq
+                                         AND messages.seq <= members.left_seq)
+                     RETURNING group_id, client_message_id, sender, seq, epoch, kind,
+                               payload_hash, created_at",
+                )
+                .map_err(backend)?;
+            let mut rows = delete_delivered.query([]).map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                let group_id: Vec<u8> = row.get(0).map_err(backend)?;
+                let created_at: i64 = row.get(7).map_err(backend)?;
+                if created_at >= expire_before_unix_secs {
+                    let epoch: i64 = row.get(4).map_err(backend)?;
+                    let kind: i64 = row.get(5).map_err(backend)?;
+                    let epoch_after = if kind == DeliveryKind::Commit as i64 {
+                        epoch.saturating_add(1)
+                    } else {
+                        epoch
+                    };
+                    keep_record
+                        .execute(params![
+                            group_id,
+                            row.get::<_, Vec<u8>>(1).map_err(backend)?,
+                            row.get::<_, String>(2).map_err(backend)?,
+                            row.get::<_, i64>(3).map_err(backend)?,
+                            epoch_after,
+                            row.get::<_, Vec<u8>>(6).map_err(backend)?,
+                            created_at,
+                        ])
+                        .map_err(backend)?;
+                }
+                *deleted_per_group.entry(group_id).or_default() += 1;
+                delivered += 1;
+            }
+            drop(rows);
             for (group_id, deleted) in &deleted_per_group {
                 connection
                     .prepare_cached(
@@ -1216,8 +1723,8 @@ mod tests {
                      INSERT INTO users VALUES ('alice', x'01', 0);
                      INSERT INTO groups VALUES (x'67', 1, 2, 1, 0);
                      INSERT INTO members VALUES (x'67', 'alice', 0, NULL, 0);
-                     INSERT INTO messages VALUES (x'67', 1, 0, 3, 'alice', x'0101', x'aa', NULL, 0);
-                     INSERT INTO messages VALUES (x'67', 2, 1, 1, 'alice', x'0202', x'bb', NULL, 0);
+                     INSERT INTO messages VALUES (x'67', 1, 0, 3, 'alice', x'01010000000000000000000000000000', x'aa', NULL, 0);
+                     INSERT INTO messages VALUES (x'67', 2, 1, 1, 'alice', x'02020000000000000000000000000000', x'bb', NULL, 0);
                      INSERT INTO key_packages VALUES (1, 'alice', x'cc', 0);"
                 ))
                 .expect("a version 1 database");
@@ -1238,35 +1745,130 @@ mod tests {
             payload: payload.to_vec(),
             membership: None,
         };
-        // Every old message got its idempotency record; the commit's records the epoch it made.
-        let records: i64 = store
-            .read(|connection| {
-                connection
-                    .query_row("SELECT COUNT(*) FROM idempotency", [], |row| row.get(0))
-                    .map_err(backend)
-            })
-            .await
-            .expect("count");
-        assert_eq!(records, 2);
-        let (epoch_after, stored): (i64, i64) = store
+        // Every old message carries its idempotency record; the commit's answers with the
+        // epoch it made.
+        let (hashed, records, stored): (i64, i64, i64) = store
             .read(|connection| {
                 connection
                     .query_row(
-                        "SELECT i.epoch_after, g.stored FROM idempotency i, groups g WHERE i.seq = 1",
+                        "SELECT (SELECT COUNT(*) FROM messages WHERE length(payload_hash) = 32),
+                                (SELECT COUNT(*) FROM idempotency),
+                                (SELECT stored FROM groups)",
                         [],
-                        |row| Ok((row.get(0)?, row.get(1)?)),
+                        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
                     )
                     .map_err(backend)
             })
             .await
-            .expect("record");
-        assert_eq!((epoch_after, stored), (1, 2));
+            .expect("count");
+        assert_eq!((hashed, records, stored), (2, 0, 2));
+        let retry = store
+            .append(message(1, DeliveryKind::Commit, 0, &[0xaa]))
+            .await
+            .expect("retry of the old commit");
+        assert_eq!((retry.seq, retry.epoch, retry.duplicate), (1, 1, true));
+        assert_eq!(
+            store
+                .append(message(2, DeliveryKind::Application, 1, b"other"))
+                .await,
+            Err(StoreError::ReusedMessageId { seq: 2 })
+        );
         let next = store
             .append(message(3, DeliveryKind::Application, 1, b"new"))
             .await
             .expect("append after migration");
         assert_eq!(next.seq, 3);
         assert_eq!(store.count_key_packages(&alice).await, Ok((1, false)));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_2_database_is_migrated() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("ds.sqlite3");
+        let hash = |payload: &[u8]| hex::encode(payload_hash(payload));
+        {
+            let connection = Connection::open(&path).expect("open");
+            // Seq 1 was delivered and purged (only its record is left); seqs 2 and 3 are
+            // stored, inserted out of time order.
+            connection
+                .execute_batch(&format!(
+                    "{SCHEMA_V1}
+                     {SCHEMA_V2}
+                     PRAGMA user_version = 2;
+                     INSERT INTO users VALUES ('alice', x'01', 0);
+                     INSERT INTO groups (group_id, epoch, last_seq, first_seq, created_at, stored)
+                         VALUES (x'67', 1, 3, 1, 0, 2);
+                     INSERT INTO members VALUES (x'67', 'alice', 0, NULL, 0);
+                     INSERT INTO messages VALUES (x'67', 3, 1, 1, 'alice', x'03030000000000000000000000000000', x'cc', NULL, 30);
+                     INSERT INTO messages VALUES (x'67', 2, 1, 1, 'alice', x'02020000000000000000000000000000', x'bb', NULL, 20);
+                     INSERT INTO idempotency VALUES ('alice', x'67', x'01010000000000000000000000000000', 1, 1, x'{}', 10);
+                     INSERT INTO idempotency VALUES ('alice', x'67', x'02020000000000000000000000000000', 2, 1, x'{}', 20);
+                     INSERT INTO idempotency VALUES ('alice', x'67', x'03030000000000000000000000000000', 3, 1, x'{}', 30);",
+                    hash(&[0xaa]),
+                    hash(&[0xbb]),
+                    hash(&[0xcc]),
+                ))
+                .expect("a version 2 database");
+        }
+        let store = SqliteStore::open(&path, StoreLimits::default()).expect("migrate");
+        let alice = UserName::new("alice").expect("name");
+        let g = GroupId::new(b"g".to_vec()).expect("group id");
+        let message = |id: u8, epoch: u64, payload: &[u8]| AppendRequest {
+            group_id: g.clone(),
+            sender: alice.clone(),
+            client_message_id: {
+                let mut full = [0u8; 16];
+                full[..2].copy_from_slice(&[id, id]);
+                full
+            },
+            epoch,
+            kind: DeliveryKind::Application,
+            payload: payload.to_vec(),
+            membership: None,
+        };
+        let (version, records, order): (i64, i64, String) = store
+            .read(|connection| {
+                connection
+                    .query_row(
+                        "SELECT (SELECT user_version FROM pragma_user_version),
+                                (SELECT COUNT(*) FROM idempotency),
+                                (SELECT group_concat(seq) FROM (SELECT seq FROM messages ORDER BY id))",
+                        [],
+                        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                    )
+                    .map_err(backend)
+            })
+            .await
+            .expect("read");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(records, 1, "only the purged message's record stays apart");
+        assert_eq!(order, "2,3", "rows in storage order");
+        // Retries are answered from both places; reuse with other bytes is refused.
+        for (id, payload, seq) in [(1, 0xaa, 1), (2, 0xbb, 2), (3, 0xcc, 3)] {
+            let retry = store
+                .append(message(id, 0, &[payload]))
+                .await
+                .expect("retry");
+            assert_eq!((retry.seq, retry.epoch, retry.duplicate), (seq, 1, true));
+            assert_eq!(
+                store.append(message(id, 1, b"other")).await,
+                Err(StoreError::ReusedMessageId { seq })
+            );
+        }
+        let next = store
+            .append(message(4, 1, b"new"))
+            .await
+            .expect("append after migration");
+        assert_eq!(next.seq, 4);
+        // The retention purge goes by storage order: seqs 2 and 3 are older than 31.
+        let purged = store.purge(31).await.expect("purge");
+        assert_eq!((purged.messages, purged.idempotency_records), (2, 1));
+        let page = store.fetch(&alice, &g, 0, 10).await.expect("fetch");
+        assert_eq!(
+            page.deliveries.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            vec![4]
+        );
         store.close().await;
     }
 }
