@@ -2,6 +2,7 @@
 //! the profile database, the signer and every group; the UI and the network talk to it through
 //! channels ([`CoreInput`] in, [`CoreEvent`] out) and never wait on it.
 
+mod cbor;
 pub mod db;
 mod engine;
 pub mod provider;
