@@ -1497,135 +1497,65 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, expire_before_unix_secs: i64) -> Result<Purged, StoreError> {
-        self.write(true, move |connection, _| {
-            let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
-            let mut count_deleted = |statement: &mut rusqlite::CachedStatement<'_>,
-                                     parameters: &[&dyn rusqlite::ToSql]|
-             -> Result<u64, StoreError> {
-                let mut rows = statement.query(parameters).map_err(backend)?;
-                let mut deleted = 0;
-                while let Some(row) = rows.next().map_err(backend)? {
-                    let group_id: Vec<u8> = row.get(0).map_err(backend)?;
-                    *deleted_per_group.entry(group_id).or_default() += 1;
-                    deleted += 1;
-                }
-                Ok(deleted)
-            };
-            // `id` follows storage order, and so (but for a clock stepping back) does
-            // `created_at`: everything before the oldest message still in its retention period
-            // has expired. A message stored after a clock step back waits for the messages
-            // stored before it.
-            let first_kept: Option<i64> = connection
-                .prepare_cached(
-                    "SELECT id FROM messages WHERE created_at >= ?1 ORDER BY id LIMIT 1",
-                )
-                .and_then(|mut statement| {
-                    statement
-                        .query_row(params![expire_before_unix_secs], |row| row.get(0))
-                        .optional()
+        // The purge runs as many small jobs, not one: the writer thread also commits every
+        // append, and a purge of a large backlog in one job would hold appends back for as
+        // long as it takes. Appends that land between two jobs are simply seen by the next.
+        let mut purged = Purged::default();
+        loop {
+            let (deleted, more) = self
+                .write(true, move |connection, _| {
+                    purge_expired_chunk(connection, expire_before_unix_secs)
                 })
-                .map_err(backend)?;
-            let expired = count_deleted(
-                &mut connection
-                    .prepare_cached("DELETE FROM messages WHERE id < ?1 RETURNING group_id")
-                    .map_err(backend)?,
-                &[&first_kept.unwrap_or(i64::MAX)],
-            )?;
-            // A message can go once every member that may still receive it has acknowledged
-            // it: every current member, and every removed member whose unacknowledged window
-            // (cursor, left_seq] contains it. A removed member never holds back messages after
-            // its removal, so a lost device that was removed cannot pin the group's log.
-            // Its idempotency record moves to `idempotency` for the rest of the retention
-            // period.
-            let mut delivered = 0;
-            let mut keep_record = connection
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO idempotency
-                     (group_id, client_message_id, sender, seq, epoch_after, payload_hash, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(backend)?;
-            let mut delete_delivered = connection
-                .prepare_cached(
-                    "DELETE FROM messages
-                     WHERE seq <= (SELECT MIN(cursor) FROM members
-                                   WHERE members.group_id = messages.group_id
-                                     AND members.left_seq IS NULL)
-                       AND NOT EXISTS (SELECT 1 FROM members
-                                       WHERE members.group_id = messages.group_id
-                                         AND members.left_seq IS NOT NULL
-                                         AND members.cursor < messages.seq
-                                         AND messages.seq <= members.left_seq)
-                     RETURNING group_id, client_message_id, sender, seq, epoch, kind,
-                               payload_hash, created_at",
-                )
-                .map_err(backend)?;
-            let mut rows = delete_delivered.query([]).map_err(backend)?;
-            while let Some(row) = rows.next().map_err(backend)? {
-                let group_id: Vec<u8> = row.get(0).map_err(backend)?;
-                let created_at: i64 = row.get(7).map_err(backend)?;
-                if created_at >= expire_before_unix_secs {
-                    let epoch: i64 = row.get(4).map_err(backend)?;
-                    let kind: i64 = row.get(5).map_err(backend)?;
-                    let epoch_after = if kind == DeliveryKind::Commit as i64 {
-                        epoch.saturating_add(1)
-                    } else {
-                        epoch
-                    };
-                    keep_record
-                        .execute(params![
-                            group_id,
-                            row.get::<_, Vec<u8>>(1).map_err(backend)?,
-                            row.get::<_, String>(2).map_err(backend)?,
-                            row.get::<_, i64>(3).map_err(backend)?,
-                            epoch_after,
-                            row.get::<_, Vec<u8>>(6).map_err(backend)?,
-                            created_at,
-                        ])
-                        .map_err(backend)?;
-                }
-                *deleted_per_group.entry(group_id).or_default() += 1;
-                delivered += 1;
+                .await?;
+            purged.messages += deleted;
+            if !more {
+                break;
             }
-            drop(rows);
-            for (group_id, deleted) in &deleted_per_group {
-                connection
-                    .prepare_cached(
-                        "UPDATE groups SET stored = MAX(stored - ?2, 0) WHERE group_id = ?1",
+        }
+        let mut after: Vec<u8> = Vec::new();
+        loop {
+            let (deleted, next) = self
+                .write(true, move |connection, _| {
+                    purge_delivered_chunk(connection, &after, expire_before_unix_secs)
+                })
+                .await?;
+            purged.messages += deleted;
+            match next {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        let (memberships, key_packages, idempotency_records) = self
+            .write(true, move |connection, _| {
+                // Removed members that have everything up to their removal, or whose remaining
+                // messages expired, can never be delivered to again.
+                let memberships = connection
+                    .execute(
+                        "DELETE FROM members WHERE left_seq IS NOT NULL AND (cursor >= left_seq OR NOT EXISTS
+                            (SELECT 1 FROM messages WHERE messages.group_id = members.group_id
+                                AND messages.seq > members.cursor AND messages.seq <= members.left_seq))",
+                        [],
                     )
-                    .and_then(|mut statement| statement.execute(params![group_id, deleted]))
                     .map_err(backend)?;
-            }
-            // Removed members that have everything up to their removal, or whose remaining
-            // messages expired, can never be delivered to again.
-            let memberships = connection
-                .execute(
-                    "DELETE FROM members WHERE left_seq IS NOT NULL AND (cursor >= left_seq OR NOT EXISTS
-                        (SELECT 1 FROM messages WHERE messages.group_id = members.group_id
-                            AND messages.seq > members.cursor AND messages.seq <= members.left_seq))",
-                    [],
-                )
-                .map_err(backend)?;
-            let key_packages = connection
-                .execute(
-                    "DELETE FROM key_packages WHERE not_after <= ?1",
-                    params![now_unix_secs()],
-                )
-                .map_err(backend)?;
-            let idempotency_records = connection
-                .execute(
-                    "DELETE FROM idempotency WHERE created_at < ?1",
-                    params![expire_before_unix_secs],
-                )
-                .map_err(backend)?;
-            Ok(Purged {
-                messages: expired + delivered,
-                memberships: memberships as u64,
-                key_packages: key_packages as u64,
-                idempotency_records: idempotency_records as u64,
+                let key_packages = connection
+                    .execute(
+                        "DELETE FROM key_packages WHERE not_after <= ?1",
+                        params![now_unix_secs()],
+                    )
+                    .map_err(backend)?;
+                let idempotency_records = connection
+                    .execute(
+                        "DELETE FROM idempotency WHERE created_at < ?1",
+                        params![expire_before_unix_secs],
+                    )
+                    .map_err(backend)?;
+                Ok((memberships, key_packages, idempotency_records))
             })
-        })
-        .await
+            .await?;
+        purged.memberships = memberships as u64;
+        purged.key_packages = key_packages as u64;
+        purged.idempotency_records = idempotency_records as u64;
+        Ok(purged)
     }
 
     async fn close(&self) {
@@ -1642,9 +1572,302 @@ impl Store for SqliteStore {
     }
 }
 
+/// Messages one purge job deletes at most (about; a group's delivered range is deleted whole).
+const PURGE_CHUNK_MESSAGES: i64 = 5_000;
+/// Groups one purge job looks at at most.
+const PURGE_CHUNK_GROUPS: i64 = 256;
+
+/// Lowers the stored-message counts (used by the backlog quota) by what a purge job deleted.
+fn subtract_stored(
+    connection: &Connection,
+    deleted_per_group: &HashMap<Vec<u8>, i64>,
+) -> Result<(), StoreError> {
+    let mut update = connection
+        .prepare_cached("UPDATE groups SET stored = MAX(stored - ?2, 0) WHERE group_id = ?1")
+        .map_err(backend)?;
+    for (group_id, deleted) in deleted_per_group {
+        update
+            .execute(params![group_id, deleted])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// One purge job: deletes up to [`PURGE_CHUNK_MESSAGES`] messages past their retention period.
+/// Returns how many it deleted and whether more may be left.
+fn purge_expired_chunk(
+    connection: &Connection,
+    expire_before_unix_secs: i64,
+) -> Result<(u64, bool), StoreError> {
+    // `id` follows storage order, and so (but for a clock stepping back) does `created_at`:
+    // everything before the oldest message still in its retention period has expired. A
+    // message stored after a clock step back waits for the messages stored before it.
+    let first_kept: Option<i64> = connection
+        .prepare_cached("SELECT id FROM messages WHERE created_at >= ?1 ORDER BY id LIMIT 1")
+        .and_then(|mut statement| {
+            statement
+                .query_row(params![expire_before_unix_secs], |row| row.get(0))
+                .optional()
+        })
+        .map_err(backend)?;
+    let mut delete = connection
+        .prepare_cached(
+            "DELETE FROM messages WHERE id IN
+                (SELECT id FROM messages WHERE id < ?1 ORDER BY id LIMIT ?2)
+             RETURNING group_id",
+        )
+        .map_err(backend)?;
+    let mut rows = delete
+        .query(params![
+            first_kept.unwrap_or(i64::MAX),
+            PURGE_CHUNK_MESSAGES
+        ])
+        .map_err(backend)?;
+    let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
+    let mut deleted: i64 = 0;
+    while let Some(row) = rows.next().map_err(backend)? {
+        let group_id: Vec<u8> = row.get(0).map_err(backend)?;
+        *deleted_per_group.entry(group_id).or_default() += 1;
+        deleted += 1;
+    }
+    drop(rows);
+    subtract_stored(connection, &deleted_per_group)?;
+    Ok((
+        u64::try_from(deleted).unwrap_or(0),
+        deleted >= PURGE_CHUNK_MESSAGES,
+    ))
+}
+
+/// The seq ranges `(after, up_to]` of one group that every member which may still receive them
+/// has acknowledged: up to the lowest cursor of the current members, minus the unacknowledged
+/// window `(cursor, left_seq]` of each removed member. A removed member never holds back
+/// messages after its removal, so a lost device that was removed cannot pin the group's log.
+fn delivered_ranges(members: &[(i64, Option<i64>)]) -> Vec<(i64, i64)> {
+    let Some(bound) = members
+        .iter()
+        .filter(|(_, left_seq)| left_seq.is_none())
+        .map(|(cursor, _)| *cursor)
+        .min()
+    else {
+        // No current member: nothing counts as delivered (expiry still applies).
+        return Vec::new();
+    };
+    let mut windows: Vec<(i64, i64)> = members
+        .iter()
+        .filter_map(|(cursor, left_seq)| left_seq.map(|left_seq| (*cursor, left_seq)))
+        .filter(|(cursor, left_seq)| cursor < left_seq)
+        .collect();
+    windows.sort_unstable();
+    let mut ranges = Vec::new();
+    let mut from = i64::MIN;
+    for (cursor, left_seq) in windows {
+        if cursor > from {
+            ranges.push((from, cursor.min(bound)));
+        }
+        from = from.max(left_seq);
+        if from >= bound {
+            break;
+        }
+    }
+    if from < bound {
+        ranges.push((from, bound));
+    }
+    ranges.retain(|(after, up_to)| after < up_to);
+    ranges
+}
+
+/// One purge job: deletes the delivered messages of the groups after `after` (in group id
+/// order), up to about [`PURGE_CHUNK_MESSAGES`] messages or [`PURGE_CHUNK_GROUPS`] groups. A
+/// deleted message still in its retention period keeps its idempotency record in
+/// `idempotency`. Returns how many it deleted and the last group it looked at, if any groups
+/// may be left.
+fn purge_delivered_chunk(
+    connection: &Connection,
+    after: &[u8],
+    expire_before_unix_secs: i64,
+) -> Result<(u64, Option<Vec<u8>>), StoreError> {
+    let groups: Vec<Vec<u8>> = {
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT group_id FROM groups WHERE stored > 0 AND group_id > ?1
+                 ORDER BY group_id LIMIT ?2",
+            )
+            .map_err(backend)?;
+        let rows = statement
+            .query_map(params![after, PURGE_CHUNK_GROUPS], |row| row.get(0))
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)?
+    };
+    let mut members_of = connection
+        .prepare_cached("SELECT cursor, left_seq FROM members WHERE group_id = ?1")
+        .map_err(backend)?;
+    let mut delete = connection
+        .prepare_cached(
+            "DELETE FROM messages WHERE group_id = ?1 AND seq > ?2 AND seq <= ?3
+             RETURNING client_message_id, sender, seq, epoch, kind, payload_hash, created_at",
+        )
+        .map_err(backend)?;
+    let mut keep_record = connection
+        .prepare_cached(
+            "INSERT OR IGNORE INTO idempotency
+             (group_id, client_message_id, sender, seq, epoch_after, payload_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .map_err(backend)?;
+    let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
+    let mut deleted: i64 = 0;
+    let mut last = None;
+    for group_id in &groups {
+        let members: Vec<(i64, Option<i64>)> = members_of
+            .query_map(params![group_id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(backend)?
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        for (after_seq, up_to) in delivered_ranges(&members) {
+            let mut rows = delete
+                .query(params![group_id, after_seq, up_to])
+                .map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                let created_at: i64 = row.get(6).map_err(backend)?;
+                if created_at >= expire_before_unix_secs {
+                    let epoch: i64 = row.get(3).map_err(backend)?;
+                    let kind: i64 = row.get(4).map_err(backend)?;
+                    let epoch_after = if kind == DeliveryKind::Commit as i64 {
+                        epoch.saturating_add(1)
+                    } else {
+                        epoch
+                    };
+                    keep_record
+                        .execute(params![
+                            group_id,
+                            row.get::<_, Vec<u8>>(0).map_err(backend)?,
+                            row.get::<_, String>(1).map_err(backend)?,
+                            row.get::<_, i64>(2).map_err(backend)?,
+                            epoch_after,
+                            row.get::<_, Vec<u8>>(5).map_err(backend)?,
+                            created_at,
+                        ])
+                        .map_err(backend)?;
+                }
+                *deleted_per_group.entry(group_id.clone()).or_default() += 1;
+                deleted += 1;
+            }
+        }
+        last = Some(group_id.clone());
+        if deleted >= PURGE_CHUNK_MESSAGES {
+            break;
+        }
+    }
+    subtract_stored(connection, &deleted_per_group)?;
+    let more = deleted >= PURGE_CHUNK_MESSAGES || groups.len() as i64 >= PURGE_CHUNK_GROUPS;
+    Ok((
+        u64::try_from(deleted).unwrap_or(0),
+        if more { last } else { None },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A purge larger than one job (more messages than [`PURGE_CHUNK_MESSAGES`] in one group,
+    /// more groups than [`PURGE_CHUNK_GROUPS`]) still deletes everything delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_larger_than_one_job_finishes() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let limits = StoreLimits {
+            max_group_backlog: 1_000_000,
+            ..StoreLimits::default()
+        };
+        let store = SqliteStore::open(dir.path().join("ds.sqlite3"), limits).expect("open");
+        let alice = UserName::new("alice").expect("name");
+        let message = |group_id: &GroupId, n: u32| AppendRequest {
+            group_id: group_id.clone(),
+            sender: alice.clone(),
+            client_message_id: {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&n.to_be_bytes());
+                id
+            },
+            epoch: 0,
+            kind: DeliveryKind::Application,
+            payload: b"m".to_vec(),
+            membership: None,
+        };
+        let busy = GroupId::new(b"busy".to_vec()).expect("group id");
+        store.create_group(&busy, &alice).await.expect("create");
+        let busy_messages = u32::try_from(PURGE_CHUNK_MESSAGES).expect("small") + 100;
+        let mut appends = tokio::task::JoinSet::new();
+        for n in 0..busy_messages {
+            let store = store.clone();
+            let request = message(&busy, n);
+            appends.spawn(async move { store.append(request).await });
+        }
+        while let Some(appended) = appends.join_next().await {
+            appended.expect("task").expect("append");
+        }
+        store
+            .ack(&alice, &busy, u64::from(busy_messages))
+            .await
+            .expect("ack");
+        let quiet_groups = u32::try_from(PURGE_CHUNK_GROUPS).expect("small") + 44;
+        for n in 0..quiet_groups {
+            let group_id = GroupId::new(format!("quiet-{n:04}").into_bytes()).expect("id");
+            store.create_group(&group_id, &alice).await.expect("create");
+            store.append(message(&group_id, n)).await.expect("append");
+            store.ack(&alice, &group_id, 1).await.expect("ack");
+        }
+        let purged = store.purge(0).await.expect("purge");
+        assert_eq!(
+            purged.messages,
+            u64::from(busy_messages) + u64::from(quiet_groups)
+        );
+        let (left, stored): (i64, i64) = store
+            .read(|connection| {
+                connection
+                    .query_row(
+                        "SELECT (SELECT COUNT(*) FROM messages), (SELECT SUM(stored) FROM groups)",
+                        [],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .map_err(backend)
+            })
+            .await
+            .expect("read");
+        assert_eq!((left, stored), (0, 0));
+        store.close().await;
+    }
+
+    #[test]
+    fn delivered_ranges_stop_at_the_slowest_member_and_skip_removed_members_windows() {
+        // No current member: nothing is delivered.
+        assert!(delivered_ranges(&[(5, Some(9))]).is_empty());
+        // Current members only: up to the lowest cursor.
+        assert_eq!(
+            delivered_ranges(&[(7, None), (4, None)]),
+            vec![(i64::MIN, 4)]
+        );
+        // A removed member's unacknowledged window (3, 6] is kept; below and above it go.
+        assert_eq!(
+            delivered_ranges(&[(10, None), (3, Some(6))]),
+            vec![(i64::MIN, 3), (6, 10)]
+        );
+        // Overlapping windows merge; a window past the bound cuts nothing above the bound.
+        assert_eq!(
+            delivered_ranges(&[(10, None), (2, Some(5)), (4, Some(8)), (9, Some(20))]),
+            vec![(i64::MIN, 2), (8, 9)]
+        );
+        // A removed member that acknowledged everything up to its removal holds nothing.
+        assert_eq!(
+            delivered_ranges(&[(10, None), (6, Some(6))]),
+            vec![(i64::MIN, 10)]
+        );
+        // A window starting at the bound leaves everything below it.
+        assert_eq!(
+            delivered_ranges(&[(4, None), (4, Some(9))]),
+            vec![(i64::MIN, 4)]
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_reads_share_a_bounded_pool() {
