@@ -176,13 +176,15 @@ async fn two_people_chat_in_real_terminals() {
         let patience = Duration::from_secs(20);
         tmux.start("alice", 100, 30, &alice_command);
         tmux.start("bob", 80, 24, &bob_command);
+        // Asked only once the UI has drawn: right after tmux starts it, the binary may not
+        // have switched to the alternate screen yet (this raced on a loaded machine).
+        tmux.wait_for("alice", "● connected", patience);
+        tmux.wait_for("bob", "● connected", patience);
         assert_eq!(
             tmux.display("alice", "#{alternate_on}"),
             "1",
             "the TUI uses the alternate screen"
         );
-        tmux.wait_for("alice", "● connected", patience);
-        tmux.wait_for("bob", "● connected", patience);
 
         tmux.type_line("alice", "/create team");
         tmux.wait_for("alice", "you created team", patience);
