@@ -155,18 +155,19 @@ CREATE TABLE idempotency_v3 (
     created_at INTEGER NOT NULL,
     PRIMARY KEY (group_id, client_message_id, sender)
 ) WITHOUT ROWID;
--- Records whose message is still stored now live in the message row.
+-- Records whose message is still stored now live in the message row. The index is built
+-- first so that this check is one lookup per record, not a scan of the record's group.
+CREATE INDEX messages_by_client_id ON messages_v3 (group_id, client_message_id);
 INSERT INTO idempotency_v3
 SELECT i.group_id, i.client_message_id, i.sender, i.seq, i.epoch_after, i.payload_hash, i.created_at
 FROM idempotency i
-WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.sender = i.sender
-                  AND m.group_id = i.group_id AND m.client_message_id = i.client_message_id);
+WHERE NOT EXISTS (SELECT 1 FROM messages_v3 m WHERE m.group_id = i.group_id
+                  AND m.client_message_id = i.client_message_id AND m.sender = i.sender);
 DROP TABLE messages;
 DROP TABLE idempotency;
 ALTER TABLE messages_v3 RENAME TO messages;
 ALTER TABLE idempotency_v3 RENAME TO idempotency;
 CREATE UNIQUE INDEX messages_by_seq ON messages (group_id, seq);
-CREATE INDEX messages_by_client_id ON messages (group_id, client_message_id);
 CREATE INDEX idempotency_by_time ON idempotency (created_at);
 ";
 
@@ -323,12 +324,26 @@ impl Writer {
         if !self.wal.finish.swap(false, Ordering::SeqCst) && !hard {
             return;
         }
-        match self
-            .connection
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-                row.get::<_, i64>(1)
-            }) {
-            Ok(_) => self.wal.pages.store(0, Ordering::SeqCst),
+        // Past the hard limit, RESTART waits (up to the busy timeout) for readers still on old
+        // WAL frames, so that the WAL does start over: it bounds the WAL even while reads never
+        // stop. Otherwise a PASSIVE pass copies the small tail the checkpointer left.
+        let pragma = if hard {
+            "PRAGMA wal_checkpoint(RESTART)"
+        } else {
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        };
+        match self.connection.query_row(pragma, [], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        }) {
+            // Only a complete checkpoint lets the next transaction start the WAL over.
+            Ok((0, log, copied)) if log == copied => self.wal.pages.store(0, Ordering::SeqCst),
+            Ok((busy, log, copied)) => {
+                tracing::debug!(busy, log, copied, "WAL checkpoint incomplete");
+            }
             Err(error) => tracing::warn!(%error, "WAL checkpoint failed"),
         }
     }
@@ -824,7 +839,19 @@ fn run_batch(writer: &mut Writer, batch: &mut [Box<dyn WriteJob>]) -> Result<(),
     }
     let mut ran = writer.check_data_version().map_err(BatchFailed);
     if ran.is_ok() {
-        ran = batch.iter_mut().try_for_each(|job| job.run(writer));
+        ran = batch.iter_mut().try_for_each(|job| {
+            job.run(writer)?;
+            // SQLite rolls the whole transaction back by itself on some errors (I/O, full
+            // disk, out of memory), even when the statement that hit one was only a read that
+            // a job answered as a refusal. A later job would then write outside any
+            // transaction, on top of a batch that no longer exists: fail the batch instead.
+            if writer.connection.is_autocommit() {
+                return Err(BatchFailed(StoreError::Backend(
+                    "SQLite rolled the transaction back after an error".into(),
+                )));
+            }
+            Ok(())
+        });
     }
     let failed = match ran {
         Ok(()) => match writer.connection.execute_batch("COMMIT") {
@@ -1512,16 +1539,16 @@ impl Store for SqliteStore {
                 break;
             }
         }
-        let mut after: Vec<u8> = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
         loop {
             let (deleted, next) = self
                 .write(true, move |connection, _| {
-                    purge_delivered_chunk(connection, &after, expire_before_unix_secs)
+                    purge_delivered_chunk(connection, &from, expire_before_unix_secs)
                 })
                 .await?;
             purged.messages += deleted;
             match next {
-                Some(next) => after = next,
+                Some(next) => from = next,
                 None => break,
             }
         }
@@ -1600,31 +1627,33 @@ fn purge_expired_chunk(
     expire_before_unix_secs: i64,
 ) -> Result<(u64, bool), StoreError> {
     // `id` follows storage order, and so (but for a clock stepping back) does `created_at`:
-    // everything before the oldest message still in its retention period has expired. A
+    // the expired messages are a prefix of the table in `id` order. Each job reads at most one
+    // chunk from the start of the table, so a large purge reads every row once in all. A
     // message stored after a clock step back waits for the messages stored before it.
-    let first_kept: Option<i64> = connection
-        .prepare_cached("SELECT id FROM messages WHERE created_at >= ?1 ORDER BY id LIMIT 1")
-        .and_then(|mut statement| {
-            statement
-                .query_row(params![expire_before_unix_secs], |row| row.get(0))
-                .optional()
-        })
-        .map_err(backend)?;
+    let oldest: Vec<(i64, i64)> = {
+        let mut statement = connection
+            .prepare_cached("SELECT id, created_at FROM messages ORDER BY id LIMIT ?1")
+            .map_err(backend)?;
+        let rows = statement
+            .query_map(params![PURGE_CHUNK_MESSAGES], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)?
+    };
+    let expired = oldest
+        .iter()
+        .take_while(|(_, created_at)| *created_at < expire_before_unix_secs)
+        .count();
+    let Some(&(last_expired, _)) = expired.checked_sub(1).and_then(|last| oldest.get(last)) else {
+        return Ok((0, false));
+    };
     let mut delete = connection
-        .prepare_cached(
-            "DELETE FROM messages WHERE id IN
-                (SELECT id FROM messages WHERE id < ?1 ORDER BY id LIMIT ?2)
-             RETURNING group_id",
-        )
+        .prepare_cached("DELETE FROM messages WHERE id <= ?1 RETURNING group_id")
         .map_err(backend)?;
-    let mut rows = delete
-        .query(params![
-            first_kept.unwrap_or(i64::MAX),
-            PURGE_CHUNK_MESSAGES
-        ])
-        .map_err(backend)?;
+    let mut rows = delete.query(params![last_expired]).map_err(backend)?;
     let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
-    let mut deleted: i64 = 0;
+    let mut deleted: u64 = 0;
     while let Some(row) = rows.next().map_err(backend)? {
         let group_id: Vec<u8> = row.get(0).map_err(backend)?;
         *deleted_per_group.entry(group_id).or_default() += 1;
@@ -1632,10 +1661,9 @@ fn purge_expired_chunk(
     }
     drop(rows);
     subtract_stored(connection, &deleted_per_group)?;
-    Ok((
-        u64::try_from(deleted).unwrap_or(0),
-        deleted >= PURGE_CHUNK_MESSAGES,
-    ))
+    // The whole chunk had expired: the next one may have too.
+    let more = i64::try_from(expired).unwrap_or(i64::MAX) >= PURGE_CHUNK_MESSAGES;
+    Ok((deleted, more))
 }
 
 /// The seq ranges `(after, up_to]` of one group that every member which may still receive them
@@ -1676,25 +1704,25 @@ fn delivered_ranges(members: &[(i64, Option<i64>)]) -> Vec<(i64, i64)> {
     ranges
 }
 
-/// One purge job: deletes the delivered messages of the groups after `after` (in group id
-/// order), up to about [`PURGE_CHUNK_MESSAGES`] messages or [`PURGE_CHUNK_GROUPS`] groups. A
+/// One purge job: deletes the delivered messages of the groups from `from` on (in group id
+/// order), up to [`PURGE_CHUNK_MESSAGES`] messages or [`PURGE_CHUNK_GROUPS`] groups. A
 /// deleted message still in its retention period keeps its idempotency record in
-/// `idempotency`. Returns how many it deleted and the last group it looked at, if any groups
-/// may be left.
+/// `idempotency`. Returns how many it deleted and where the next job starts, if anything may
+/// be left.
 fn purge_delivered_chunk(
     connection: &Connection,
-    after: &[u8],
+    from: &[u8],
     expire_before_unix_secs: i64,
 ) -> Result<(u64, Option<Vec<u8>>), StoreError> {
     let groups: Vec<Vec<u8>> = {
         let mut statement = connection
             .prepare_cached(
-                "SELECT group_id FROM groups WHERE stored > 0 AND group_id > ?1
+                "SELECT group_id FROM groups WHERE stored > 0 AND group_id >= ?1
                  ORDER BY group_id LIMIT ?2",
             )
             .map_err(backend)?;
         let rows = statement
-            .query_map(params![after, PURGE_CHUNK_GROUPS], |row| row.get(0))
+            .query_map(params![from, PURGE_CHUNK_GROUPS], |row| row.get(0))
             .map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)?
     };
@@ -1714,9 +1742,11 @@ fn purge_delivered_chunk(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .map_err(backend)?;
+    let mut first_stored = connection
+        .prepare_cached("SELECT MIN(seq) FROM messages WHERE group_id = ?1 AND seq > ?2")
+        .map_err(backend)?;
     let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut deleted: i64 = 0;
-    let mut last = None;
     for group_id in &groups {
         let members: Vec<(i64, Option<i64>)> = members_of
             .query_map(params![group_id], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -1724,6 +1754,20 @@ fn purge_delivered_chunk(
             .collect::<Result<_, _>>()
             .map_err(backend)?;
         for (after_seq, up_to) in delivered_ranges(&members) {
+            // Seqs of a group are unique, so a span of `budget` seqs from the first one stored
+            // holds at most `budget` messages: the job stays small even when a group's whole
+            // backlog was delivered.
+            let budget = PURGE_CHUNK_MESSAGES - deleted;
+            if budget <= 0 {
+                break;
+            }
+            let first: Option<i64> = first_stored
+                .query_row(params![group_id, after_seq], |row| row.get(0))
+                .map_err(backend)?;
+            let Some(first) = first.filter(|first| *first <= up_to) else {
+                continue;
+            };
+            let up_to = up_to.min(first.saturating_add(budget - 1));
             let mut rows = delete
                 .query(params![group_id, after_seq, up_to])
                 .map_err(backend)?;
@@ -1753,17 +1797,24 @@ fn purge_delivered_chunk(
                 deleted += 1;
             }
         }
-        last = Some(group_id.clone());
         if deleted >= PURGE_CHUNK_MESSAGES {
-            break;
+            // This group may have more delivered messages: the next job starts with it again.
+            subtract_stored(connection, &deleted_per_group)?;
+            return Ok((u64::try_from(deleted).unwrap_or(0), Some(group_id.clone())));
         }
     }
     subtract_stored(connection, &deleted_per_group)?;
-    let more = deleted >= PURGE_CHUNK_MESSAGES || groups.len() as i64 >= PURGE_CHUNK_GROUPS;
-    Ok((
-        u64::try_from(deleted).unwrap_or(0),
-        if more { last } else { None },
-    ))
+    let next = if groups.len() as i64 >= PURGE_CHUNK_GROUPS {
+        // The smallest group id after the last one looked at.
+        groups.last().map(|last| {
+            let mut next = last.clone();
+            next.push(0);
+            next
+        })
+    } else {
+        None
+    };
+    Ok((u64::try_from(deleted).unwrap_or(0), next))
 }
 
 #[cfg(test)]
@@ -1835,6 +1886,20 @@ mod tests {
             .await
             .expect("read");
         assert_eq!((left, stored), (0, 0));
+        // Unacknowledged messages past their retention period go in several jobs too.
+        let mut appends = tokio::task::JoinSet::new();
+        for n in busy_messages..2 * busy_messages {
+            let store = store.clone();
+            let request = message(&busy, n);
+            appends.spawn(async move { store.append(request).await });
+        }
+        while let Some(appended) = appends.join_next().await {
+            appended.expect("task").expect("append");
+        }
+        let purged = store.purge(i64::MAX).await.expect("purge expired");
+        assert_eq!(purged.messages, u64::from(busy_messages));
+        let page = store.fetch(&alice, &busy, 0, 10).await.expect("fetch");
+        assert!(page.deliveries.is_empty());
         store.close().await;
     }
 
