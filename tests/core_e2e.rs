@@ -715,24 +715,50 @@ async fn random_concurrent_operations_converge() {
             let mut all: Vec<&mut Peer> = core.iter_mut().collect();
             converge(&mut all, &id).await
         };
-        let members = core[0].members(&id).await;
+        // The membership can still change while it is checked: a floater's Leave proposal is
+        // committed by whichever core member gets to it, possibly after the member list was
+        // taken, and a removed member cannot derive the new epoch's authenticator. So take
+        // the list, check that everyone on it agrees, and start over if it changed meanwhile.
         let deadline = std::time::Instant::now() + STEP;
-        for floater in floaters.iter_mut() {
-            let listed = members.contains(&floater.name);
-            while floater.in_group(&id) != listed {
+        'settled: loop {
+            let members = core[0].members(&id).await;
+            for floater in floaters.iter_mut() {
+                let listed = members.contains(&floater.name);
+                while floater.in_group(&id) != listed {
+                    if core[0].members(&id).await != members {
+                        continue 'settled;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{}: listed {listed}, but its events say otherwise",
+                        floater.name
+                    );
+                    floater.idle(Duration::from_millis(50)).await;
+                }
+            }
+            loop {
+                let mut statuses = Vec::new();
+                for peer in core.iter_mut() {
+                    statuses.push((peer.name.clone(), peer.status(&id).await));
+                }
+                for floater in floaters.iter_mut() {
+                    if members.contains(&floater.name) {
+                        statuses.push((floater.name.clone(), floater.status(&id).await));
+                    }
+                }
+                let agreed = statuses.windows(2).all(|pair| pair[0].1 == pair[1].1);
+                if agreed && statuses[0].1.2 == members.len() {
+                    break 'settled;
+                }
+                if core[0].members(&id).await != members {
+                    continue 'settled;
+                }
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "{}: listed {listed}, but its events say otherwise",
-                    floater.name
+                    "the group did not converge on {members:?}: {statuses:#?}"
                 );
-                floater.idle(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        }
-        {
-            let mut all: Vec<&mut Peer> = core.iter_mut().collect();
-            all.extend(floaters.iter_mut().filter(|f| members.contains(&f.name)));
-            let (_, _, count) = converge(&mut all, &id).await;
-            assert_eq!(count, members.len());
         }
         for peer in core.iter_mut().chain(floaters.iter_mut()) {
             let name = peer.name.clone();
