@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Ds, Peer, STEP, converge, create_group, invite, raw_login, timed, user};
+use common::{
+    Ds, Peer, STEP, agreed_status, converge, create_group, invite, raw_login, timed, user,
+};
 use mlschat::core::{Command, CoreEvent};
 use mlschat_ds::protocol::{ErrorCode, Fetch, Frame, GroupId};
 
@@ -737,19 +739,15 @@ async fn random_concurrent_operations_converge() {
                 }
             }
             loop {
-                let mut statuses = Vec::new();
-                for peer in core.iter_mut() {
-                    statuses.push((peer.name.clone(), peer.status(&id).await));
-                }
-                for floater in floaters.iter_mut() {
-                    if members.contains(&floater.name) {
-                        statuses.push((floater.name.clone(), floater.status(&id).await));
+                let statuses = {
+                    let mut listed: Vec<&mut Peer> = core.iter_mut().collect();
+                    listed.extend(floaters.iter_mut().filter(|f| members.contains(&f.name)));
+                    match agreed_status(&mut listed, &id).await {
+                        Ok((_, _, count)) if count == members.len() => break 'settled,
+                        Ok(status) => vec![("all".to_string(), status)],
+                        Err(statuses) => statuses,
                     }
-                }
-                let agreed = statuses.windows(2).all(|pair| pair[0].1 == pair[1].1);
-                if agreed && statuses[0].1.2 == members.len() {
-                    break 'settled;
-                }
+                };
                 if core[0].members(&id).await != members {
                     continue 'settled;
                 }

@@ -43,21 +43,21 @@ fn group(name: &str) -> GroupId {
 // ---------------------------------------------------------------------------------------------
 // Store level
 
+/// One DS node's store on the shared test database.
+async fn open_node(url: &str) -> PostgresStore {
+    PostgresStore::connect(url, StoreLimits::default(), PostgresOptions::default())
+        .await
+        .expect("a DS node connects")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_append_on_one_node_wakes_the_other() {
     let Some(database) = TestDatabase::create().await else {
         return;
     };
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let open = || {
-            PostgresStore::connect(
-                &database.url,
-                StoreLimits::default(),
-                PostgresOptions::default(),
-            )
-        };
-        let first = open().await.expect("node 1");
-        let second = open().await.expect("node 2");
+        let first = open_node(&database.url).await;
+        let second = open_node(&database.url).await;
         let mut heard_by_first = first.remote_appends().expect("node 1 listens");
         let mut heard_by_second = second.remote_appends().expect("node 2 listens");
         assert!(second.remote_appends().is_none(), "handed out once");
@@ -121,15 +121,8 @@ async fn a_cut_listening_connection_reconnects_and_resyncs() {
         return;
     };
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let open = || {
-            PostgresStore::connect(
-                &database.url,
-                StoreLimits::default(),
-                PostgresOptions::default(),
-            )
-        };
-        let first = open().await.expect("node 1");
-        let second = open().await.expect("node 2");
+        let first = open_node(&database.url).await;
+        let second = open_node(&database.url).await;
         let mut heard = second.remote_appends().expect("node 2 listens");
         let alice = user("alice");
         first.register_user(&alice, &[1; 32]).await.expect("alice");

@@ -481,18 +481,32 @@ pub async fn invite(inviter: &mut Peer, group: &GroupRef, invitees: &mut [&mut P
     }
 }
 
+/// Asks every peer for its `Status` once: the common (epoch, authenticator, members) if all
+/// agree, else every peer's answer.
+pub async fn agreed_status(
+    peers: &mut [&mut Peer],
+    group: &GroupId,
+) -> Result<(u64, String, usize), Vec<(String, (u64, String, usize))>> {
+    let mut statuses = Vec::new();
+    for peer in peers.iter_mut() {
+        statuses.push((peer.name.clone(), peer.status(group).await));
+    }
+    if statuses.windows(2).all(|pair| pair[0].1 == pair[1].1) {
+        Ok(statuses[0].1.clone())
+    } else {
+        Err(statuses)
+    }
+}
+
 /// Polls `Status` on every peer until all agree on epoch and epoch authenticator (the group
 /// did not fork); returns the common (epoch, authenticator, members).
 pub async fn converge(peers: &mut [&mut Peer], group: &GroupId) -> (u64, String, usize) {
     let deadline = Instant::now() + STEP;
     loop {
-        let mut statuses = Vec::new();
-        for peer in peers.iter_mut() {
-            statuses.push((peer.name.clone(), peer.status(group).await));
-        }
-        if statuses.windows(2).all(|pair| pair[0].1 == pair[1].1) {
-            return statuses[0].1.clone();
-        }
+        let statuses = match agreed_status(peers, group).await {
+            Ok(status) => return status,
+            Err(statuses) => statuses,
+        };
         assert!(
             Instant::now() < deadline,
             "the group did not converge: {statuses:#?}"

@@ -184,6 +184,16 @@ fn from_sql_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
+/// The group's epoch once a stored message (epoch and kind columns) was accepted: a commit
+/// advances it, anything else leaves it. Idempotency records answer retries with it.
+fn epoch_after(epoch: i64, kind: i64) -> i64 {
+    if kind == DeliveryKind::Commit as i64 {
+        epoch.saturating_add(1)
+    } else {
+        epoch
+    }
+}
+
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let connection = Connection::open(path).map_err(backend)?;
     // SECURITY/DURABILITY: WAL with synchronous=FULL fsyncs the WAL on every commit, so an
@@ -247,14 +257,9 @@ fn migrate_in_transaction(connection: &Connection, version: i64) -> Result<(), S
             .map_err(backend)?;
         let mut rows = select.query([]).map_err(backend)?;
         while let Some(row) = rows.next().map_err(backend)? {
-            let epoch: i64 = row.get(4).map_err(backend)?;
-            let kind: i64 = row.get(5).map_err(backend)?;
+            let epoch_after =
+                epoch_after(row.get(4).map_err(backend)?, row.get(5).map_err(backend)?);
             let payload: Vec<u8> = row.get(6).map_err(backend)?;
-            let epoch_after = if kind == DeliveryKind::Commit as i64 {
-                epoch.saturating_add(1)
-            } else {
-                epoch
-            };
             insert
                 .execute(params![
                     row.get::<_, String>(0).map_err(backend)?,
@@ -518,14 +523,24 @@ where
     }
 
     fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
-        let outcome = match (commit, self.result) {
-            (Err(error), _) => Err(error),
-            (Ok(()), Some(result)) => result,
-            (Ok(()), None) => Err(StoreError::Backend("write was not run".into())),
-        };
-        // The requester may have gone away (connection closed); the write stands regardless.
-        let _ = self.reply.send(outcome);
+        answer(commit, self.result, self.reply);
     }
+}
+
+/// Answers a job's requester once its batch ended: the batch's failure overrides whatever the
+/// job itself returned (nothing of it was kept).
+fn answer<T>(
+    commit: Result<(), StoreError>,
+    result: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+) {
+    let outcome = match (commit, result) {
+        (Err(error), _) => Err(error),
+        (Ok(()), Some(result)) => result,
+        (Ok(()), None) => Err(StoreError::Backend("write was not run".into())),
+    };
+    // The requester may have gone away (connection closed); the write stands regardless.
+    let _ = reply.send(outcome);
 }
 
 /// An append: checked against the cached group state first and written only once it is
@@ -558,12 +573,7 @@ impl WriteJob for AppendJob {
     }
 
     fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
-        let outcome = match (commit, self.result) {
-            (Err(error), _) => Err(error),
-            (Ok(()), Some(result)) => result,
-            (Ok(()), None) => Err(StoreError::Backend("write was not run".into())),
-        };
-        let _ = self.reply.send(outcome);
+        answer(commit, self.result, self.reply);
     }
 }
 
@@ -1014,11 +1024,9 @@ fn previous_append(
         .and_then(|mut statement| {
             statement
                 .query_row(key, |row| {
-                    let epoch = from_sql_u64(row.get(1)?);
-                    let commit = row.get::<_, i64>(2)? == DeliveryKind::Commit as i64;
                     Ok((
                         from_sql_u64(row.get(0)?),
-                        if commit { epoch + 1 } else { epoch },
+                        from_sql_u64(epoch_after(row.get(1)?, row.get(2)?)),
                         row.get::<_, Vec<u8>>(3)?,
                     ))
                 })
@@ -1774,13 +1782,8 @@ fn purge_delivered_chunk(
             while let Some(row) = rows.next().map_err(backend)? {
                 let created_at: i64 = row.get(6).map_err(backend)?;
                 if created_at >= expire_before_unix_secs {
-                    let epoch: i64 = row.get(3).map_err(backend)?;
-                    let kind: i64 = row.get(4).map_err(backend)?;
-                    let epoch_after = if kind == DeliveryKind::Commit as i64 {
-                        epoch.saturating_add(1)
-                    } else {
-                        epoch
-                    };
+                    let epoch_after =
+                        epoch_after(row.get(3).map_err(backend)?, row.get(4).map_err(backend)?);
                     keep_record
                         .execute(params![
                             group_id,
