@@ -669,7 +669,16 @@ struct MessageCost {
     tree_bytes: usize,
 }
 
-fn message_cost(size: usize, messages: usize) -> Result<MessageCost> {
+/// A sender and a receiver, both with client storage, in a group of `size` members.
+struct MessagePair {
+    _dir: tempfile::TempDir,
+    sender: Member<ClientProvider>,
+    receiver: Member<ClientProvider>,
+    sender_group: MlsGroup,
+    receiver_group: MlsGroup,
+}
+
+fn message_pair(size: usize) -> Result<MessagePair> {
     let dir = tempfile::Builder::new()
         .prefix("mlschat-bench-client")
         .tempdir()?;
@@ -679,30 +688,55 @@ fn message_cost(size: usize, messages: usize) -> Result<MessageCost> {
     let mut key_packages = bystander_key_packages(size - 2, "b")?;
     key_packages.push(receiver.key_package()?);
     let (_, welcome) = sender.add(&mut sender_group, &key_packages)?;
-    let mut receiver_group = receiver.join(&welcome)?;
-    let plaintext = vec![b'x'; 1024];
-    let mut cost = MessageCost {
-        send_us: Vec::new(),
-        receive_us: Vec::new(),
-        stored_bytes: 0,
-        message_secrets_bytes: 0,
-        tree_bytes: 0,
-    };
-    for _ in 0..messages {
-        let started = Instant::now();
-        let message = sender.encrypt(&mut sender_group, &plaintext)?;
-        cost.send_us.push(started.elapsed().as_secs_f64() * 1e6);
-        let started = Instant::now();
-        receiver.process(&mut receiver_group, &message)?;
-        cost.receive_us.push(started.elapsed().as_secs_f64() * 1e6);
+    let receiver_group = receiver.join(&welcome)?;
+    Ok(MessagePair {
+        _dir: dir,
+        sender,
+        receiver,
+        sender_group,
+        receiver_group,
+    })
+}
+
+/// Builds one group per size first, then sends the messages interleaved across the sizes
+/// (10, 1000, 10, 1000, ...), so that a slow stretch of the machine hits every size alike.
+fn message_costs(sizes: &[usize], messages: usize) -> Result<Vec<(usize, MessageCost)>> {
+    let mut pairs = Vec::new();
+    for &size in sizes {
+        eprintln!("  fig 7: building a group of {size}");
+        pairs.push(message_pair(size).with_context(|| format!("group of {size}"))?);
     }
-    let connection = receiver.connection.as_ref().context("sqlite member")?;
-    (cost.stored_bytes, cost.message_secrets_bytes) = stored_group_bytes(connection)?;
-    cost.tree_bytes = receiver_group
-        .export_ratchet_tree()
-        .tls_serialize_detached()?
-        .len();
-    Ok(cost)
+    let mut costs: Vec<MessageCost> = sizes
+        .iter()
+        .map(|_| MessageCost {
+            send_us: Vec::new(),
+            receive_us: Vec::new(),
+            stored_bytes: 0,
+            message_secrets_bytes: 0,
+            tree_bytes: 0,
+        })
+        .collect();
+    let plaintext = vec![b'x'; 1024];
+    for _ in 0..messages {
+        for (pair, cost) in pairs.iter_mut().zip(costs.iter_mut()) {
+            let started = Instant::now();
+            let message = pair.sender.encrypt(&mut pair.sender_group, &plaintext)?;
+            cost.send_us.push(started.elapsed().as_secs_f64() * 1e6);
+            let started = Instant::now();
+            pair.receiver.process(&mut pair.receiver_group, &message)?;
+            cost.receive_us.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    for (pair, cost) in pairs.iter().zip(costs.iter_mut()) {
+        let connection = pair.receiver.connection.as_ref().context("sqlite member")?;
+        (cost.stored_bytes, cost.message_secrets_bytes) = stored_group_bytes(connection)?;
+        cost.tree_bytes = pair
+            .receiver_group
+            .export_ratchet_tree()
+            .tls_serialize_detached()?
+            .len();
+    }
+    Ok(sizes.iter().copied().zip(costs).collect())
 }
 
 pub async fn figure7(settings: &Settings, failures: &Failures) -> Vec<Row> {
@@ -712,14 +746,13 @@ pub async fn figure7(settings: &Settings, failures: &Failures) -> Vec<Row> {
         &[10, 1000, 10_000]
     };
     let messages = if settings.quick { 30 } else { 200 };
-    let mut results = Vec::new();
-    for &size in sizes {
-        eprintln!("  fig 7: {size} members");
-        match blocking(move || message_cost(size, messages)).await {
-            Ok(cost) => results.push((size, cost)),
-            Err(error) => failures.error(format!("fig 7 n={size}: {error:#}")),
+    let results = match blocking(move || message_costs(sizes, messages)).await {
+        Ok(results) => results,
+        Err(error) => {
+            failures.error(format!("fig 7: {error:#}"));
+            Vec::new()
         }
-    }
+    };
     let mut rows = Vec::new();
     let Some((_, base)) = results.first() else {
         return rows;
