@@ -19,12 +19,40 @@ use crate::{Failures, Settings};
 const GROUPS: usize = 50;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn tmux(args: &[&str]) -> Result<String> {
-    let output = Process::new("tmux").args(args).output().context("tmux")?;
-    if !output.status.success() {
-        bail!("tmux {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+/// A tmux server of this run's own (its own socket, no user configuration), kept alive by an
+/// idle session: with the shared default server, killing the only measured session shut the
+/// server down while the next `new-session` was connecting to it, which then failed with
+/// "server exited unexpectedly".
+struct TmuxServer {
+    socket: String,
+}
+
+impl TmuxServer {
+    fn start() -> Result<TmuxServer> {
+        let server = TmuxServer {
+            socket: format!("mlschat-bench-{}", std::process::id()),
+        };
+        server.run(&["new-session", "-d", "-s", "keepalive", "sleep 86400"])?;
+        Ok(server)
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let output = Process::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .context("tmux")?;
+        if !output.status.success() {
+            bail!("tmux {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
 }
 
 /// The `mlschat` binary beside this one, built first if needed (it shares the library build).
@@ -96,9 +124,14 @@ async fn create_profile(ds: &DsProcess, dir: &Path, name: &UserName) -> Result<(
 
 /// Starts `command` in a fresh tmux session and returns (first non-blank frame, frame that
 /// contains `marker`), both measured from the session's start.
-fn time_to_frame(session: &str, command: &str, marker: &str) -> Result<(Duration, Duration)> {
+fn time_to_frame(
+    tmux: &TmuxServer,
+    session: &str,
+    command: &str,
+    marker: &str,
+) -> Result<(Duration, Duration)> {
     let started = Instant::now();
-    tmux(&[
+    tmux.run(&[
         "new-session",
         "-d",
         "-s",
@@ -114,7 +147,9 @@ fn time_to_frame(session: &str, command: &str, marker: &str) -> Result<(Duration
         if started.elapsed() > TIMEOUT {
             break Err(anyhow!("no frame with {marker:?} within {TIMEOUT:?}"));
         }
-        let screen = tmux(&["capture-pane", "-p", "-t", session]).unwrap_or_default();
+        let screen = tmux
+            .run(&["capture-pane", "-p", "-t", session])
+            .unwrap_or_default();
         let elapsed = started.elapsed();
         if first.is_none() && screen.chars().any(|c| !c.is_whitespace()) {
             first = Some(elapsed);
@@ -124,7 +159,7 @@ fn time_to_frame(session: &str, command: &str, marker: &str) -> Result<(Duration
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    let _ = tmux(&["kill-session", "-t", session]);
+    let _ = tmux.run(&["kill-session", "-t", session]);
     result
 }
 
@@ -173,14 +208,15 @@ async fn run(settings: &Settings) -> Result<Vec<Row>> {
     };
     let session = format!("mlschat-bench-{}", std::process::id());
     let (firsts, groups, floors) = tokio::task::spawn_blocking(move || {
+        let tmux = TmuxServer::start()?;
         let mut firsts = Vec::new();
         let mut groups = Vec::new();
         let mut floors = Vec::new();
         for _ in 0..repeats {
-            let (first, listed) = time_to_frame(&session, &command, "bench-g00")?;
+            let (first, listed) = time_to_frame(&tmux, &session, &command, "bench-g00")?;
             firsts.push(first.as_secs_f64() * 1e3);
             groups.push(listed.as_secs_f64() * 1e3);
-            let (_, floor) = time_to_frame(&session, &baseline, "floor-ready")?;
+            let (_, floor) = time_to_frame(&tmux, &session, &baseline, "floor-ready")?;
             floors.push(floor.as_secs_f64() * 1e3);
         }
         Ok::<_, anyhow::Error>((firsts, groups, floors))
