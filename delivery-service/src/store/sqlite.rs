@@ -310,9 +310,32 @@ struct Writer {
     wal: Arc<WalState>,
 }
 
+/// When the WAL is checkpointed: the constants above, smaller in tests.
+#[derive(Debug, Clone, Copy)]
+struct WalLimits {
+    soft_pages: i64,
+    tail_pages: i64,
+    hard_pages: i64,
+    busy_interval: std::time::Duration,
+    idle_interval: std::time::Duration,
+}
+
+impl Default for WalLimits {
+    fn default() -> WalLimits {
+        WalLimits {
+            soft_pages: WAL_SOFT_LIMIT_PAGES,
+            tail_pages: WAL_TAIL_PAGES,
+            hard_pages: WAL_HARD_LIMIT_PAGES,
+            busy_interval: CHECKPOINT_BUSY_INTERVAL,
+            idle_interval: CHECKPOINT_IDLE_INTERVAL,
+        }
+    }
+}
+
 /// What the checkpoint thread tells the writer.
 #[derive(Default)]
 struct WalState {
+    limits: WalLimits,
     /// Frames in the WAL at the last checkpoint.
     pages: std::sync::atomic::AtomicI64,
     /// The WAL is large and nearly all copied: the writer should copy the rest between two
@@ -325,7 +348,7 @@ impl Writer {
     /// [`checkpointer_loop`]). No commit can come in between, so the next transaction starts
     /// the WAL from the beginning.
     fn finish_checkpoint(&mut self) {
-        let hard = self.wal.pages.load(Ordering::SeqCst) >= WAL_HARD_LIMIT_PAGES;
+        let hard = self.wal.pages.load(Ordering::SeqCst) >= self.wal.limits.hard_pages;
         if !self.wal.finish.swap(false, Ordering::SeqCst) && !hard {
             return;
         }
@@ -655,7 +678,15 @@ impl SqliteStore {
     /// writer thread. The thread ends at [`Store::close`], or when the last clone of the store
     /// is dropped.
     pub fn open(path: impl AsRef<Path>, limits: StoreLimits) -> Result<SqliteStore, StoreError> {
-        let path = path.as_ref().to_path_buf();
+        SqliteStore::open_with(path.as_ref(), limits, WalLimits::default())
+    }
+
+    fn open_with(
+        path: &Path,
+        limits: StoreLimits,
+        wal_limits: WalLimits,
+    ) -> Result<SqliteStore, StoreError> {
+        let path = path.to_path_buf();
         let connection = open_connection(&path)?;
         migrate(&connection)?;
         // Checkpoints run on their own thread (see `checkpointer_loop`), not inside the
@@ -675,7 +706,10 @@ impl SqliteStore {
             limits,
             groups: GroupCache::default(),
             data_version: None,
-            wal: Arc::new(WalState::default()),
+            wal: Arc::new(WalState {
+                limits: wal_limits,
+                ..WalState::default()
+            }),
         };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let thread = std::thread::Builder::new()
@@ -897,7 +931,8 @@ fn checkpointer_loop(connection: Connection, wal: &WalState, stop: std::sync::mp
             row.get::<_, i64>(1)
         })
     };
-    let mut wait = CHECKPOINT_IDLE_INTERVAL;
+    let limits = wal.limits;
+    let mut wait = limits.idle_interval;
     let mut last_log = 0;
     // Nothing is ever sent: the writer drops its end to stop this thread.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
@@ -905,7 +940,7 @@ fn checkpointer_loop(connection: Connection, wal: &WalState, stop: std::sync::mp
             Ok(log) => log,
             Err(error) => {
                 tracing::warn!(%error, "WAL checkpoint failed");
-                wait = CHECKPOINT_IDLE_INTERVAL;
+                wait = limits.idle_interval;
                 continue;
             }
         };
@@ -913,11 +948,11 @@ fn checkpointer_loop(connection: Connection, wal: &WalState, stop: std::sync::mp
         // Each pass copies what the writer added during the previous one; a few are enough
         // unless the writer outruns the copying, in which case the hard limit takes over.
         for _ in 0..8 {
-            if log < WAL_SOFT_LIMIT_PAGES || wal.finish.load(Ordering::SeqCst) {
+            if log < limits.soft_pages || wal.finish.load(Ordering::SeqCst) {
                 break;
             }
             match checkpoint() {
-                Ok(now) if now >= log && now - log <= WAL_TAIL_PAGES => {
+                Ok(now) if now >= log && now - log <= limits.tail_pages => {
                     wal.finish.store(true, Ordering::SeqCst);
                     log = now;
                 }
@@ -931,9 +966,9 @@ fn checkpointer_loop(connection: Connection, wal: &WalState, stop: std::sync::mp
         }
         // The WAL changed since the last look: writes are coming in.
         wait = if std::mem::replace(&mut last_log, log) != log {
-            CHECKPOINT_BUSY_INTERVAL
+            limits.busy_interval
         } else {
-            CHECKPOINT_IDLE_INTERVAL
+            limits.idle_interval
         };
     }
 }
@@ -1903,6 +1938,94 @@ mod tests {
         assert_eq!(purged.messages, u64::from(busy_messages));
         let page = store.fetch(&alice, &busy, 0, 10).await.expect("fetch");
         assert!(page.deliveries.is_empty());
+        store.close().await;
+    }
+
+    /// With the checkpointer never finishing a WAL by the soft path, the writer's hard limit
+    /// alone keeps the WAL file small while appends and reads go on. (Without it the WAL
+    /// holds every append: about nine times the bound checked here.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hard_limit_bounds_the_wal_while_appends_and_reads_go_on() {
+        const HARD_PAGES: i64 = 64;
+        const APPENDS: u32 = 1_500;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("ds.sqlite3");
+        let limits = StoreLimits {
+            max_group_backlog: 1_000_000,
+            ..StoreLimits::default()
+        };
+        let wal_limits = WalLimits {
+            soft_pages: i64::MAX,
+            tail_pages: 0,
+            hard_pages: HARD_PAGES,
+            busy_interval: std::time::Duration::from_millis(5),
+            idle_interval: std::time::Duration::from_millis(5),
+        };
+        let store = SqliteStore::open_with(&path, limits, wal_limits).expect("open");
+        let alice = UserName::new("alice").expect("name");
+        let group_id = GroupId::new(b"walgroup".to_vec()).expect("group id");
+        store.create_group(&group_id, &alice).await.expect("create");
+        let reading = Arc::new(AtomicBool::new(true));
+        let reader = {
+            let store = store.clone();
+            let reading = Arc::clone(&reading);
+            tokio::spawn(async move {
+                let mut reads = 0u64;
+                while reading.load(Ordering::SeqCst) {
+                    store
+                        .read(|connection| {
+                            connection
+                                .query_row("SELECT COUNT(*) FROM messages", [], |row| {
+                                    row.get::<_, i64>(0)
+                                })
+                                .map_err(backend)
+                        })
+                        .await
+                        .expect("read");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for n in 0..APPENDS {
+            let mut client_message_id = [0u8; 16];
+            client_message_id[..4].copy_from_slice(&n.to_be_bytes());
+            store
+                .append(AppendRequest {
+                    group_id: group_id.clone(),
+                    sender: alice.clone(),
+                    client_message_id,
+                    epoch: 0,
+                    kind: DeliveryKind::Application,
+                    payload: vec![0x5a; 4096],
+                    membership: None,
+                })
+                .await
+                .expect("append");
+        }
+        reading.store(false, Ordering::SeqCst);
+        let reads = reader.await.expect("reader");
+        assert!(reads > 0, "the reader never ran");
+        // Without the hard limit the WAL ends near 39 MB here (about six pages per append:
+        // the overflowing row, index and group pages). With it, it peaked at 130-175 pages on
+        // an idle machine; the bound leaves room for a loaded one, where more is appended
+        // between the checkpointer's count and the writer's next look at it.
+        let wal_bytes = std::fs::metadata(dir.path().join("ds.sqlite3-wal"))
+            .expect("WAL file")
+            .len();
+        let frame_bytes = 4096 + 24;
+        let bound = (HARD_PAGES as u64 + 1024) * frame_bytes;
+        assert!(
+            wal_bytes <= bound,
+            "WAL reached {wal_bytes} bytes, more than {bound}"
+        );
+        let stored = store
+            .fetch(&alice, &group_id, 0, 10)
+            .await
+            .expect("fetch")
+            .deliveries
+            .len();
+        assert_eq!(stored, 10);
         store.close().await;
     }
 
