@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 
 use crate::brokers::{self, Broker, Publisher};
 use crate::ds::{self, DsProcess};
-use crate::report::{Row, median, udp_rcvbuf_errors, vm_rss_kib};
+use crate::report::{Row, cpu_seconds, median, udp_rcvbuf_errors, vm_rss_kib};
 use crate::track::{Outcome, Tracker, index_of, payload};
 use crate::{Failures, Settings};
 
@@ -20,12 +20,16 @@ pub const PAYLOAD: usize = 1024;
 pub const ACK_EVERY: u64 = 100;
 const STALL: Duration = Duration::from_secs(10);
 
-/// Peak and idle resident memory of a server process around one run.
+/// Peak and idle resident memory of a server process around one run, and the CPU time it
+/// spent per delivery while the messages went through.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Memory {
     pub before_kib: u64,
     pub idle_kib: u64,
     pub peak_kib: u64,
+    pub cpu_us_per_delivery: Option<f64>,
+    /// The same for this harness process, which runs the publisher and every subscriber.
+    pub clients_cpu_us_per_delivery: Option<f64>,
 }
 
 impl Memory {
@@ -120,6 +124,8 @@ pub async fn run_ds(
     let publisher_errors = Arc::new(AtomicU64::new(0));
     let publisher_reader = ds::spawn_publisher_reader(recv, Arc::clone(&publisher_errors));
     let sampler = Sampler::start(pid);
+    let cpu_before = pid.and_then(cpu_seconds);
+    let clients_cpu_before = cpu_seconds(std::process::id());
     let group_id = group.group_id.as_bytes().to_vec();
     let publishing = {
         let tracker = Arc::clone(&tracker);
@@ -139,6 +145,12 @@ pub async fn run_ds(
         })
     };
     let outcome = tracker.finish(STALL).await;
+    let cpu_us_per_delivery = cpu_per_delivery(pid, cpu_before, messages * subscribers);
+    let clients_cpu_us_per_delivery = cpu_per_delivery(
+        Some(std::process::id()),
+        clients_cpu_before,
+        messages * subscribers,
+    );
     let peak_kib = sampler.finish().await;
     if let Ok(mut send) = publishing.await {
         let _ = send.finish();
@@ -159,6 +171,8 @@ pub async fn run_ds(
             before_kib,
             idle_kib,
             peak_kib,
+            cpu_us_per_delivery,
+            clients_cpu_us_per_delivery,
         },
     ))
 }
@@ -192,6 +206,8 @@ pub async fn run_broker(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_kib = pid.and_then(vm_rss_kib).unwrap_or(0);
     let sampler = Sampler::start(pid);
+    let cpu_before = pid.and_then(cpu_seconds);
+    let clients_cpu_before = cpu_seconds(std::process::id());
     let publishing = {
         let tracker = Arc::clone(&tracker);
         let topic = topic.clone();
@@ -210,6 +226,12 @@ pub async fn run_broker(
         })
     };
     let outcome = tracker.finish(STALL).await;
+    let cpu_us_per_delivery = cpu_per_delivery(pid, cpu_before, messages * subscribers);
+    let clients_cpu_us_per_delivery = cpu_per_delivery(
+        Some(std::process::id()),
+        clients_cpu_before,
+        messages * subscribers,
+    );
     let peak_kib = sampler.finish().await;
     if let Ok(publisher) = publishing.await {
         let short = publisher.short_publishes();
@@ -229,8 +251,16 @@ pub async fn run_broker(
             before_kib,
             idle_kib,
             peak_kib,
+            cpu_us_per_delivery,
+            clients_cpu_us_per_delivery,
         },
     ))
+}
+
+/// The server's CPU time since `before`, per delivery, in microseconds.
+fn cpu_per_delivery(pid: Option<u32>, before: Option<f64>, deliveries: usize) -> Option<f64> {
+    let spent = pid.and_then(cpu_seconds)? - before?;
+    (deliveries > 0).then(|| spent * 1e6 / deliveries as f64)
 }
 
 fn check_loss(failures: &Failures, what: &str, outcome: &Outcome) {
@@ -249,6 +279,26 @@ struct Series {
     rates: Vec<f64>,
     memory: Vec<Memory>,
     missing: Option<String>,
+}
+
+impl Series {
+    /// The medians over rounds of the server's and the clients' CPU time per delivery, as
+    /// text for a note.
+    fn cpu_per_delivery(&self) -> String {
+        let text = |pick: fn(&Memory) -> Option<f64>| {
+            let values: Vec<f64> = self.memory.iter().filter_map(pick).collect();
+            if values.is_empty() {
+                "?".to_string()
+            } else {
+                format!("{:.1}", median(&values))
+            }
+        };
+        format!(
+            "{} + {} us",
+            text(|memory| memory.cpu_us_per_delivery),
+            text(|memory| memory.clients_cpu_us_per_delivery)
+        )
+    }
 }
 
 /// Figures 2 and 6 for the given subscriber counts, A B A B: in each round the DS, then each
@@ -322,10 +372,19 @@ pub async fn figures(
             for broker in Broker::ALL {
                 let Some(ours) = ours else { break };
                 let peer = series.get(broker.name());
+                let cpu = |name: &str| {
+                    series
+                        .get(name)
+                        .map_or_else(|| "unreadable".into(), Series::cpu_per_delivery)
+                };
                 let mut row = Row::new(2, "fan-out deliveries/s", subscribers, "deliveries/s")
                     .ours(ours)
                     .note(format!(
-                        "{messages} msgs x {rounds} rounds, window {WINDOW}; {drops}"
+                        "{messages} msgs x {rounds} rounds, window {WINDOW}; CPU per delivery, \
+                         server + clients: DS {}, {} {}; {drops}",
+                        cpu("mlschat DS"),
+                        broker.process(),
+                        cpu(broker.name()),
                     ));
                 row = match peer {
                     Some(Series {

@@ -221,6 +221,17 @@ pub fn udp_rcvbuf_errors() -> Option<u64> {
     values.split_whitespace().nth(column)?.parse().ok()
 }
 
+/// CPU time (user + system, all threads) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it are plain numbers, and
+    // utime and stime are fields 14 and 15, in clock ticks of USER_HZ (100 on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// Resident set size of a process, in KiB.
 pub fn vm_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -234,6 +245,28 @@ pub fn vm_rss_kib(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_count_this_process_working() {
+        let pid = std::process::id();
+        let before = cpu_seconds(pid).expect("own /proc stat");
+        let started = std::time::Instant::now();
+        let mut spin = 0u64;
+        let mut now = before;
+        // Spin until the count moves (it is in 10 ms ticks); a parse of the wrong fields
+        // would stay put (or fail) for the whole 10 s.
+        while now < before + 0.05 && started.elapsed() < std::time::Duration::from_secs(10) {
+            for _ in 0..100_000 {
+                spin = std::hint::black_box(spin.wrapping_add(1));
+            }
+            now = cpu_seconds(pid).expect("own /proc stat");
+        }
+        assert!(
+            now >= before + 0.05,
+            "{before} -> {now} after 10 s of spinning"
+        );
+        assert!(cpu_seconds(u32::MAX).is_none());
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {
