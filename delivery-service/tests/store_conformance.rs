@@ -1515,6 +1515,10 @@ async fn purge_by_expiry_deletes_everything_and_keeps_sequence<B: Backend>(backe
     let far_future = i64::MAX / 2;
     let purged = store.purge(far_future).await.expect("purge everything");
     assert_eq!(purged.messages, 7);
+    assert_eq!(
+        purged.idempotency_records, 7,
+        "each expired message's idempotency record goes with it, and is counted"
+    );
     assert!(fetch_all(&store, &alice, &g, 0).await.is_empty());
     assert!(fetch_all(&store, &bob, &g, 0).await.is_empty());
     // Carol's leftover membership can never be delivered to any more.

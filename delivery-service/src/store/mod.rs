@@ -230,7 +230,8 @@ pub struct Purged {
     pub memberships: u64,
     /// Expired KeyPackages.
     pub key_packages: u64,
-    /// Idempotency records older than the retention period.
+    /// Idempotency records older than the retention period, including those of the messages
+    /// that expired in this purge (both backends count them alike).
     pub idempotency_records: u64,
 }
 
