@@ -26,7 +26,7 @@ const MAX_BATCH: usize = 512;
 /// opening connections (and file descriptors, and blocking threads) without bound under load.
 const MAX_READERS: usize = 8;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Groups whose state the writer thread keeps in memory; past this, one is forgotten (and read
 /// again from the database when next needed) for each group loaded.
 const MAX_CACHED_GROUPS: usize = 4096;
@@ -171,6 +171,12 @@ CREATE UNIQUE INDEX messages_by_seq ON messages (group_id, seq);
 CREATE INDEX idempotency_by_time ON idempotency (created_at);
 ";
 
+/// Version 4: the retention purge finds expired messages by time, whatever order they were
+/// stored in: a message stored while the clock ran ahead no longer holds back the expiry of
+/// those stored after it. The index is appended to at its end (times only grow, but for clock
+/// steps), so it costs an append little.
+const SCHEMA_V4: &str = "CREATE INDEX messages_by_time ON messages (created_at);";
+
 fn backend(error: rusqlite::Error) -> StoreError {
     StoreError::Backend(error.to_string())
 }
@@ -291,6 +297,9 @@ fn migrate_in_transaction(connection: &Connection, version: i64) -> Result<(), S
                 .execute(params![id, &payload_hash(&payload)[..]])
                 .map_err(backend)?;
         }
+    }
+    if version < 4 {
+        connection.execute_batch(SCHEMA_V4).map_err(backend)?;
     }
     connection
         .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
@@ -1673,32 +1682,18 @@ fn purge_expired_chunk(
     connection: &Connection,
     expire_before_unix_secs: i64,
 ) -> Result<(u64, bool), StoreError> {
-    // `id` follows storage order, and so (but for a clock stepping back) does `created_at`:
-    // the expired messages are a prefix of the table in `id` order. Each job reads at most one
-    // chunk from the start of the table, so a large purge reads every row once in all. A
-    // message stored after a clock step back waits for the messages stored before it.
-    let oldest: Vec<(i64, i64)> = {
-        let mut statement = connection
-            .prepare_cached("SELECT id, created_at FROM messages ORDER BY id LIMIT ?1")
-            .map_err(backend)?;
-        let rows = statement
-            .query_map(params![PURGE_CHUNK_MESSAGES], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .map_err(backend)?;
-        rows.collect::<Result<_, _>>().map_err(backend)?
-    };
-    let expired = oldest
-        .iter()
-        .take_while(|(_, created_at)| *created_at < expire_before_unix_secs)
-        .count();
-    let Some(&(last_expired, _)) = expired.checked_sub(1).and_then(|last| oldest.get(last)) else {
-        return Ok((0, false));
-    };
+    // Through `messages_by_time`: the oldest expired messages first, at most one chunk per
+    // job, whatever order they were stored in.
     let mut delete = connection
-        .prepare_cached("DELETE FROM messages WHERE id <= ?1 RETURNING group_id")
+        .prepare_cached(
+            "DELETE FROM messages WHERE id IN
+                (SELECT id FROM messages WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)
+             RETURNING group_id",
+        )
         .map_err(backend)?;
-    let mut rows = delete.query(params![last_expired]).map_err(backend)?;
+    let mut rows = delete
+        .query(params![expire_before_unix_secs, PURGE_CHUNK_MESSAGES])
+        .map_err(backend)?;
     let mut deleted_per_group: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut deleted: u64 = 0;
     while let Some(row) = rows.next().map_err(backend)? {
@@ -1708,8 +1703,8 @@ fn purge_expired_chunk(
     }
     drop(rows);
     subtract_stored(connection, &deleted_per_group)?;
-    // The whole chunk had expired: the next one may have too.
-    let more = i64::try_from(expired).unwrap_or(i64::MAX) >= PURGE_CHUNK_MESSAGES;
+    // A whole chunk went: there may be more.
+    let more = i64::try_from(deleted).unwrap_or(i64::MAX) >= PURGE_CHUNK_MESSAGES;
     Ok((deleted, more))
 }
 
@@ -1942,6 +1937,56 @@ mod tests {
         assert_eq!(purged.messages, u64::from(busy_messages));
         let page = store.fetch(&alice, &busy, 0, 10).await.expect("fetch");
         assert!(page.deliveries.is_empty());
+        store.close().await;
+    }
+
+    /// A message stored while the clock ran ahead does not hold back the expiry of those
+    /// stored after it (the purge goes by time, not by storage order).
+    #[tokio::test]
+    async fn a_message_from_a_clock_ahead_does_not_hold_back_expiry() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store =
+            SqliteStore::open(dir.path().join("ds.sqlite3"), StoreLimits::default()).expect("open");
+        let alice = UserName::new("alice").expect("name");
+        let group_id = GroupId::new(b"clock".to_vec()).expect("group id");
+        store.create_group(&group_id, &alice).await.expect("create");
+        for n in 0..3u8 {
+            store
+                .append(AppendRequest {
+                    group_id: group_id.clone(),
+                    sender: alice.clone(),
+                    client_message_id: [n; 16],
+                    epoch: 0,
+                    kind: DeliveryKind::Application,
+                    payload: vec![n],
+                    membership: None,
+                })
+                .await
+                .expect("append");
+        }
+        // The first message was stored with the clock a year ahead.
+        let ahead = now_unix_secs() + 365 * 24 * 3600;
+        store
+            .write(true, move |connection, _| {
+                connection
+                    .execute(
+                        "UPDATE messages SET created_at = ?1 WHERE seq = 1",
+                        params![ahead],
+                    )
+                    .map_err(backend)
+            })
+            .await
+            .expect("set the clock ahead");
+        let purged = store.purge(now_unix_secs() + 60).await.expect("purge");
+        assert_eq!(
+            purged.messages, 2,
+            "the two messages stored after it expire"
+        );
+        let left = store.fetch(&alice, &group_id, 0, 10).await.expect("fetch");
+        assert_eq!(
+            left.deliveries.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            vec![1]
+        );
         store.close().await;
     }
 
@@ -2279,8 +2324,8 @@ mod tests {
             .await
             .expect("append after migration");
         assert_eq!(next.seq, 4);
-        // The retention purge goes by storage order: seqs 2 and 3 are older than 31. Three
-        // records go: seq 1's from the separate table, and the two inside the expired rows.
+        // Seqs 2 and 3 are older than 31. Three records go: seq 1's from the separate table,
+        // and the two inside the expired rows.
         let purged = store.purge(31).await.expect("purge");
         assert_eq!((purged.messages, purged.idempotency_records), (2, 3));
         let page = store.fetch(&alice, &g, 0, 10).await.expect("fetch");
