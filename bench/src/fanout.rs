@@ -20,10 +20,10 @@ pub const PAYLOAD: usize = 1024;
 pub const ACK_EVERY: u64 = 100;
 const STALL: Duration = Duration::from_secs(10);
 
-/// Peak and idle resident memory of a server process around one run, and the CPU time it
-/// spent per delivery while the messages went through.
+/// What a server process used in one run: its idle and peak resident memory, and the CPU time
+/// it spent per delivery while the messages went through.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Memory {
+pub struct ServerUse {
     pub before_kib: u64,
     pub idle_kib: u64,
     pub peak_kib: u64,
@@ -32,13 +32,43 @@ pub struct Memory {
     pub clients_cpu_us_per_delivery: Option<f64>,
 }
 
-impl Memory {
+impl ServerUse {
     pub fn idle_per_client(&self, clients: usize) -> f64 {
         self.idle_kib.saturating_sub(self.before_kib) as f64 / clients as f64
     }
 
     pub fn load_per_client(&self, clients: usize) -> f64 {
         self.peak_kib.saturating_sub(self.before_kib) as f64 / clients as f64
+    }
+}
+
+/// CPU time of the server process and of this harness process (the publisher and every
+/// subscriber), counted from [`CpuClock::start`].
+struct CpuClock {
+    server: Option<u32>,
+    server_start: Option<f64>,
+    clients_start: Option<f64>,
+}
+
+impl CpuClock {
+    fn start(server: Option<u32>) -> CpuClock {
+        CpuClock {
+            server,
+            server_start: server.and_then(cpu_seconds),
+            clients_start: cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// Microseconds of CPU per delivery since the start: (server, clients).
+    fn per_delivery(&self, deliveries: usize) -> (Option<f64>, Option<f64>) {
+        let per_delivery = |pid: Option<u32>, start: Option<f64>| {
+            let spent = pid.and_then(cpu_seconds)? - start?;
+            (deliveries > 0).then(|| spent * 1e6 / deliveries as f64)
+        };
+        (
+            per_delivery(self.server, self.server_start),
+            per_delivery(Some(std::process::id()), self.clients_start),
+        )
     }
 }
 
@@ -84,7 +114,7 @@ pub async fn run_ds(
     ds: &DsProcess,
     subscribers: usize,
     messages: usize,
-) -> Result<(Outcome, Memory)> {
+) -> Result<(Outcome, ServerUse)> {
     let pid = ds.pid();
     let before_kib = pid.and_then(vm_rss_kib).unwrap_or(0);
     let run = run_id();
@@ -124,8 +154,7 @@ pub async fn run_ds(
     let publisher_errors = Arc::new(AtomicU64::new(0));
     let publisher_reader = ds::spawn_publisher_reader(recv, Arc::clone(&publisher_errors));
     let sampler = Sampler::start(pid);
-    let cpu_before = pid.and_then(cpu_seconds);
-    let clients_cpu_before = cpu_seconds(std::process::id());
+    let cpu = CpuClock::start(pid);
     let group_id = group.group_id.as_bytes().to_vec();
     let publishing = {
         let tracker = Arc::clone(&tracker);
@@ -145,12 +174,8 @@ pub async fn run_ds(
         })
     };
     let outcome = tracker.finish(STALL).await;
-    let cpu_us_per_delivery = cpu_per_delivery(pid, cpu_before, messages * subscribers);
-    let clients_cpu_us_per_delivery = cpu_per_delivery(
-        Some(std::process::id()),
-        clients_cpu_before,
-        messages * subscribers,
-    );
+    let (cpu_us_per_delivery, clients_cpu_us_per_delivery) =
+        cpu.per_delivery(messages * subscribers);
     let peak_kib = sampler.finish().await;
     if let Ok(mut send) = publishing.await {
         let _ = send.finish();
@@ -167,7 +192,7 @@ pub async fn run_ds(
     }
     Ok((
         outcome,
-        Memory {
+        ServerUse {
             before_kib,
             idle_kib,
             peak_kib,
@@ -183,7 +208,7 @@ pub async fn run_broker(
     subscribers: usize,
     messages: usize,
     window: usize,
-) -> Result<(Outcome, Memory)> {
+) -> Result<(Outcome, ServerUse)> {
     let pid = brokers::pid_of(broker.process());
     let before_kib = pid.and_then(vm_rss_kib).unwrap_or(0);
     let topic = format!("bench-{}", run_id());
@@ -206,8 +231,7 @@ pub async fn run_broker(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_kib = pid.and_then(vm_rss_kib).unwrap_or(0);
     let sampler = Sampler::start(pid);
-    let cpu_before = pid.and_then(cpu_seconds);
-    let clients_cpu_before = cpu_seconds(std::process::id());
+    let cpu = CpuClock::start(pid);
     let publishing = {
         let tracker = Arc::clone(&tracker);
         let topic = topic.clone();
@@ -226,12 +250,8 @@ pub async fn run_broker(
         })
     };
     let outcome = tracker.finish(STALL).await;
-    let cpu_us_per_delivery = cpu_per_delivery(pid, cpu_before, messages * subscribers);
-    let clients_cpu_us_per_delivery = cpu_per_delivery(
-        Some(std::process::id()),
-        clients_cpu_before,
-        messages * subscribers,
-    );
+    let (cpu_us_per_delivery, clients_cpu_us_per_delivery) =
+        cpu.per_delivery(messages * subscribers);
     let peak_kib = sampler.finish().await;
     if let Ok(publisher) = publishing.await {
         let short = publisher.short_publishes();
@@ -247,7 +267,7 @@ pub async fn run_broker(
     }
     Ok((
         outcome,
-        Memory {
+        ServerUse {
             before_kib,
             idle_kib,
             peak_kib,
@@ -255,12 +275,6 @@ pub async fn run_broker(
             clients_cpu_us_per_delivery,
         },
     ))
-}
-
-/// The server's CPU time since `before`, per delivery, in microseconds.
-fn cpu_per_delivery(pid: Option<u32>, before: Option<f64>, deliveries: usize) -> Option<f64> {
-    let spent = pid.and_then(cpu_seconds)? - before?;
-    (deliveries > 0).then(|| spent * 1e6 / deliveries as f64)
 }
 
 fn check_loss(failures: &Failures, what: &str, outcome: &Outcome) {
@@ -277,7 +291,7 @@ fn check_loss(failures: &Failures, what: &str, outcome: &Outcome) {
 #[derive(Default)]
 struct Series {
     rates: Vec<f64>,
-    memory: Vec<Memory>,
+    usage: Vec<ServerUse>,
     missing: Option<String>,
 }
 
@@ -285,8 +299,8 @@ impl Series {
     /// The medians over rounds of the server's and the clients' CPU time per delivery, as
     /// text for a note.
     fn cpu_per_delivery(&self) -> String {
-        let text = |pick: fn(&Memory) -> Option<f64>| {
-            let values: Vec<f64> = self.memory.iter().filter_map(pick).collect();
+        let text = |pick: fn(&ServerUse) -> Option<f64>| {
+            let values: Vec<f64> = self.usage.iter().filter_map(pick).collect();
             if values.is_empty() {
                 "?".to_string()
             } else {
@@ -295,8 +309,8 @@ impl Series {
         };
         format!(
             "{} + {} us",
-            text(|memory| memory.cpu_us_per_delivery),
-            text(|memory| memory.clients_cpu_us_per_delivery)
+            text(|usage| usage.cpu_us_per_delivery),
+            text(|usage| usage.clients_cpu_us_per_delivery)
         )
     }
 }
@@ -330,11 +344,11 @@ pub async fn figures(
                 round + 1
             );
             match run_ds(&ds, subscribers, messages).await {
-                Ok((outcome, memory)) => {
+                Ok((outcome, usage)) => {
                     check_loss(failures, &format!("fig 2 DS n={subscribers}"), &outcome);
                     let entry = series.entry("mlschat DS").or_default();
                     entry.rates.push(outcome.deliveries_per_second());
-                    entry.memory.push(memory);
+                    entry.usage.push(usage);
                 }
                 Err(error) => failures.lost(format!("fig 2 DS n={subscribers}: {error:#}")),
             }
@@ -348,14 +362,14 @@ pub async fn figures(
                     continue;
                 }
                 match run_broker(broker, subscribers, messages, WINDOW).await {
-                    Ok((outcome, memory)) => {
+                    Ok((outcome, usage)) => {
                         check_loss(
                             failures,
                             &format!("fig 2 {} n={subscribers}", broker.name()),
                             &outcome,
                         );
                         entry.rates.push(outcome.deliveries_per_second());
-                        entry.memory.push(memory);
+                        entry.usage.push(usage);
                     }
                     Err(error) => entry.missing = Some(format!("{error:#}")),
                 }
@@ -407,17 +421,17 @@ pub async fn figures(
         if want_memory {
             let ds_memory = series
                 .get("mlschat DS")
-                .map(|s| s.memory.clone())
+                .map(|s| s.usage.clone())
                 .unwrap_or_default();
             let nats = series.get(Broker::Nats.name());
             for (metric, pick) in [
                 (
                     "memory per idle client",
-                    Memory::idle_per_client as fn(&Memory, usize) -> f64,
+                    ServerUse::idle_per_client as fn(&ServerUse, usize) -> f64,
                 ),
                 (
                     "memory per client under fig 2 load",
-                    Memory::load_per_client,
+                    ServerUse::load_per_client,
                 ),
             ] {
                 // The first round only: the DS process is fresh then, and later rounds reuse
@@ -431,8 +445,8 @@ pub async fn figures(
                     Some(Series {
                         missing: Some(why), ..
                     }) => row.peer_missing("nats-server", why),
-                    Some(series) if !series.memory.is_empty() => {
-                        row.peer("nats-server", Some(pick(&series.memory[0], subscribers)))
+                    Some(series) if !series.usage.is_empty() => {
+                        row.peer("nats-server", Some(pick(&series.usage[0], subscribers)))
                     }
                     _ => row.peer_missing("nats-server", "no run completed"),
                 };

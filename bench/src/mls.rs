@@ -661,6 +661,7 @@ pub async fn figure4(settings: &Settings, failures: &Failures) -> Vec<Row> {
 
 // ---- figure 7 -------------------------------------------------------------------------------
 
+#[derive(Default)]
 struct MessageCost {
     send_us: Vec<f64>,
     receive_us: Vec<f64>,
@@ -706,16 +707,7 @@ fn message_costs(sizes: &[usize], messages: usize) -> Result<Vec<(usize, Message
         eprintln!("  fig 7: building a group of {size}");
         pairs.push(message_pair(size).with_context(|| format!("group of {size}"))?);
     }
-    let mut costs: Vec<MessageCost> = sizes
-        .iter()
-        .map(|_| MessageCost {
-            send_us: Vec::new(),
-            receive_us: Vec::new(),
-            stored_bytes: 0,
-            message_secrets_bytes: 0,
-            tree_bytes: 0,
-        })
-        .collect();
+    let mut costs: Vec<MessageCost> = sizes.iter().map(|_| MessageCost::default()).collect();
     let plaintext = vec![b'x'; 1024];
     for _ in 0..messages {
         for (pair, cost) in pairs.iter_mut().zip(costs.iter_mut()) {
