@@ -5,6 +5,7 @@
 mod cbor;
 pub mod db;
 mod engine;
+mod pack;
 pub mod provider;
 pub mod trust;
 

@@ -9,12 +9,13 @@ use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use rusqlite::{OptionalExtension, params};
 
-use super::cbor;
+use super::{cbor, pack};
 
 /// CBOR: self-describing (openmls 0.9 requires that of its storage codec) and compact, which
 /// matters because openmls rewrites per-group secret state on every message. Written by
-/// [`cbor::to_vec`] (byte vectors as byte strings), read by ciborium, which also reads the
-/// arrays of integers that plain ciborium wrote for byte vectors before.
+/// [`cbor::to_vec`] (byte vectors as byte strings) with long runs of nulls packed by
+/// [`pack`], read by ciborium, which also reads the arrays of integers that plain ciborium
+/// wrote for byte vectors before.
 #[derive(Debug, Default)]
 pub struct CborCodec;
 
@@ -30,11 +31,14 @@ impl Codec for CborCodec {
     type Error = CborError;
 
     fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CborError> {
-        cbor::to_vec(value).map_err(|error| CborError::Encode(error.to_string()))
+        cbor::to_vec(value)
+            .map(pack::pack)
+            .map_err(|error| CborError::Encode(error.to_string()))
     }
 
     fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, CborError> {
-        ciborium::from_reader(slice).map_err(|error| CborError::Decode(error.to_string()))
+        let cbor = pack::unpack(slice).map_err(|error| CborError::Decode(error.to_string()))?;
+        ciborium::from_reader(&*cbor).map_err(|error| CborError::Decode(error.to_string()))
     }
 }
 
@@ -382,6 +386,122 @@ mod tests {
                 .expect("loads")
                 .is_some()
         );
+    }
+
+    /// In a group large enough for long runs of empty slots in the secret tree, openmls's
+    /// state is stored packed, and a profile reopened from disk reads it and goes on.
+    #[test]
+    fn packed_group_state_is_read_back_after_reopening_the_profile() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let alice_path = directory.path().join("alice.sqlite3");
+        let bob_path = directory.path().join("bob.sqlite3");
+        let bystander = new_profile(&directory.path().join("bystanders.sqlite3"));
+
+        let (alice_public, bob_public, group_id) = {
+            let alice = new_profile(&alice_path);
+            let bob = new_profile(&bob_path);
+            let (alice_signer, alice_credential) = member("alice", &alice);
+            let (bob_signer, bob_credential) = member("bob", &bob);
+            let mut key_packages = vec![
+                KeyPackage::builder()
+                    .build(CIPHERSUITE, &bob, &bob_signer, bob_credential)
+                    .expect("key package")
+                    .key_package()
+                    .clone(),
+            ];
+            for index in 0..150 {
+                let (signer, credential) = member(&format!("bystander {index}"), &bystander);
+                key_packages.push(
+                    KeyPackage::builder()
+                        .build(CIPHERSUITE, &bystander, &signer, credential)
+                        .expect("key package")
+                        .key_package()
+                        .clone(),
+                );
+            }
+            let mut alice_group = MlsGroup::builder()
+                .ciphersuite(CIPHERSUITE)
+                .use_ratchet_tree_extension(true)
+                .build(&alice, &alice_signer, alice_credential)
+                .expect("creates the group");
+            let (_commit, welcome, _) = alice_group
+                .add_members(&alice, &alice_signer, &key_packages)
+                .expect("adds everyone");
+            alice_group.merge_pending_commit(&alice).expect("merges");
+            let MlsMessageBodyIn::Welcome(welcome) = received(&welcome).extract() else {
+                panic!("expected a welcome");
+            };
+            let mut bob_group = StagedWelcome::new_from_welcome(
+                &bob,
+                &MlsGroupJoinConfig::default(),
+                welcome,
+                None,
+            )
+            .expect("stages the welcome")
+            .into_group(&bob)
+            .expect("joins");
+            let message = alice_group
+                .create_message(&alice, &alice_signer, b"before")
+                .expect("message");
+            assert_eq!(
+                application_text(deliver(&bob, &mut bob_group, &message)),
+                b"before"
+            );
+            (
+                alice_signer.to_public_vec(),
+                bob_signer.to_public_vec(),
+                alice_group.group_id().clone(),
+            )
+        };
+
+        for path in [&alice_path, &bob_path] {
+            let connection = Connection::open(path).expect("opens");
+            let secrets: Vec<u8> = connection
+                .query_row(
+                    "SELECT group_data FROM openmls_group_data \
+                     WHERE data_type = 'message_secrets'",
+                    [],
+                    |row| row.get(0),
+                )
+                .expect("message secrets are stored");
+            assert_eq!(secrets.first(), Some(&0xff), "stored packed");
+            assert!(secrets.len() < 4096, "{} bytes", secrets.len());
+        }
+
+        let alice = new_profile(&alice_path);
+        let bob = new_profile(&bob_path);
+        let scheme = CIPHERSUITE.signature_algorithm();
+        let alice_signer =
+            SignatureKeyPair::read(alice.storage(), &alice_public, scheme).expect("signer");
+        let bob_signer =
+            SignatureKeyPair::read(bob.storage(), &bob_public, scheme).expect("signer");
+        let mut alice_group = MlsGroup::load(alice.storage(), &group_id)
+            .expect("loads")
+            .expect("alice's group is found");
+        let mut bob_group = MlsGroup::load(bob.storage(), &group_id)
+            .expect("loads")
+            .expect("bob's group is found");
+        assert_eq!(alice_group.members().count(), 152);
+        for (text, from_alice) in [(&b"one"[..], true), (b"two", false), (b"three", true)] {
+            let (sender, sender_group, signer, receiver, receiver_group) = if from_alice {
+                (
+                    &alice,
+                    &mut alice_group,
+                    &alice_signer,
+                    &bob,
+                    &mut bob_group,
+                )
+            } else {
+                (&bob, &mut bob_group, &bob_signer, &alice, &mut alice_group)
+            };
+            let message = sender_group
+                .create_message(sender, signer, text)
+                .expect("message");
+            assert_eq!(
+                application_text(deliver(receiver, receiver_group, &message)),
+                text
+            );
+        }
     }
 
     /// Every blob column of openmls_sqlite_storage's tables is either a key the rewrite covers
