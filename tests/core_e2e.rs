@@ -282,6 +282,60 @@ async fn offline_member_catches_up() {
     .await;
 }
 
+/// A member's client processes deliveries without an fsync each and acknowledges them once a
+/// sync made them durable (within tens of milliseconds): the DS's cursor for the member still
+/// reaches the last message with no further traffic, and a restart redelivers nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_follow_received_messages_once_durable() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let group = create_group(&mut alice, "acks").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        let texts: Vec<String> = (0..20).map(|n| format!("burst #{n}")).collect();
+        for text in &texts {
+            alice.send_text(&id, text);
+        }
+        let mut last = 0;
+        for text in &texts {
+            last = bob.wait_message(&id, text).await.1;
+        }
+
+        let store = rusqlite::Connection::open(ds.dir.path().join("ds.sqlite3")).expect("opens");
+        let cursor = || -> u64 {
+            store
+                .query_row(
+                    "SELECT cursor FROM members WHERE group_id = ?1 AND user = 'bob'",
+                    [id.as_bytes()],
+                    |row| row.get(0),
+                )
+                .expect("bob's cursor")
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while cursor() < last {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "bob's cursor stayed at {} below {last}",
+                cursor()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        bob.stop().await;
+        bob.restart().await;
+        alice.send_text(&id, "after the restart");
+        bob.wait_message(&id, "after the restart").await;
+        assert_exactly_once(&mut bob, &id, "alice", &texts);
+        assert_eq!(bob.errors(), Vec::<String>::new());
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_way_update_races_converge() {
     const ROUNDS: usize = 20;

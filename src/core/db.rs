@@ -98,12 +98,21 @@ ALTER TABLE outbox_v2 RENAME TO outbox;
 CREATE INDEX outbox_by_group ON outbox (group_id, id);
 ";
 
+/// V3: a one-row table that only [`sync`] writes. A commit fsyncs the WAL only if it changes
+/// something, and that fsync also makes every unsynced commit before it durable.
+const SCHEMA_V3: &str = "
+CREATE TABLE synced (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    count INTEGER NOT NULL
+);
+";
+
 pub fn migrate(connection: &Connection) -> Result<(), CoreError> {
     let version: i64 = connection
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(sql)?;
-    let steps: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
-    if version > 2 {
+    let steps: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+    if version > 3 {
         return Err(CoreError::Database(format!(
             "the profile database has schema version {version}, newer than this mlschat understands"
         )));
@@ -141,6 +150,44 @@ pub fn transaction<T>(
             Err(error)
         }
     }
+}
+
+/// Like [`transaction`], but its commit is not fsync'd: it survives a crash of the process
+/// (the write is in the operating system's hands) but not yet one of the machine. For a step
+/// whose outcome the very next step normally makes durable: every fsync'd commit, and
+/// [`sync`], also makes durable all that was committed before it (one WAL, written in order).
+pub fn transaction_unsynced<T>(
+    connection: &Connection,
+    step: impl FnOnce() -> Result<T, CoreError>,
+) -> Result<T, CoreError> {
+    connection
+        .execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(sql)?;
+    let result = transaction(connection, step);
+    let restored = connection
+        .execute_batch("PRAGMA synchronous = FULL")
+        .map_err(sql);
+    match (result, restored) {
+        (Ok(value), Ok(())) => Ok(value),
+        // Committed but not durable, and the connection did not go back to fsync'ing: an
+        // error, so that the caller does not count on either.
+        (Ok(_), Err(error)) | (Err(error), _) => Err(error),
+    }
+}
+
+/// Makes every commit so far durable, with one fsync'd commit of a change to the `synced` row.
+pub fn sync(connection: &Connection) -> Result<(), CoreError> {
+    connection
+        .execute_batch("PRAGMA synchronous = FULL")
+        .map_err(sql)?;
+    connection
+        .execute(
+            "INSERT INTO synced (id, count) VALUES (1, 1)
+             ON CONFLICT (id) DO UPDATE SET count = count + 1",
+            [],
+        )
+        .map(|_| ())
+        .map_err(sql)
 }
 
 #[derive(Debug, Clone)]
@@ -710,6 +757,47 @@ mod tests {
         let second = insert_outbox(&connection, b"group", &Intent::Text { text: "two".into() })
             .expect("insert");
         assert!(second > first, "id {first} was handed out again");
+    }
+
+    #[test]
+    fn an_unsynced_transaction_leaves_the_connection_fsyncing_and_sync_commits_a_change() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let connection = open(&directory.path().join("profile.sqlite3")).expect("opens");
+        migrate(&connection).expect("migrates");
+        let synchronous = |connection: &Connection| -> i64 {
+            connection
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .expect("reads the setting")
+        };
+        let synced = |connection: &Connection| -> Option<i64> {
+            connection
+                .query_row("SELECT count FROM synced WHERE id = 1", [], |row| {
+                    row.get(0)
+                })
+                .optional()
+                .expect("reads the marker")
+        };
+        assert_eq!(synchronous(&connection), 2, "FULL by default");
+
+        let id = transaction_unsynced(&connection, || {
+            insert_outbox(&connection, b"group", &Intent::Update)
+        })
+        .expect("commits");
+        assert_eq!(synchronous(&connection), 2, "FULL again after the commit");
+        assert_eq!(outbox(&connection).expect("reads")[0].id, id);
+
+        let failed: Result<(), CoreError> = transaction_unsynced(&connection, || {
+            delete_outbox(&connection, id)?;
+            Err(CoreError::Invalid("the step failed".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(synchronous(&connection), 2, "FULL again after a rollback");
+        assert_eq!(outbox(&connection).expect("reads").len(), 1, "rolled back");
+
+        assert_eq!(synced(&connection), None);
+        sync(&connection).expect("syncs");
+        sync(&connection).expect("syncs again");
+        assert_eq!(synced(&connection), Some(2), "each sync commits a change");
     }
 
     #[test]

@@ -49,6 +49,9 @@ use crate::net::{NetCommand, NetEvent};
 const TICK: Duration = Duration::from_millis(250);
 /// Wait before retrying a request the DS refused for load (rate limit, internal error).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long a commit may stay unsynced (see `Engine::unsynced_since`) before a sync: the
+/// deliveries of a burst share one fsync, and their acknowledgements wait at most this long.
+const SYNC_DELAY: Duration = Duration::from_millis(20);
 /// The longest group name, in characters.
 const MAX_GROUP_NAME: usize = 64;
 
@@ -198,6 +201,15 @@ struct Engine {
     seen_disconnect: bool,
     quit_deadline: Option<Instant>,
     stop: bool,
+    /// Since when some commit has not been fsync'd. Steps whose loss a crash of the machine
+    /// could not make harmful commit unsynced (processing a delivery, which the DS redelivers
+    /// until acknowledged; settling a sent message, which a retry with the same client message
+    /// id settles again; queueing a message, which its building commits durably right after)
+    /// and a sync follows within `SYNC_DELAY`. Every fsync'd commit syncs them too.
+    unsynced_since: Option<Instant>,
+    /// Acknowledgements held back until what they acknowledge is durable: the DS forgets a
+    /// message for us once we acknowledge it.
+    deferred_acks: HashMap<GroupId, u64>,
 }
 
 /// Starts the core thread. Returns once the profile is open (or failed to open), with the
@@ -330,6 +342,8 @@ impl Engine {
             seen_disconnect: false,
             quit_deadline: None,
             stop: false,
+            unsynced_since: None,
+            deferred_acks: HashMap::new(),
         })
     }
 
@@ -349,7 +363,12 @@ impl Engine {
                 .collect(),
         });
         while !self.stop {
-            match inputs.recv_timeout(TICK) {
+            let timeout = self.unsynced_since.map_or(TICK, |since| {
+                (since + SYNC_DELAY)
+                    .saturating_duration_since(Instant::now())
+                    .min(TICK)
+            });
+            match inputs.recv_timeout(timeout) {
                 Ok(CoreInput::Command(command)) => self.on_command(command),
                 Ok(CoreInput::Net(event)) => self.on_net(event),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -357,6 +376,7 @@ impl Engine {
             }
             self.on_tick();
         }
+        self.sync();
         let _ = self.net.send(NetCommand::Shutdown);
         self.emit(CoreEvent::Stopped);
     }
@@ -874,7 +894,9 @@ impl Engine {
             return Err("nothing to send".into());
         }
         let me = self.me.to_string();
-        let outbox_id = db::transaction(&self.connection, || {
+        // Not fsync'd: building the message right after commits with an fsync, which makes
+        // this durable too, so one fsync comes before the message leaves instead of two.
+        let outbox_id = db::transaction_unsynced(&self.connection, || {
             let id = db::insert_outbox(
                 &self.connection,
                 group_id.as_bytes(),
@@ -892,6 +914,7 @@ impl Engine {
             Ok(id)
         })
         .map_err(|error| error.to_string())?;
+        self.committed_unsynced();
         self.emit(CoreEvent::Queued {
             group: self.group_ref(&group_id),
             local_id: outbox_id,
@@ -1046,6 +1069,12 @@ impl Engine {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self
+            .unsynced_since
+            .is_some_and(|since| now.duration_since(since) >= SYNC_DELAY)
+        {
+            self.sync();
+        }
         let due: Vec<i64> = self
             .retry_at
             .iter()
@@ -1640,12 +1669,13 @@ impl Engine {
     }
 
     fn settle_application(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, seq: u64) {
-        let settled = db::transaction(&self.connection, || {
+        let settled = db::transaction_unsynced(&self.connection, || {
             db::settle_history(&self.connection, outbox, Some(seq), "sent")?;
             db::delete_outbox(&self.connection, outbox)
         });
         match settled {
             Ok(()) => {
+                self.committed_unsynced();
                 if matches!(intent, Intent::Text { .. }) {
                     self.emit(CoreEvent::Sent {
                         group: self.group_ref(group_id),
@@ -1790,11 +1820,43 @@ impl Engine {
 
     // ---- deliveries -----------------------------------------------------------------------
 
-    fn ack(&self, group_id: &GroupId, seq: u64) {
+    /// Acknowledges a group's deliveries up to `seq`, once what they changed is durable.
+    fn ack(&mut self, group_id: &GroupId, seq: u64) {
+        if self.unsynced_since.is_some() {
+            let deferred = self.deferred_acks.entry(group_id.clone()).or_insert(seq);
+            *deferred = (*deferred).max(seq);
+        } else {
+            self.send_ack(group_id, seq);
+        }
+    }
+
+    fn send_ack(&self, group_id: &GroupId, seq: u64) {
         self.send_frame(&Frame::Ack(Ack {
             group_id: group_id.clone(),
             seq,
         }));
+    }
+
+    /// Remembers that a commit was made without an fsync (see `unsynced_since`).
+    fn committed_unsynced(&mut self) {
+        self.unsynced_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Makes the unsynced commits durable, then sends the acknowledgements held back for them.
+    /// On failure both wait for the next attempt.
+    fn sync(&mut self) {
+        if self.unsynced_since.is_none() {
+            return;
+        }
+        if let Err(error) = db::sync(&self.connection) {
+            self.unsynced_since = Some(Instant::now());
+            self.error(format!("cannot make received messages durable: {error}"));
+            return;
+        }
+        self.unsynced_since = None;
+        for (group_id, seq) in std::mem::take(&mut self.deferred_acks) {
+            self.send_ack(&group_id, seq);
+        }
     }
 
     fn reload(&mut self, group_id: &GroupId) {
@@ -1920,7 +1982,8 @@ impl Engine {
         };
         let provider = &self.provider;
         let connection = &self.connection;
-        db::transaction(connection, || {
+        // Unsynced: until we acknowledge it (after the sync), the DS delivers it again.
+        db::transaction_unsynced(connection, || {
             match (kind, from_me) {
                 (Some(DeliveryKind::Application), true) => {
                     // Our own message echoed back: it cannot be decrypted by us (RFC 9420
@@ -2077,6 +2140,7 @@ impl Engine {
             Ok(())
         })?;
         group.cursor = seq;
+        self.committed_unsynced();
         if let Some(row) = merged_own {
             self.in_flight.remove(&row.id);
             self.claimed.remove(&row.id);
