@@ -35,6 +35,8 @@ pub struct ClientOptions {
     pub server: Option<String>,
     pub pinned: Option<String>,
     pub auto_update: Option<Duration>,
+    /// See [`CoreConfig::sync_delay`](crate::core::CoreConfig::sync_delay).
+    pub sync_delay: Duration,
 }
 
 impl ClientOptions {
@@ -45,6 +47,7 @@ impl ClientOptions {
             server: None,
             pinned: None,
             auto_update: Some(Duration::from_secs(7 * 24 * 3600)),
+            sync_delay: Duration::from_millis(20),
         }
     }
 }
@@ -95,6 +98,7 @@ impl Client {
         let (net_commands, net_inbox) = unbounded_channel();
         let mut config = CoreConfig::new(options.data_dir.clone(), options.name.clone());
         config.auto_update = options.auto_update;
+        config.sync_delay = options.sync_delay;
         let (fingerprint, core_thread) =
             core::spawn(config, core_inputs, event_sender, net_commands)?;
         let net_config = NetConfig {

@@ -282,16 +282,21 @@ async fn offline_member_catches_up() {
     .await;
 }
 
-/// A member's client processes deliveries without an fsync each and acknowledges them once a
-/// sync made them durable (within tens of milliseconds): the DS's cursor for the member still
-/// reaches the last message with no further traffic, and a restart redelivers nothing twice.
+/// A member's client processes deliveries without an fsync each and acknowledges them only once
+/// a sync made them durable: with the sync held back for seconds, the DS's cursor for the
+/// member stays behind the messages shown, then reaches the last one with no further traffic,
+/// and a restart redelivers nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_follow_received_messages_once_durable() {
+    const SYNC_DELAY: Duration = Duration::from_secs(3);
     timed(Duration::from_secs(60), async {
         let ds = Ds::start().await;
         let root = tempfile::tempdir().expect("temporary directory");
         let mut alice = Peer::start(&ds, "alice", root.path()).await;
         let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        bob.stop().await;
+        bob.sync_delay = Some(SYNC_DELAY);
+        bob.restart().await;
         let group = create_group(&mut alice, "acks").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
@@ -314,7 +319,10 @@ async fn acknowledgements_follow_received_messages_once_durable() {
                 )
                 .expect("bob's cursor")
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // An acknowledgement sent right away would have reached the DS well within this.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(cursor() < last, "bob acknowledged {last} before syncing it");
+        let deadline = tokio::time::Instant::now() + SYNC_DELAY + Duration::from_secs(5);
         while cursor() < last {
             assert!(
                 tokio::time::Instant::now() < deadline,

@@ -136,7 +136,10 @@ pub fn transaction<T>(
     connection: &Connection,
     step: impl FnOnce() -> Result<T, CoreError>,
 ) -> Result<T, CoreError> {
-    connection.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+    // Every fsync'd step sets it again, so that nothing can leave it at NORMAL for long.
+    connection
+        .execute_batch("PRAGMA synchronous = FULL; BEGIN IMMEDIATE")
+        .map_err(sql)?;
     match step() {
         Ok(value) => match connection.execute_batch("COMMIT") {
             Ok(()) => Ok(value),
@@ -156,23 +159,44 @@ pub fn transaction<T>(
 /// (the write is in the operating system's hands) but not yet one of the machine. For a step
 /// whose outcome the very next step normally makes durable: every fsync'd commit, and
 /// [`sync`], also makes durable all that was committed before it (one WAL, written in order).
+/// Without WAL mode (a file system that cannot share memory) that ordering does not hold, and
+/// this is [`transaction`].
 pub fn transaction_unsynced<T>(
     connection: &Connection,
     step: impl FnOnce() -> Result<T, CoreError>,
 ) -> Result<T, CoreError> {
-    connection
-        .execute_batch("PRAGMA synchronous = NORMAL")
-        .map_err(sql)?;
-    let result = transaction(connection, step);
-    let restored = connection
-        .execute_batch("PRAGMA synchronous = FULL")
-        .map_err(sql);
-    match (result, restored) {
-        (Ok(value), Ok(())) => Ok(value),
-        // Committed but not durable, and the connection did not go back to fsync'ing: an
-        // error, so that the caller does not count on either.
-        (Ok(_), Err(error)) | (Err(error), _) => Err(error),
+    if !in_wal_mode(connection)? {
+        return transaction(connection, step);
     }
+    connection
+        .execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
+        .map_err(sql)?;
+    let result = match step() {
+        Ok(value) => match connection.execute_batch("COMMIT") {
+            Ok(()) => Ok(value),
+            Err(error) => {
+                let _ = connection.execute_batch("ROLLBACK");
+                Err(sql(error))
+            }
+        },
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    };
+    // Committed is committed: a failure here is not the step's. The next fsync'd transaction
+    // and the next sync set FULL again before they write.
+    if let Err(error) = connection.execute_batch("PRAGMA synchronous = FULL") {
+        tracing::error!(%error, "cannot set synchronous = FULL again");
+    }
+    result
+}
+
+fn in_wal_mode(connection: &Connection) -> Result<bool, CoreError> {
+    let mode: String = connection
+        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+        .map_err(sql)?;
+    Ok(mode.eq_ignore_ascii_case("wal"))
 }
 
 /// Makes every commit so far durable, with one fsync'd commit of a change to the `synced` row.
@@ -780,6 +804,7 @@ mod tests {
         assert_eq!(synchronous(&connection), 2, "FULL by default");
 
         let id = transaction_unsynced(&connection, || {
+            assert_eq!(synchronous(&connection), 1, "NORMAL inside");
             insert_outbox(&connection, b"group", &Intent::Update)
         })
         .expect("commits");
@@ -793,6 +818,15 @@ mod tests {
         assert!(failed.is_err());
         assert_eq!(synchronous(&connection), 2, "FULL again after a rollback");
         assert_eq!(outbox(&connection).expect("reads").len(), 1, "rolled back");
+
+        // Without WAL (here: an in-memory database) the step is an ordinary transaction.
+        let memory = Connection::open_in_memory().expect("in-memory database");
+        migrate(&memory).expect("migrates");
+        transaction_unsynced(&memory, || {
+            assert_eq!(synchronous(&memory), 2, "FULL without WAL");
+            insert_outbox(&memory, b"group", &Intent::Update)
+        })
+        .expect("commits");
 
         assert_eq!(synced(&connection), None);
         sync(&connection).expect("syncs");

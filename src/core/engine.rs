@@ -49,9 +49,8 @@ use crate::net::{NetCommand, NetEvent};
 const TICK: Duration = Duration::from_millis(250);
 /// Wait before retrying a request the DS refused for load (rate limit, internal error).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// How long a commit may stay unsynced (see `Engine::unsynced_since`) before a sync: the
-/// deliveries of a burst share one fsync, and their acknowledgements wait at most this long.
-const SYNC_DELAY: Duration = Duration::from_millis(20);
+/// How long to wait before trying a failed sync again (see `Engine::sync`).
+const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// The longest group name, in characters.
 const MAX_GROUP_NAME: usize = 64;
 
@@ -205,8 +204,10 @@ struct Engine {
     /// could not make harmful commit unsynced (processing a delivery, which the DS redelivers
     /// until acknowledged; settling a sent message, which a retry with the same client message
     /// id settles again; queueing a message, which its building commits durably right after)
-    /// and a sync follows within `SYNC_DELAY`. Every fsync'd commit syncs them too.
+    /// and a sync follows within `config.sync_delay`. Every fsync'd commit syncs them too.
     unsynced_since: Option<Instant>,
+    /// Whether the last sync failed (reported once, retried every `SYNC_RETRY`).
+    sync_failing: bool,
     /// Acknowledgements held back until what they acknowledge is durable: the DS forgets a
     /// message for us once we acknowledge it.
     deferred_acks: HashMap<GroupId, u64>,
@@ -343,6 +344,7 @@ impl Engine {
             quit_deadline: None,
             stop: false,
             unsynced_since: None,
+            sync_failing: false,
             deferred_acks: HashMap::new(),
         })
     }
@@ -364,7 +366,7 @@ impl Engine {
         });
         while !self.stop {
             let timeout = self.unsynced_since.map_or(TICK, |since| {
-                (since + SYNC_DELAY)
+                (since + self.config.sync_delay)
                     .saturating_duration_since(Instant::now())
                     .min(TICK)
             });
@@ -894,8 +896,10 @@ impl Engine {
             return Err("nothing to send".into());
         }
         let me = self.me.to_string();
-        // Not fsync'd: building the message right after commits with an fsync, which makes
-        // this durable too, so one fsync comes before the message leaves instead of two.
+        // Not fsync'd: when the group can send, building the message right after commits with
+        // an fsync, which makes this durable too, so one fsync comes before the message leaves
+        // instead of two. Otherwise (offline, another item in flight) the sync within
+        // `sync_delay` does.
         let outbox_id = db::transaction_unsynced(&self.connection, || {
             let id = db::insert_outbox(
                 &self.connection,
@@ -1071,7 +1075,7 @@ impl Engine {
         let now = Instant::now();
         if self
             .unsynced_since
-            .is_some_and(|since| now.duration_since(since) >= SYNC_DELAY)
+            .is_some_and(|since| now.duration_since(since) >= self.config.sync_delay)
         {
             self.sync();
         }
@@ -1843,19 +1847,33 @@ impl Engine {
     }
 
     /// Makes the unsynced commits durable, then sends the acknowledgements held back for them.
-    /// On failure both wait for the next attempt.
+    /// On failure both wait for the next attempt, `SYNC_RETRY` later.
     fn sync(&mut self) {
         if self.unsynced_since.is_none() {
             return;
         }
         if let Err(error) = db::sync(&self.connection) {
-            self.unsynced_since = Some(Instant::now());
-            self.error(format!("cannot make received messages durable: {error}"));
+            // Counted from a moment ahead, so that the next attempt comes SYNC_RETRY later.
+            self.unsynced_since = Some(Instant::now() + SYNC_RETRY);
+            if !self.sync_failing {
+                self.sync_failing = true;
+                self.error(format!("cannot make received messages durable: {error}"));
+            }
             return;
         }
+        if self.sync_failing {
+            self.sync_failing = false;
+            tracing::info!("syncing the profile works again");
+        }
         self.unsynced_since = None;
-        for (group_id, seq) in std::mem::take(&mut self.deferred_acks) {
-            self.send_ack(&group_id, seq);
+        let acks = std::mem::take(&mut self.deferred_acks);
+        // Only on an authenticated connection. Offline, or while authenticating, they are
+        // dropped: after the next login the DS delivers again from the cursor it has, and the
+        // deliveries at or below ours are acknowledged as they are skipped.
+        if self.online() {
+            for (group_id, seq) in acks {
+                self.send_ack(&group_id, seq);
+            }
         }
     }
 

@@ -45,6 +45,10 @@ pub struct CoreConfig {
     pub key_package_low_water: u32,
     /// How long `/quit` waits for the outbox to drain while connected.
     pub quit_flush_timeout: Duration,
+    /// How long a processed delivery may wait for the fsync that makes it durable (and for its
+    /// acknowledgement to the DS, which follows that fsync). Deliveries arriving within it share
+    /// one fsync.
+    pub sync_delay: Duration,
 }
 
 impl CoreConfig {
@@ -56,6 +60,7 @@ impl CoreConfig {
             key_package_batch: 20,
             key_package_low_water: 5,
             quit_flush_timeout: Duration::from_secs(10),
+            sync_delay: Duration::from_millis(20),
         }
     }
 }

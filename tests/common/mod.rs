@@ -93,6 +93,8 @@ pub struct Peer {
     pinned: String,
     /// Automatic self-updates (taken into account at the next start).
     pub auto_update: Option<Duration>,
+    /// The core's `sync_delay` (taken into account at the next start); `None`: the default.
+    pub sync_delay: Option<Duration>,
     client: Option<Client>,
     /// Every event received, across restarts, oldest first.
     pub log: Vec<CoreEvent>,
@@ -120,6 +122,7 @@ impl Peer {
             server: ds.address(),
             pinned: ds.fingerprint(),
             auto_update,
+            sync_delay: None,
             client: None,
             log: Vec::new(),
             consumed: Vec::new(),
@@ -135,6 +138,9 @@ impl Peer {
         options.server = Some(self.server.clone());
         options.pinned = Some(self.pinned.clone());
         options.auto_update = self.auto_update;
+        if let Some(delay) = self.sync_delay {
+            options.sync_delay = delay;
+        }
         let client = Client::start(options).await.expect("the client starts");
         self.client = Some(client);
         // Older `Ready` and `Stopped` events belong to earlier runs.
