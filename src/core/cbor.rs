@@ -218,13 +218,18 @@ pub struct Collection<'a> {
 }
 
 impl Collection<'_> {
+    #[inline]
     fn element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), EncodeError> {
         if self.raw {
             self.encoder.raw_from = Some(self.data_at);
+            value.serialize(&mut *self.encoder)?;
+            // Still set only if the element was a `u8` (every other value takes it).
+            self.raw = self.encoder.raw_from.take().is_some();
+        } else {
+            // `raw_from` is unset here and stays so: only a `u8` element of a raw sequence
+            // sets it, and that sequence takes it back after each element.
+            value.serialize(&mut *self.encoder)?;
         }
-        value.serialize(&mut *self.encoder)?;
-        // Still set only if the element was a `u8` (every other value takes it).
-        self.raw = self.encoder.raw_from.take().is_some();
         self.count += 1;
         Ok(())
     }
