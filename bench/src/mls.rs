@@ -27,6 +27,13 @@ use crate::{Failures, Settings};
 // ---- openmls ----------------------------------------------------------------------------
 
 /// A member: its provider (SQLite or memory), signer and credential.
+/// Whether a step's commit waits for an fsync (see [`Member::step_unsynced`]).
+#[derive(Clone, Copy)]
+enum Durability {
+    Full,
+    Normal,
+}
+
 pub struct Member<P: OpenMlsProvider> {
     pub provider: P,
     pub signer: SignatureKeyPair,
@@ -72,22 +79,44 @@ pub fn memory_member(name: &str) -> Result<Member<OpenMlsRustCrypto>> {
 }
 
 impl<P: OpenMlsProvider> Member<P> {
-    /// Runs `step` in one transaction for a SQLite-backed member, as the client's engine does.
+    /// Runs `step` in one fsync'd transaction for a SQLite-backed member, as the client's
+    /// engine builds a message or a commit.
     pub fn step<T>(&self, step: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        self.step_with(Durability::Full, step)
+    }
+
+    /// Runs `step` in one transaction as the client's engine processes a delivery: committed
+    /// without an fsync (`db::transaction_unsynced`), which the engine's periodic sync covers
+    /// for a whole burst of deliveries.
+    pub fn step_unsynced<T>(&self, step: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        self.step_with(Durability::Normal, step)
+    }
+
+    fn step_with<T>(
+        &self,
+        durability: Durability,
+        step: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<T> {
         let Some(connection) = &self.connection else {
             return step(self);
         };
-        connection.execute_batch("BEGIN IMMEDIATE")?;
-        match step(self) {
-            Ok(value) => {
-                connection.execute_batch("COMMIT")?;
-                Ok(value)
-            }
+        let pragma = match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        connection.execute_batch(&format!("PRAGMA synchronous = {pragma}; BEGIN IMMEDIATE"))?;
+        let result = match step(self) {
+            Ok(value) => connection
+                .execute_batch("COMMIT")
+                .map(|()| value)
+                .map_err(Into::into),
             Err(error) => {
                 let _ = connection.execute_batch("ROLLBACK");
                 Err(error)
             }
-        }
+        };
+        connection.execute_batch("PRAGMA synchronous = FULL")?;
+        result
     }
 
     pub fn key_package(&self) -> Result<KeyPackage> {
@@ -171,7 +200,7 @@ impl<P: OpenMlsProvider> Member<P> {
 
     /// Processes a commit or application message from another member; merges commits.
     pub fn process(&self, group: &mut MlsGroup, message: &[u8]) -> Result<()> {
-        self.step(|member| {
+        self.step_unsynced(|member| {
             let message = MlsMessageIn::tls_deserialize_exact(message)?;
             let protocol: ProtocolMessage = message
                 .try_into_protocol_message()
