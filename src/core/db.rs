@@ -137,9 +137,20 @@ pub fn transaction<T>(
     step: impl FnOnce() -> Result<T, CoreError>,
 ) -> Result<T, CoreError> {
     // Every fsync'd step sets it again, so that nothing can leave it at NORMAL for long.
-    connection
-        .execute_batch("PRAGMA synchronous = FULL; BEGIN IMMEDIATE")
-        .map_err(sql)?;
+    run_transaction(
+        connection,
+        "PRAGMA synchronous = FULL; BEGIN IMMEDIATE",
+        step,
+    )
+}
+
+/// Runs `begin`, then `step`, then COMMIT; rolls back if either of the last two fails.
+fn run_transaction<T>(
+    connection: &Connection,
+    begin: &str,
+    step: impl FnOnce() -> Result<T, CoreError>,
+) -> Result<T, CoreError> {
+    connection.execute_batch(begin).map_err(sql)?;
     match step() {
         Ok(value) => match connection.execute_batch("COMMIT") {
             Ok(()) => Ok(value),
@@ -168,22 +179,11 @@ pub fn transaction_unsynced<T>(
     if !in_wal_mode(connection)? {
         return transaction(connection, step);
     }
-    connection
-        .execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
-        .map_err(sql)?;
-    let result = match step() {
-        Ok(value) => match connection.execute_batch("COMMIT") {
-            Ok(()) => Ok(value),
-            Err(error) => {
-                let _ = connection.execute_batch("ROLLBACK");
-                Err(sql(error))
-            }
-        },
-        Err(error) => {
-            let _ = connection.execute_batch("ROLLBACK");
-            Err(error)
-        }
-    };
+    let result = run_transaction(
+        connection,
+        "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE",
+        step,
+    );
     // Committed is committed: a failure here is not the step's. The next fsync'd transaction
     // and the next sync set FULL again before they write.
     if let Err(error) = connection.execute_batch("PRAGMA synchronous = FULL") {

@@ -172,7 +172,7 @@ mod tests {
     use openmls::prelude::{
         BasicCredential, CredentialWithKey, GroupId, KeyPackage, LeafNodeParameters, MlsGroup,
         MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent,
-        StagedWelcome, tls_codec::Deserialize as _,
+        RatchetTreeIn, StagedWelcome, tls_codec::Deserialize as _,
     };
     use openmls_basic_credential::SignatureKeyPair;
     use openmls_rust_crypto::RustCrypto;
@@ -282,6 +282,59 @@ mod tests {
         }
     }
 
+    /// Sends `text` from one member's group and checks that the other member reads it.
+    fn exchange(
+        sender: &impl OpenMlsProvider,
+        signer: &SignatureKeyPair,
+        sender_group: &mut MlsGroup,
+        receiver: &impl OpenMlsProvider,
+        receiver_group: &mut MlsGroup,
+        text: &[u8],
+    ) {
+        let message = sender_group
+            .create_message(sender, signer, text)
+            .expect("message");
+        assert_eq!(
+            application_text(deliver(receiver, receiver_group, &message)),
+            text
+        );
+    }
+
+    /// Joins the group of `welcome` (with the ratchet tree from `tree`, or from the Welcome's
+    /// extension).
+    fn join(
+        provider: &impl OpenMlsProvider,
+        welcome: &MlsMessageOut,
+        tree: Option<RatchetTreeIn>,
+    ) -> MlsGroup {
+        let MlsMessageBodyIn::Welcome(welcome) = received(welcome).extract() else {
+            panic!("expected a welcome");
+        };
+        StagedWelcome::new_from_welcome(provider, &MlsGroupJoinConfig::default(), welcome, tree)
+            .expect("stages the welcome")
+            .into_group(provider)
+            .expect("joins")
+    }
+
+    /// A member's profile opened again: its signer and its group, read from storage.
+    fn reopen(
+        path: &Path,
+        public: &[u8],
+        group_id: &GroupId,
+    ) -> (ClientProvider, SignatureKeyPair, MlsGroup) {
+        let provider = new_profile(path);
+        let signer = SignatureKeyPair::read(
+            provider.storage(),
+            public,
+            CIPHERSUITE.signature_algorithm(),
+        )
+        .expect("the signer is found");
+        let group = MlsGroup::load(provider.storage(), group_id)
+            .expect("loads")
+            .expect("the group is found");
+        (provider, signer, group)
+    }
+
     /// Group state written by the previous codec is found, read and advanced by the new one.
     #[test]
     fn a_group_written_with_the_old_codec_keeps_working_after_the_switch() {
@@ -309,24 +362,18 @@ mod tests {
                 )
                 .expect("adds bob");
             alice_group.merge_pending_commit(&alice).expect("merges");
-            let MlsMessageBodyIn::Welcome(welcome) = received(&welcome).extract() else {
-                panic!("expected a welcome");
-            };
-            let mut bob_group = StagedWelcome::new_from_welcome(
+            let mut bob_group = join(
                 &bob,
-                &MlsGroupJoinConfig::default(),
-                welcome,
+                &welcome,
                 Some(alice_group.export_ratchet_tree().into()),
-            )
-            .expect("stages the welcome")
-            .into_group(&bob)
-            .expect("joins");
-            let message = alice_group
-                .create_message(&alice, &alice_signer, b"before")
-                .expect("message");
-            assert_eq!(
-                application_text(deliver(&bob, &mut bob_group, &message)),
-                b"before"
+            );
+            exchange(
+                &alice,
+                &alice_signer,
+                &mut alice_group,
+                &bob,
+                &mut bob_group,
+                b"before",
             );
             (
                 alice_signer.to_public_vec(),
@@ -335,26 +382,16 @@ mod tests {
             )
         };
 
-        let alice = new_profile(&alice_path);
-        let bob = new_profile(&bob_path);
-        let scheme = CIPHERSUITE.signature_algorithm();
-        let alice_signer = SignatureKeyPair::read(alice.storage(), &alice_public, scheme)
-            .expect("alice's signer is found");
-        let bob_signer =
-            SignatureKeyPair::read(bob.storage(), &bob_public, scheme).expect("bob's signer");
-        let mut alice_group = MlsGroup::load(alice.storage(), &group_id)
-            .expect("loads")
-            .expect("alice's group is found");
-        let mut bob_group = MlsGroup::load(bob.storage(), &group_id)
-            .expect("loads")
-            .expect("bob's group is found");
+        let (alice, alice_signer, mut alice_group) = reopen(&alice_path, &alice_public, &group_id);
+        let (bob, bob_signer, mut bob_group) = reopen(&bob_path, &bob_public, &group_id);
 
-        let message = alice_group
-            .create_message(&alice, &alice_signer, b"after")
-            .expect("message");
-        assert_eq!(
-            application_text(deliver(&bob, &mut bob_group, &message)),
-            b"after"
+        exchange(
+            &alice,
+            &alice_signer,
+            &mut alice_group,
+            &bob,
+            &mut bob_group,
+            b"after",
         );
 
         let commit = bob_group
@@ -370,12 +407,13 @@ mod tests {
             _ => panic!("expected a commit"),
         }
         assert_eq!(alice_group.epoch(), bob_group.epoch());
-        let message = bob_group
-            .create_message(&bob, &bob_signer, b"next epoch")
-            .expect("message");
-        assert_eq!(
-            application_text(deliver(&alice, &mut alice_group, &message)),
-            b"next epoch"
+        exchange(
+            &bob,
+            &bob_signer,
+            &mut bob_group,
+            &alice,
+            &mut alice_group,
+            b"next epoch",
         );
 
         // Reopening again (the rewrite is recorded, not repeated) still finds everything.
@@ -428,24 +466,14 @@ mod tests {
                 .add_members(&alice, &alice_signer, &key_packages)
                 .expect("adds everyone");
             alice_group.merge_pending_commit(&alice).expect("merges");
-            let MlsMessageBodyIn::Welcome(welcome) = received(&welcome).extract() else {
-                panic!("expected a welcome");
-            };
-            let mut bob_group = StagedWelcome::new_from_welcome(
+            let mut bob_group = join(&bob, &welcome, None);
+            exchange(
+                &alice,
+                &alice_signer,
+                &mut alice_group,
                 &bob,
-                &MlsGroupJoinConfig::default(),
-                welcome,
-                None,
-            )
-            .expect("stages the welcome")
-            .into_group(&bob)
-            .expect("joins");
-            let message = alice_group
-                .create_message(&alice, &alice_signer, b"before")
-                .expect("message");
-            assert_eq!(
-                application_text(deliver(&bob, &mut bob_group, &message)),
-                b"before"
+                &mut bob_group,
+                b"before",
             );
             (
                 alice_signer.to_public_vec(),
@@ -468,19 +496,8 @@ mod tests {
             assert!(secrets.len() < 4096, "{} bytes", secrets.len());
         }
 
-        let alice = new_profile(&alice_path);
-        let bob = new_profile(&bob_path);
-        let scheme = CIPHERSUITE.signature_algorithm();
-        let alice_signer =
-            SignatureKeyPair::read(alice.storage(), &alice_public, scheme).expect("signer");
-        let bob_signer =
-            SignatureKeyPair::read(bob.storage(), &bob_public, scheme).expect("signer");
-        let mut alice_group = MlsGroup::load(alice.storage(), &group_id)
-            .expect("loads")
-            .expect("alice's group is found");
-        let mut bob_group = MlsGroup::load(bob.storage(), &group_id)
-            .expect("loads")
-            .expect("bob's group is found");
+        let (alice, alice_signer, mut alice_group) = reopen(&alice_path, &alice_public, &group_id);
+        let (bob, bob_signer, mut bob_group) = reopen(&bob_path, &bob_public, &group_id);
         assert_eq!(alice_group.members().count(), 152);
         for (text, from_alice) in [(&b"one"[..], true), (b"two", false), (b"three", true)] {
             let (sender, sender_group, signer, receiver, receiver_group) = if from_alice {
@@ -494,13 +511,7 @@ mod tests {
             } else {
                 (&bob, &mut bob_group, &bob_signer, &alice, &mut alice_group)
             };
-            let message = sender_group
-                .create_message(sender, signer, text)
-                .expect("message");
-            assert_eq!(
-                application_text(deliver(receiver, receiver_group, &message)),
-                text
-            );
+            exchange(sender, signer, sender_group, receiver, receiver_group, text);
         }
     }
 
