@@ -8,8 +8,8 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use mlschat::core::CIPHERSUITE;
 use mlschat::core::provider::{ClientProvider, migrate_openmls_tables};
+use mlschat::core::{CIPHERSUITE, CoreError, db};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
     BasicCredential, CredentialWithKey, KeyPackage, LeafNodeParameters,
@@ -27,13 +27,6 @@ use crate::{Failures, Settings};
 // ---- openmls ----------------------------------------------------------------------------
 
 /// A member: its provider (SQLite or memory), signer and credential.
-/// Whether a step's commit waits for an fsync (see [`Member::step_unsynced`]).
-#[derive(Clone, Copy)]
-enum Durability {
-    Full,
-    Normal,
-}
-
 pub struct Member<P: OpenMlsProvider> {
     pub provider: P,
     pub signer: SignatureKeyPair,
@@ -80,43 +73,38 @@ pub fn memory_member(name: &str) -> Result<Member<OpenMlsRustCrypto>> {
 
 impl<P: OpenMlsProvider> Member<P> {
     /// Runs `step` in one fsync'd transaction for a SQLite-backed member, as the client's
-    /// engine builds a message or a commit.
+    /// engine builds a message or a commit (`db::transaction`).
     pub fn step<T>(&self, step: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
-        self.step_with(Durability::Full, step)
+        self.step_with(true, step)
     }
 
     /// Runs `step` in one transaction as the client's engine processes a delivery: committed
     /// without an fsync (`db::transaction_unsynced`), which the engine's periodic sync covers
     /// for a whole burst of deliveries.
     pub fn step_unsynced<T>(&self, step: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
-        self.step_with(Durability::Normal, step)
+        self.step_with(false, step)
     }
 
-    fn step_with<T>(
-        &self,
-        durability: Durability,
-        step: impl FnOnce(&Self) -> Result<T>,
-    ) -> Result<T> {
+    /// Runs `step` in the client's own transaction functions; a step's error comes back as it
+    /// was raised.
+    fn step_with<T>(&self, fsync: bool, step: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
         let Some(connection) = &self.connection else {
             return step(self);
         };
-        let pragma = match durability {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
+        let mut failure = None;
+        let run = || {
+            step(self).map_err(|error| {
+                let message = format!("{error:#}");
+                failure = Some(error);
+                CoreError::Invalid(message)
+            })
         };
-        connection.execute_batch(&format!("PRAGMA synchronous = {pragma}; BEGIN IMMEDIATE"))?;
-        let result = match step(self) {
-            Ok(value) => connection
-                .execute_batch("COMMIT")
-                .map(|()| value)
-                .map_err(Into::into),
-            Err(error) => {
-                let _ = connection.execute_batch("ROLLBACK");
-                Err(error)
-            }
+        let outcome = if fsync {
+            db::transaction(connection, run)
+        } else {
+            db::transaction_unsynced(connection, run)
         };
-        connection.execute_batch("PRAGMA synchronous = FULL")?;
-        result
+        outcome.map_err(|error| failure.take().unwrap_or_else(|| anyhow!("{error}")))
     }
 
     pub fn key_package(&self) -> Result<KeyPackage> {
