@@ -241,12 +241,10 @@ pub fn fake_application(group_id: &[u8], epoch: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn send_frame(request_id: u32, message: Vec<u8>, commit: Option<CommitRouting>) -> Frame {
-    let mut client_message_id = [0u8; 16];
-    client_message_id[..4].copy_from_slice(&request_id.to_be_bytes());
-    client_message_id[4..].copy_from_slice(&rand::random::<[u8; 12]>());
     Frame::Send(SendRequest {
         request_id,
-        client_message_id,
+        // Made as the client makes them.
+        client_message_id: mlschat_ds::protocol::new_client_message_id(),
         message: message.into(),
         commit,
     })

@@ -1,6 +1,7 @@
 //! The client's own tables in the profile database, beside openmls's: identity, groups with
 //! their delivery cursor, message history, the outbox of intents, and the keys seen per user.
 
+use mlschat_ds::protocol::{ClientMessageId, new_client_message_id};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -469,6 +470,8 @@ pub fn insert_outbox(
 ) -> Result<i64, CoreError> {
     let intent =
         serde_json::to_string(intent).map_err(|error| CoreError::Database(error.to_string()))?;
+    // A placeholder: the id the DS sees is made when the message is built
+    // (`set_outbox_payload`).
     let client_message_id: [u8; 16] = rand::random();
     connection
         .execute(
@@ -479,7 +482,10 @@ pub fn insert_outbox(
     Ok(connection.last_insert_rowid())
 }
 
-/// Records the encrypted form of an intent (and, for commits, its routing).
+/// Records the encrypted form of an intent (and, for commits, its routing) with the client
+/// message id it is sent under, made now: ids grow with time, which keeps the DS's index of
+/// them cheap, and the time in an id made at build time (the client builds only while online)
+/// is about when the DS receives it anyway, not when the message was written.
 pub fn set_outbox_payload(
     connection: &Connection,
     id: i64,
@@ -487,30 +493,33 @@ pub fn set_outbox_payload(
     welcome: Option<&[u8]>,
     added: &[String],
     removed: &[String],
-) -> Result<(), CoreError> {
+) -> Result<ClientMessageId, CoreError> {
     let added =
         serde_json::to_string(added).map_err(|error| CoreError::Database(error.to_string()))?;
     let removed =
         serde_json::to_string(removed).map_err(|error| CoreError::Database(error.to_string()))?;
+    let client_message_id = new_client_message_id();
     connection
         .execute(
-            "UPDATE outbox SET payload = ?2, welcome = ?3, added = ?4, removed = ?5 WHERE id = ?1",
-            params![id, payload, welcome, added, removed],
-        )
-        .map(|_| ())
-        .map_err(sql)
-}
-
-/// Forgets the encrypted form (it went stale) and picks a new message id for the retry.
-pub fn reset_outbox(connection: &Connection, id: i64) -> Result<[u8; 16], CoreError> {
-    let client_message_id: [u8; 16] = rand::random();
-    connection
-        .execute(
-            "UPDATE outbox SET payload = NULL, welcome = NULL, added = NULL, removed = NULL, client_message_id = ?2 WHERE id = ?1",
-            params![id, &client_message_id[..]],
+            "UPDATE outbox SET payload = ?2, welcome = ?3, added = ?4, removed = ?5, client_message_id = ?6 WHERE id = ?1",
+            params![id, payload, welcome, added, removed, &client_message_id[..]],
         )
         .map_err(sql)?;
     Ok(client_message_id)
+}
+
+/// Forgets the encrypted form (it went stale). The message id changes at once, so that a late
+/// answer to the stale form names an id no row has; the next build makes the id it is sent
+/// under.
+pub fn reset_outbox(connection: &Connection, id: i64) -> Result<(), CoreError> {
+    let placeholder: [u8; 16] = rand::random();
+    connection
+        .execute(
+            "UPDATE outbox SET payload = NULL, welcome = NULL, added = NULL, removed = NULL, client_message_id = ?2 WHERE id = ?1",
+            params![id, &placeholder[..]],
+        )
+        .map(|_| ())
+        .map_err(sql)
 }
 
 pub fn delete_outbox(connection: &Connection, id: i64) -> Result<(), CoreError> {
@@ -781,6 +790,44 @@ mod tests {
         let second = insert_outbox(&connection, b"group", &Intent::Text { text: "two".into() })
             .expect("insert");
         assert!(second > first, "id {first} was handed out again");
+    }
+
+    #[test]
+    fn a_message_gets_its_time_ordered_id_when_built_and_loses_it_when_reset() {
+        let connection = Connection::open_in_memory().expect("in-memory database");
+        migrate(&connection).expect("migrates");
+        let stored_id = |id: i64| -> ClientMessageId {
+            outbox(&connection)
+                .expect("reads")
+                .into_iter()
+                .find(|row| row.id == id)
+                .expect("the row")
+                .client_message_id
+        };
+        let first = insert_outbox(&connection, b"group", &Intent::Update).expect("insert");
+        let second = insert_outbox(&connection, b"group", &Intent::Update).expect("insert");
+        let placeholder = stored_id(first);
+        let built_first =
+            set_outbox_payload(&connection, first, b"one", None, &[], &[]).expect("built");
+        let built_second =
+            set_outbox_payload(&connection, second, b"two", None, &[], &[]).expect("built");
+        assert_ne!(built_first, placeholder, "building makes the id");
+        assert_eq!(
+            stored_id(first),
+            built_first,
+            "the id sent is the id stored"
+        );
+        assert_eq!(stored_id(second), built_second);
+        // Time first: later builds sort after earlier ones, as the DS's index wants them.
+        assert!(built_first[..8] <= built_second[..8]);
+        assert_ne!(built_first[8..], built_second[8..]);
+
+        reset_outbox(&connection, first).expect("reset");
+        assert_ne!(
+            stored_id(first),
+            built_first,
+            "a late answer to the stale form must not match the row"
+        );
     }
 
     #[test]

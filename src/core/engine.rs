@@ -1486,7 +1486,7 @@ impl Engine {
                 Some(staged) => commit_routing(&group.mls, staged),
                 None => (vec![], vec![]),
             };
-            db::set_outbox_payload(
+            let client_message_id = db::set_outbox_payload(
                 connection,
                 row.id,
                 &payload,
@@ -1495,6 +1495,7 @@ impl Engine {
                 &removed,
             )?;
             Ok(Built::Ready(OutboxRow {
+                client_message_id,
                 payload: Some(payload),
                 welcome,
                 added,
@@ -1763,7 +1764,7 @@ impl Engine {
             {
                 group.mls.clear_pending_commit(storage).map_err(mls_error)?;
             }
-            db::reset_outbox(&self.connection, row.id).map(|_| ())
+            db::reset_outbox(&self.connection, row.id)
         });
         if let Err(error) = result {
             self.reload(group_id);

@@ -1130,3 +1130,27 @@ fn the_largest_storable_key_package_fits_a_key_package_frame() {
     let over = response(MAX_KEY_PACKAGE_LEN + 1).encode();
     assert!(FrameHeader::parse(&over).is_err(), "one byte more is not");
 }
+
+#[test]
+fn client_message_ids_grow_with_time_and_differ() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros();
+    let ids: Vec<ClientMessageId> = (0..1000).map(|_| new_client_message_id()).collect();
+    let micros = |id: &ClientMessageId| u64::from_be_bytes(id[..8].try_into().expect("8 bytes"));
+    assert!(
+        u128::from(micros(&ids[0])) >= before,
+        "the prefix is the time in microseconds"
+    );
+    assert!(
+        ids.windows(2)
+            .all(|pair| micros(&pair[0]) <= micros(&pair[1]))
+    );
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "ids made in the same microsecond still differ"
+    );
+}
