@@ -1,8 +1,10 @@
 //! Figure 5: durable appends per second, each acknowledged only after it is committed, and the
-//! latency that adds. mlschat: the DS's `SqliteStore::append` (WAL, synchronous=FULL, group
-//! commit across concurrent writers), 100 appends in flight from 100 senders in 100 groups.
-//! Peers: raw SQLite inserts of the same rows, 100 per transaction, same pragmas; NATS
-//! JetStream publishes with 100 acks outstanding on a file-backed stream.
+//! latency that adds, in two shapes with 100 appends in flight: one group (one publisher
+//! pipelining, as a JetStream publisher on one stream) and 100 groups (100 senders, one append
+//! in flight each). mlschat: the DS's `SqliteStore::append` (WAL, synchronous=FULL, group commit
+//! across concurrent writers). Peers: raw SQLite inserts of the same rows, 100 per transaction,
+//! same pragmas; NATS JetStream publishes with 100 acks outstanding on as many file-backed
+//! streams as there are groups.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,24 +30,31 @@ struct Series {
     missing: Option<String>,
 }
 
-async fn run_store(store: &Arc<SqliteStore>, appends: usize) -> Result<(f64, Vec<f64>)> {
+/// `IN_FLIGHT` concurrent appends spread over `groups` groups: with one group, one sender
+/// pipelines (each task is one of its appends in flight); with more, each group has its own
+/// sender.
+async fn run_store(
+    store: &Arc<SqliteStore>,
+    appends: usize,
+    groups: usize,
+) -> Result<(f64, Vec<f64>)> {
     let run = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let mut writers = Vec::with_capacity(IN_FLIGHT);
-    for writer in 0..IN_FLIGHT {
-        let user = UserName::new(format!("w{run}-{writer}")).map_err(|e| anyhow!("{e}"))?;
+    let mut senders = Vec::with_capacity(groups);
+    for index in 0..groups {
+        let user = UserName::new(format!("w{run}-{index}")).map_err(|e| anyhow!("{e}"))?;
         store
             .register_user(&user, &rand::random::<[u8; 32]>())
             .await?;
         let group =
             GroupId::new(rand::random::<[u8; 16]>().to_vec()).map_err(|e| anyhow!("{e}"))?;
         store.create_group(&group, &user).await?;
-        writers.push((user, group));
+        senders.push((user, group));
     }
     let per_writer = appends.div_ceil(IN_FLIGHT);
     let started = Instant::now();
-    let tasks: Vec<_> = writers
-        .into_iter()
-        .map(|(user, group)| {
+    let tasks: Vec<_> = (0..IN_FLIGHT)
+        .map(|writer| {
+            let (user, group) = senders[writer % groups].clone();
             let store = Arc::clone(store);
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(per_writer);
@@ -53,7 +62,8 @@ async fn run_store(store: &Arc<SqliteStore>, appends: usize) -> Result<(f64, Vec
                     let request = AppendRequest {
                         group_id: group.clone(),
                         sender: user.clone(),
-                        client_message_id: rand::random(),
+                        // Made as the client makes them.
+                        client_message_id: mlschat_ds::protocol::new_client_message_id(),
                         epoch: 0,
                         kind: DeliveryKind::Application,
                         payload: payload(index, PAYLOAD),
@@ -75,7 +85,7 @@ async fn run_store(store: &Arc<SqliteStore>, appends: usize) -> Result<(f64, Vec
     Ok((rate, latencies))
 }
 
-fn run_sqlite(path: &std::path::Path, appends: usize) -> Result<(f64, Vec<f64>)> {
+fn run_sqlite(path: &std::path::Path, appends: usize, groups: usize) -> Result<(f64, Vec<f64>)> {
     let connection = rusqlite::Connection::open(path)?;
     connection.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
@@ -83,7 +93,7 @@ fn run_sqlite(path: &std::path::Path, appends: usize) -> Result<(f64, Vec<f64>)>
              id INTEGER PRIMARY KEY, group_id BLOB NOT NULL, seq INTEGER NOT NULL,
              payload BLOB NOT NULL);",
     )?;
-    let group = rand::random::<[u8; 16]>();
+    let group_ids: Vec<[u8; 16]> = (0..groups).map(|_| rand::random()).collect();
     let batches = appends.div_ceil(IN_FLIGHT);
     let mut latencies = Vec::with_capacity(batches * IN_FLIGHT);
     let started = Instant::now();
@@ -97,7 +107,7 @@ fn run_sqlite(path: &std::path::Path, appends: usize) -> Result<(f64, Vec<f64>)>
             for row in 0..IN_FLIGHT {
                 let index = batch * IN_FLIGHT + row;
                 insert.execute(rusqlite::params![
-                    &group[..],
+                    &group_ids[index % groups][..],
                     index as i64,
                     payload(index, PAYLOAD)
                 ])?;
@@ -112,21 +122,29 @@ fn run_sqlite(path: &std::path::Path, appends: usize) -> Result<(f64, Vec<f64>)>
     Ok((rate, latencies))
 }
 
-async fn run_jetstream(appends: usize) -> Result<(f64, Vec<f64>)> {
+async fn run_jetstream(appends: usize, groups: usize) -> Result<(f64, Vec<f64>)> {
     use async_nats::jetstream;
     let client = async_nats::connect(NATS_URL).await?;
     let context = jetstream::new(client);
-    let name = format!("BENCH_APPEND_{:08x}", rand::random::<u32>());
-    let subject = format!("bench.append.{name}");
-    context
-        .create_stream(jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|error| anyhow!("create stream: {error}"))?;
+    let run = format!("{:08x}", rand::random::<u32>());
+    let names: Vec<String> = (0..groups)
+        .map(|index| format!("BENCH_APPEND_{run}_{index}"))
+        .collect();
+    let subjects: Vec<String> = names
+        .iter()
+        .map(|name| format!("bench.append.{name}"))
+        .collect();
+    for (name, subject) in names.iter().zip(&subjects) {
+        context
+            .create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![subject.clone()],
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| anyhow!("create stream: {error}"))?;
+    }
     let mut pending = FuturesUnordered::new();
     let mut latencies = Vec::with_capacity(appends);
     let started = Instant::now();
@@ -142,7 +160,10 @@ async fn run_jetstream(appends: usize) -> Result<(f64, Vec<f64>)> {
         }
         let sent = Instant::now();
         let ack = context
-            .publish(subject.clone(), payload(index, PAYLOAD).into())
+            .publish(
+                subjects[index % groups].clone(),
+                payload(index, PAYLOAD).into(),
+            )
             .await
             .map_err(|error| anyhow!("publish: {error}"))?;
         pending.push(async move {
@@ -158,7 +179,9 @@ async fn run_jetstream(appends: usize) -> Result<(f64, Vec<f64>)> {
         }
     }
     let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
-    let _ = context.delete_stream(&name).await;
+    for name in &names {
+        let _ = context.delete_stream(name).await;
+    }
     if let Some(error) = failure {
         return Err(error);
     }
@@ -190,89 +213,105 @@ pub async fn figure(settings: &Settings, failures: &Failures) -> Vec<Row> {
             return Vec::new();
         }
     };
-    let mut ours = Series::default();
-    let mut raw = Series::default();
-    let mut jetstream = Series::default();
+    // Shapes: one group, then 100; each round runs both, every system in turn.
+    let shapes = [1usize, IN_FLIGHT];
+    let mut series: Vec<[Series; 3]> = shapes.iter().map(|_| Default::default()).collect();
     for round in 0..settings.rounds {
-        eprintln!("  fig 5: round {}/{}", round + 1, settings.rounds);
-        match run_store(&store, appends).await {
-            Ok((rate, latencies)) => {
-                ours.rates.push(rate);
-                ours.latencies_us.extend(latencies);
+        for (shape, &groups) in shapes.iter().enumerate() {
+            eprintln!(
+                "  fig 5: round {}/{}, {groups} group(s)",
+                round + 1,
+                settings.rounds
+            );
+            let [ours, raw, jetstream] = &mut series[shape];
+            match run_store(&store, appends, groups).await {
+                Ok((rate, latencies)) => {
+                    ours.rates.push(rate);
+                    ours.latencies_us.extend(latencies);
+                }
+                Err(error) => failures.error(format!("fig 5 store appends: {error:#}")),
             }
-            Err(error) => failures.error(format!("fig 5 store appends: {error:#}")),
-        }
-        let path = dir.path().join(format!("raw-{round}.sqlite3"));
-        match tokio::task::spawn_blocking(move || run_sqlite(&path, appends)).await {
-            Ok(Ok((rate, latencies))) => {
-                raw.rates.push(rate);
-                raw.latencies_us.extend(latencies);
+            let path = dir.path().join(format!("raw-{round}-{groups}.sqlite3"));
+            match tokio::task::spawn_blocking(move || run_sqlite(&path, appends, groups)).await {
+                Ok(Ok((rate, latencies))) => {
+                    raw.rates.push(rate);
+                    raw.latencies_us.extend(latencies);
+                }
+                Ok(Err(error)) => raw.missing = Some(format!("{error:#}")),
+                Err(error) => raw.missing = Some(error.to_string()),
             }
-            Ok(Err(error)) => raw.missing = Some(format!("{error:#}")),
-            Err(error) => raw.missing = Some(error.to_string()),
-        }
-        if jetstream.missing.is_none() {
-            match brokers::check(Broker::Nats).await {
-                Err(error) => jetstream.missing = Some(format!("{error:#}")),
-                Ok(()) => match run_jetstream(appends).await {
-                    Ok((rate, latencies)) => {
-                        jetstream.rates.push(rate);
-                        jetstream.latencies_us.extend(latencies);
-                    }
+            if jetstream.missing.is_none() {
+                match brokers::check(Broker::Nats).await {
                     Err(error) => jetstream.missing = Some(format!("{error:#}")),
-                },
+                    Ok(()) => match run_jetstream(appends, groups).await {
+                        Ok((rate, latencies)) => {
+                            jetstream.rates.push(rate);
+                            jetstream.latencies_us.extend(latencies);
+                        }
+                        Err(error) => jetstream.missing = Some(format!("{error:#}")),
+                    },
+                }
             }
         }
     }
     store.close().await;
-    if ours.rates.is_empty() {
-        return Vec::new();
-    }
-    let ours_rate = median(&ours.rates);
-    let ours_latency = sorted(ours.latencies_us.clone());
     let mut rows = Vec::new();
-    for (name, series, target) in [
-        ("raw SQLite, 100 rows/tx", &raw, None),
-        ("NATS JetStream acks", &jetstream, Some(">= 1.0x JetStream")),
-    ] {
-        let mut row = Row::new(
-            5,
-            "durable appends/s",
-            format!("{IN_FLIGHT} in flight"),
-            "appends/s",
-        )
-        .ours(ours_rate);
-        row = match &series.missing {
-            Some(why) => row.peer_missing(name, why),
-            None => row.peer(name, Some(median(&series.rates))),
-        };
-        if let Some(words) = target {
-            row = row.target(words, 1.0, true);
+    for (&groups, [ours, raw, jetstream]) in shapes.iter().zip(&series) {
+        if ours.rates.is_empty() {
+            continue;
         }
-        rows.push(row.note(format!(
-            "{appends} appends x {} rounds, synchronous=FULL",
-            settings.rounds
-        )));
-        for (metric, p) in [
-            ("append ack latency p50", 50.0),
-            ("append ack latency p99", 99.0),
+        let scale = if groups == 1 {
+            format!("{IN_FLIGHT} in flight, 1 group")
+        } else {
+            format!("{IN_FLIGHT} in flight, {groups} groups")
+        };
+        let streams = if groups == 1 {
+            "1 stream".to_string()
+        } else {
+            format!("{groups} streams")
+        };
+        let ours_rate = median(&ours.rates);
+        let ours_latency = sorted(ours.latencies_us.clone());
+        for (name, series, target) in [
+            ("raw SQLite, 100 rows/tx".to_string(), raw, None),
+            (
+                format!("NATS JetStream acks, {streams}"),
+                jetstream,
+                Some(">= 1.0x JetStream"),
+            ),
         ] {
-            let mut row = Row::new(5, metric, format!("{IN_FLIGHT} in flight"), "us")
-                .ours(percentile(&ours_latency, p));
+            let mut row = Row::new(5, "durable appends/s", &scale, "appends/s").ours(ours_rate);
             row = match &series.missing {
-                Some(why) => row.peer_missing(name, why),
-                None => row.peer(
-                    name,
-                    Some(percentile(&sorted(series.latencies_us.clone()), p)),
-                ),
+                Some(why) => row.peer_missing(&name, why),
+                None => row.peer(&name, Some(median(&series.rates))),
             };
-            rows.push(row);
+            if let Some(words) = target {
+                row = row.target(words, 1.0, true);
+            }
+            rows.push(row.note(format!(
+                "{appends} appends x {} rounds, synchronous=FULL",
+                settings.rounds
+            )));
+            for (metric, p) in [
+                ("append ack latency p50", 50.0),
+                ("append ack latency p99", 99.0),
+            ] {
+                let mut row = Row::new(5, metric, &scale, "us").ours(percentile(&ours_latency, p));
+                row = match &series.missing {
+                    Some(why) => row.peer_missing(&name, why),
+                    None => row.peer(
+                        &name,
+                        Some(percentile(&sorted(series.latencies_us.clone()), p)),
+                    ),
+                };
+                rows.push(row);
+            }
         }
     }
     // Spare the JSON reader a wrong impression: JetStream acknowledges before fsync.
-    if let Some(row) = rows
+    for row in rows
         .iter_mut()
-        .find(|row| row.peer.starts_with("NATS JetStream"))
+        .filter(|row| row.peer.starts_with("NATS JetStream") && row.metric == "durable appends/s")
     {
         row.note = format!(
             "{}; nats-server acks after write(2), fsync every 2 min by default (sync_interval): not the same durability",

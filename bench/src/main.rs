@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use report::{Machine, Row, markdown_table};
 
@@ -65,57 +65,46 @@ impl Failures {
     }
 }
 
-const USAGE: &str =
-    "usage: mlschat-bench <1-8|all>[,<figure>...] [--quick] [--rounds N] [--out FILE]";
-
+/// Benchmarks of mlschat against real peers, interleaved in one run (docs/benchmarks.md).
+#[derive(Debug, clap::Parser)]
+#[command(name = "mlschat-bench")]
 struct Args {
-    figures: Vec<u8>,
+    /// Figures to run: `all`, or numbers from 1 to 8 separated by commas (`2,6`).
+    #[arg(required = true, value_parser = parse_figures)]
+    figures: Vec<Vec<u8>>,
+    /// One round of every figure with fewer messages: the CI smoke run, under 3 minutes.
+    #[arg(long)]
     quick: bool,
+    /// Interleaved rounds per figure [default: 3, or 1 with --quick].
+    #[arg(long)]
     rounds: Option<usize>,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/mlschat-bench/results.json")]
     out: PathBuf,
 }
 
-fn parse_args(args: &[String]) -> Result<Args> {
+impl Args {
+    /// The figures asked for, in order, each once.
+    fn figures(&self) -> Vec<u8> {
+        let mut figures: Vec<u8> = self.figures.iter().flatten().copied().collect();
+        figures.sort_unstable();
+        figures.dedup();
+        figures
+    }
+}
+
+fn parse_figures(list: &str) -> Result<Vec<u8>, String> {
     let mut figures = Vec::new();
-    let mut quick = false;
-    let mut rounds = None;
-    let mut out = None;
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "--quick" => quick = true,
-            "--rounds" => {
-                rounds = Some(iter.next().context(USAGE)?.parse().context("--rounds N")?);
-            }
-            "--out" => out = Some(PathBuf::from(iter.next().context(USAGE)?)),
-            "-h" | "--help" => bail!("{USAGE}"),
-            list => {
-                for figure in list.split(',') {
-                    match figure {
-                        "all" => figures.extend(1..=8),
-                        number => {
-                            let number: u8 = number.parse().with_context(|| USAGE.to_string())?;
-                            if !(1..=8).contains(&number) {
-                                bail!("figures are 1 to 8\n{USAGE}");
-                            }
-                            figures.push(number);
-                        }
-                    }
-                }
-            }
+    for figure in list.split(',') {
+        match figure {
+            "all" => figures.extend(1..=8),
+            number => match number.parse::<u8>() {
+                Ok(number) if (1..=8).contains(&number) => figures.push(number),
+                _ => return Err(format!("`{number}` is not a figure: use 1 to 8 or `all`")),
+            },
         }
     }
-    if figures.is_empty() {
-        bail!("{USAGE}");
-    }
-    figures.sort_unstable();
-    figures.dedup();
-    Ok(Args {
-        figures,
-        quick,
-        rounds,
-        out: out.unwrap_or_else(|| PathBuf::from("target/mlschat-bench/results.json")),
-    })
+    Ok(figures)
 }
 
 fn main() -> Result<()> {
@@ -125,7 +114,8 @@ fn main() -> Result<()> {
         let dir = args.get(1).context("__ds-server DIR")?;
         return ds::serve_child(std::path::Path::new(dir));
     }
-    let args = parse_args(&args)?;
+    let args = <Args as clap::Parser>::parse();
+    let figures = &args.figures();
     let settings = Settings {
         quick: args.quick,
         rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
@@ -137,7 +127,6 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut timings = Vec::new();
-    let figures = &args.figures;
     runtime.block_on(async {
         // Copy this binary for the DS children before figure 8 may rebuild it.
         if let Err(error) = ds::prepare_ds_child_binary() {
@@ -236,12 +225,18 @@ mod tests {
 
     #[test]
     fn arguments() {
-        let args = parse_args(&["all".into(), "--quick".into()]).expect("parses");
-        assert_eq!(args.figures, (1..=8).collect::<Vec<_>>());
+        let parse = |args: &[&str]| {
+            <Args as clap::Parser>::try_parse_from(
+                std::iter::once("mlschat-bench").chain(args.iter().copied()),
+            )
+        };
+        let args = parse(&["all", "--quick"]).expect("parses");
+        assert_eq!(args.figures(), (1..=8).collect::<Vec<_>>());
         assert!(args.quick);
-        let args = parse_args(&["2,6".into()]).expect("parses");
-        assert_eq!(args.figures, vec![2, 6]);
-        assert!(parse_args(&["9".into()]).is_err());
-        assert!(parse_args(&[]).is_err());
+        let args = parse(&["6,2", "2"]).expect("parses");
+        assert_eq!(args.figures(), vec![2, 6]);
+        assert!(parse(&["9"]).is_err());
+        assert!(parse(&["2,x"]).is_err());
+        assert!(parse(&[]).is_err());
     }
 }
