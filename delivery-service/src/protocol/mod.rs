@@ -43,21 +43,23 @@ pub const AUTHENTICATE_LABEL: &[u8] = b"mlschat/1 authenticate";
 /// A client-chosen identifier that makes `Send` idempotent.
 pub type ClientMessageId = [u8; 16];
 
-/// A new [`ClientMessageId`]: the current time in microseconds since the Unix epoch (8 bytes,
+/// A new [`ClientMessageId`]: the current time in milliseconds since the Unix epoch (8 bytes,
 /// big-endian), then 8 random bytes.
 ///
-/// Any 16 bytes unique per sender and group are valid. The DS indexes ids by value, and ids
-/// that grow with time land at the end of that index, where a whole group commit shares its
-/// pages; random ids land on a different page each (docs/benchmarks.md, figure 5). Make the id
-/// when the message is first built to be sent, not when it was written: the time in it is then
-/// about when the DS sees it anyway, and says nothing about when it was composed.
+/// Any 16 bytes unique per sender and group are valid. The SQLite store indexes ids by value,
+/// and ids that grow with time all land in the same few pages of that index, which a whole
+/// group commit then shares; random ids land on a different page each (docs/benchmarks.md,
+/// figure 5). Make the id when the message is first built to be sent, not when it was written,
+/// so that the time in it is normally about when the DS receives it anyway. Milliseconds, not
+/// finer: the index needs no more, and a finer clock would tell the DS more about the device's
+/// clock (docs/threat-model.md).
 pub fn new_client_message_id() -> ClientMessageId {
-    let micros = std::time::SystemTime::now()
+    let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&micros.to_be_bytes());
+    id[..8].copy_from_slice(&millis.to_be_bytes());
     id[8..].copy_from_slice(&rand::random::<[u8; 8]>());
     id
 }
