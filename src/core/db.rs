@@ -485,7 +485,8 @@ pub fn insert_outbox(
 /// Records the encrypted form of an intent (and, for commits, its routing) with the client
 /// message id it is sent under, made now: ids grow with time, which keeps the DS's index of
 /// them cheap, and the time in an id made at build time (the client builds only while online)
-/// is about when the DS receives it anyway, not when the message was written.
+/// is normally about when the DS receives it anyway, not when the message was written
+/// (docs/threat-model.md says when it is not).
 pub fn set_outbox_payload(
     connection: &Connection,
     id: i64,

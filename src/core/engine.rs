@@ -1250,6 +1250,9 @@ impl Engine {
         }
         match self.build(group_id, &next) {
             Ok(Built::Ready(row)) => {
+                // Building commits with an fsync: no separate sync is needed for what came
+                // before it, such as queueing this very message.
+                self.became_durable();
                 self.transmit(&row);
                 Pumped::Sent
             }
@@ -1860,6 +1863,15 @@ impl Engine {
                 self.sync_failing = true;
                 self.error(format!("cannot make received messages durable: {error}"));
             }
+            return;
+        }
+        self.became_durable();
+    }
+
+    /// After an fsync'd commit: it also made every earlier commit durable (one WAL, written
+    /// in order), so nothing is left to sync and the held-back acknowledgements can go.
+    fn became_durable(&mut self) {
+        if self.unsynced_since.is_none() {
             return;
         }
         if self.sync_failing {
