@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -22,6 +22,8 @@ use crate::protocol::{DeliveryKind, GroupId, Seq, UserName};
 const WRITE_QUEUE: usize = 4096;
 /// The most writes one transaction commits together.
 const MAX_BATCH: usize = 512;
+/// Committed batches that may wait for the WAL's fsync before the writer waits for it too.
+const UNSYNCED_BATCHES: usize = 64;
 /// Reader connections open at once. More concurrent reads wait for one to come back instead of
 /// opening connections (and file descriptors, and blocking threads) without bound under load.
 const MAX_READERS: usize = 8;
@@ -215,7 +217,9 @@ fn epoch_after(epoch: i64, kind: i64) -> i64 {
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let connection = Connection::open(path).map_err(backend)?;
     // SECURITY/DURABILITY: WAL with synchronous=FULL fsyncs the WAL on every commit, so an
-    // acknowledged message survives power loss, not only a process crash.
+    // acknowledged message survives power loss, not only a process crash. The store's writer
+    // connection commits with NORMAL instead and fsyncs the WAL on its own thread before it
+    // answers (see `SqliteStore::open_with`).
     connection
         .execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -684,6 +688,8 @@ impl ReaderPool {
 #[derive(Clone)]
 pub struct SqliteStore {
     writes: mpsc::Sender<WriterMessage>,
+    /// How far commits are durable: reads wait for what they saw to be.
+    durability: Arc<Durability>,
     readers: Arc<ReaderPool>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -702,28 +708,52 @@ impl SqliteStore {
     /// writer thread. The thread ends at [`Store::close`], or when the last clone of the store
     /// is dropped.
     pub fn open(path: impl AsRef<Path>, limits: StoreLimits) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path.as_ref(), limits, WalLimits::default())
+        SqliteStore::open_with(path.as_ref(), limits, WalLimits::default(), None)
     }
 
     fn open_with(
         path: &Path,
         limits: StoreLimits,
         wal_limits: WalLimits,
+        wal_sync: Option<Box<dyn SyncWal>>,
     ) -> Result<SqliteStore, StoreError> {
         let path = path.to_path_buf();
         let connection = open_connection(&path)?;
         migrate(&connection)?;
+        let wal_sync = match wal_sync {
+            Some(sync) => sync,
+            // The name SQLite itself gives the WAL: its full name of the database (symbolic
+            // links resolved) with `-wal` appended.
+            None => match connection.path() {
+                Some(database) if !database.is_empty() => {
+                    Box::new(WalFile::new(PathBuf::from(format!("{database}-wal"))))
+                }
+                _ => {
+                    return Err(StoreError::Backend(
+                        "the store's database has no file name".into(),
+                    ));
+                }
+            },
+        };
         // Checkpoints run on their own thread (see `checkpointer_loop`), not inside the
         // writer's commits, where they would stall every append of the batch. The writer's
         // page cache holds a batch's pages with room to spare, and a general write's savepoint
         // journal stays in memory.
+        //
+        // SECURITY/DURABILITY: the writer commits with synchronous=NORMAL, which writes the
+        // WAL without an fsync, and the syncer thread fsyncs the WAL before any write of the
+        // batch is answered and before any reader returns what the batch wrote (see
+        // `Durability`). An acknowledged write is exactly as durable as with FULL; the fsync
+        // just no longer holds the write lock, so the next batch runs while it is under way.
         connection
             .execute_batch(&format!(
                 "PRAGMA wal_autocheckpoint = 0;
                  PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};
-                 PRAGMA temp_store = MEMORY;"
+                 PRAGMA temp_store = MEMORY;
+                 PRAGMA synchronous = NORMAL;"
             ))
             .map_err(backend)?;
+        let durability = Arc::new(Durability::default());
         let checkpointer = open_connection(&path)?;
         let writer = Writer {
             connection,
@@ -736,14 +766,35 @@ impl SqliteStore {
             }),
         };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        let (unsynced, to_sync) = std::sync::mpsc::sync_channel(UNSYNCED_BATCHES);
+        let syncer_durability = Arc::clone(&durability);
+        let syncer = std::thread::Builder::new()
+            .name("mlschat-ds-sqlite-sync".into())
+            .spawn(move || syncer_loop(wal_sync, &syncer_durability, to_sync))
+            .map_err(|error| {
+                StoreError::Backend(format!("cannot start the sync thread: {error}"))
+            })?;
+        let writer_durability = Arc::clone(&durability);
         let thread = std::thread::Builder::new()
             .name("mlschat-ds-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, checkpointer, queue))
+            .spawn(move || {
+                writer_loop(
+                    writer,
+                    checkpointer,
+                    queue,
+                    Syncer {
+                        durability: writer_durability,
+                        unsynced,
+                        thread: syncer,
+                    },
+                )
+            })
             .map_err(|error| {
                 StoreError::Backend(format!("cannot start the writer thread: {error}"))
             })?;
         Ok(SqliteStore {
             writes,
+            durability,
             readers: Arc::new(ReaderPool {
                 path,
                 permits: Arc::new(Semaphore::new(MAX_READERS)),
@@ -813,11 +864,17 @@ impl SqliteStore {
             .acquire_owned()
             .await
             .map_err(|_| StoreError::Backend("the store is closed".into()))?;
+        let durability = Arc::clone(&self.durability);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let connection = readers.take()?;
             let result = operation(&connection);
             readers.put_back(connection);
+            // The read may have seen a batch that is committed but not yet fsync'd: answer
+            // only once it is durable, so that nothing read can be lost to a power failure
+            // (a message delivered from here and then lost would let its seq be reused).
+            // The number is read after the read: any batch it saw had begun committing.
+            durability.wait_until_synced(durability.committing.load(Ordering::SeqCst))?;
             result
         })
         .await
@@ -829,6 +886,7 @@ fn writer_loop(
     mut writer: Writer,
     checkpointer: Connection,
     mut queue: mpsc::Receiver<WriterMessage>,
+    syncer: Syncer,
 ) {
     let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
     let wal = Arc::clone(&writer.wal);
@@ -863,15 +921,45 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
+        if let Some(failure) = syncer.durability.failure() {
+            // Nothing can be made durable any more (see `syncer_loop`): write nothing.
+            for job in batch {
+                job.finish(Err(failure.clone()));
+            }
+            continue;
+        }
+        // Before the commit can make anything visible to readers (see `SqliteStore::read`).
+        let number = syncer.durability.committing.fetch_add(1, Ordering::SeqCst) + 1;
         let commit = run_batch(&mut writer, &mut batch);
         if commit.is_err() {
             // The cache may hold changes of the rolled-back batch.
             writer.groups.clear();
         }
-        for job in batch {
-            job.finish(commit.clone());
+        // Answered by the syncer, once the WAL is fsync'd (a failed batch waits its turn too,
+        // so that batches are answered in order).
+        let unsynced = UnsyncedBatch {
+            number,
+            jobs: batch,
+            commit,
+        };
+        if let Err(std::sync::mpsc::SendError(unsynced)) = syncer.unsynced.send(unsynced) {
+            let failure = StoreError::Backend("the store's sync thread stopped".into());
+            syncer.durability.fail(failure.clone());
+            for job in unsynced.jobs {
+                job.finish(Err(failure.clone()));
+            }
         }
         writer.finish_checkpoint();
+    }
+    // Every committed batch is answered (and durable) before the final checkpoint.
+    let Syncer {
+        durability: _,
+        unsynced,
+        thread: syncer_thread,
+    } = syncer;
+    drop(unsynced);
+    if syncer_thread.join().is_err() {
+        tracing::error!("the store's sync thread panicked");
     }
     // Writes submitted after `close` are refused; none is left waiting for an answer.
     queue.close();
@@ -899,7 +987,7 @@ fn writer_loop(
     drop(writer);
 }
 
-/// Runs a batch in one transaction and commits it: `Ok` once it is durable.
+/// Runs a batch in one transaction and commits it (without an fsync: see `syncer_loop`).
 fn run_batch(writer: &mut Writer, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
     if let Err(error) = writer.connection.execute_batch("BEGIN IMMEDIATE") {
         tracing::error!(%error, "store cannot begin a transaction");
@@ -939,6 +1027,157 @@ fn run_batch(writer: &mut Writer, batch: &mut [Box<dyn WriteJob>]) -> Result<(),
         let _ = writer.connection.execute_batch("ROLLBACK");
     }
     Err(failed)
+}
+
+/// Makes what was written to the WAL durable. A trait so that tests can hold a sync back or
+/// make it fail.
+trait SyncWal: Send {
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+/// The WAL file, opened at the first sync (the writer's first commit has created it by then)
+/// and kept open: the store's own connections keep SQLite from deleting it while the store is
+/// open, and an fsync through any descriptor of the file covers every write to it.
+struct WalFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl WalFile {
+    fn new(path: PathBuf) -> WalFile {
+        WalFile { path, file: None }
+    }
+}
+
+impl SyncWal for WalFile {
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(std::fs::File::open(&self.path)?);
+        }
+        match &self.file {
+            // fdatasync, as SQLite's own syncs on Linux: it covers the file's new size too.
+            Some(file) => file.sync_data(),
+            None => Err(std::io::Error::other("the WAL file is not open")),
+        }
+    }
+}
+
+/// How far the store's batches are durable. Batches are numbered in commit order; the writer
+/// takes a number before a batch commits and the syncer marks it synced once an fsync that
+/// began after the commit returned.
+#[derive(Default)]
+struct Durability {
+    /// The last batch number taken (its commit may be under way).
+    committing: AtomicU64,
+    /// The last batch number known durable.
+    synced: AtomicU64,
+    /// Set once an fsync failed: the store then writes nothing and answers no read that could
+    /// see a write that was not made durable.
+    failed: Mutex<Option<StoreError>>,
+    changed: Condvar,
+}
+
+impl Durability {
+    fn mark_synced(&self, number: u64) {
+        let guard = self.failed.lock();
+        self.synced.fetch_max(number, Ordering::SeqCst);
+        drop(guard);
+        self.changed.notify_all();
+    }
+
+    fn fail(&self, error: StoreError) {
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.get_or_insert(error);
+        }
+        self.changed.notify_all();
+    }
+
+    fn failure(&self) -> Option<StoreError> {
+        match self.failed.lock() {
+            Ok(failed) => failed.clone(),
+            Err(_) => Some(StoreError::Backend(
+                "the store's durability state is lost".into(),
+            )),
+        }
+    }
+
+    /// Blocks until batch `number` is durable (at once if it is already).
+    fn wait_until_synced(&self, number: u64) -> Result<(), StoreError> {
+        if self.synced.load(Ordering::SeqCst) >= number {
+            return Ok(());
+        }
+        let lost = || StoreError::Backend("the store's durability state is lost".into());
+        let mut failed = self.failed.lock().map_err(|_| lost())?;
+        loop {
+            if self.synced.load(Ordering::SeqCst) >= number {
+                return Ok(());
+            }
+            if let Some(error) = failed.as_ref() {
+                return Err(error.clone());
+            }
+            failed = self.changed.wait(failed).map_err(|_| lost())?;
+        }
+    }
+}
+
+/// A committed (or failed) batch waiting for the WAL's fsync before its writes are answered.
+struct UnsyncedBatch {
+    number: u64,
+    jobs: Vec<Box<dyn WriteJob>>,
+    commit: Result<(), StoreError>,
+}
+
+/// The writer's end of the sync thread.
+struct Syncer {
+    durability: Arc<Durability>,
+    unsynced: std::sync::mpsc::SyncSender<UnsyncedBatch>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Answers committed batches once the WAL is fsync'd: one fsync covers every batch committed
+/// before it began, so while one runs the writer commits the next batches (group commit of the
+/// fsync itself). If an fsync fails, nothing written since the last good one can be trusted to
+/// be on disk, and SQLite already shows it to readers: the store fails every write from then
+/// on and the DS must be restarted (SQLite's recovery then keeps what reached the disk).
+fn syncer_loop(
+    mut wal: Box<dyn SyncWal>,
+    durability: &Durability,
+    batches: std::sync::mpsc::Receiver<UnsyncedBatch>,
+) {
+    while let Ok(first) = batches.recv() {
+        let mut pending = vec![first];
+        pending.extend(batches.try_iter());
+        let last = pending.last().map_or(0, |batch| batch.number);
+        let synced = match durability.failure() {
+            Some(failure) => Err(failure),
+            None if pending.iter().any(|batch| batch.commit.is_ok()) => {
+                wal.sync().map_err(|error| {
+                    tracing::error!(
+                        %error,
+                        "cannot fsync the store's WAL: refusing all writes; restart the DS"
+                    );
+                    let failure = StoreError::Backend(format!(
+                        "the store cannot make writes durable (fsync failed: {error})"
+                    ));
+                    durability.fail(failure.clone());
+                    failure
+                })
+            }
+            None => Ok(()),
+        };
+        if synced.is_ok() {
+            durability.mark_synced(last);
+        }
+        for batch in pending {
+            let outcome = match &synced {
+                Ok(()) => batch.commit,
+                Err(error) => Err(error.clone()),
+            };
+            for job in batch.jobs {
+                job.finish(outcome.clone());
+            }
+        }
+    }
 }
 
 /// Copies the WAL into the database file from its own connection while the writer goes on
@@ -1874,6 +2113,210 @@ fn purge_delivered_chunk(
 mod tests {
     use super::*;
 
+    /// A WAL sync the test holds back, or makes fail, and counts.
+    #[derive(Clone, Default)]
+    struct GatedSync {
+        state: Arc<(Mutex<GateState>, Condvar)>,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        held: bool,
+        failing: bool,
+        syncs: usize,
+    }
+
+    impl GatedSync {
+        fn set(&self, change: impl FnOnce(&mut GateState)) {
+            let (state, changed) = &*self.state;
+            change(&mut state.lock().expect("gate"));
+            changed.notify_all();
+        }
+
+        fn syncs(&self) -> usize {
+            self.state.0.lock().expect("gate").syncs
+        }
+    }
+
+    impl SyncWal for GatedSync {
+        fn sync(&mut self) -> std::io::Result<()> {
+            let (state, changed) = &*self.state;
+            let mut state = state.lock().expect("gate");
+            while state.held {
+                state = changed.wait(state).expect("gate");
+            }
+            state.syncs += 1;
+            if state.failing {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            Ok(())
+        }
+    }
+
+    fn gated_store(path: &Path) -> (SqliteStore, GatedSync) {
+        let gate = GatedSync::default();
+        let store = SqliteStore::open_with(
+            path,
+            StoreLimits::default(),
+            WalLimits::default(),
+            Some(Box::new(gate.clone())),
+        )
+        .expect("open");
+        (store, gate)
+    }
+
+    fn text_message(group_id: &GroupId, sender: &UserName, n: u8) -> AppendRequest {
+        AppendRequest {
+            group_id: group_id.clone(),
+            sender: sender.clone(),
+            client_message_id: [n; 16],
+            epoch: 0,
+            kind: DeliveryKind::Application,
+            payload: vec![n; 8],
+            membership: None,
+        }
+    }
+
+    /// Nothing a batch wrote is answered, to its writer or to a reader, before the WAL is
+    /// fsync'd: the writer commits without an fsync of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_answered_or_read_before_the_wal_is_synced() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (store, gate) = gated_store(&dir.path().join("ds.sqlite3"));
+        let alice = UserName::new("alice").expect("name");
+        let group_id = GroupId::new(b"gated".to_vec()).expect("group id");
+        store.create_group(&group_id, &alice).await.expect("create");
+        let synced_before = gate.syncs();
+        assert!(synced_before >= 1, "creating the group synced the WAL");
+
+        gate.set(|state| state.held = true);
+        let appending = {
+            let store = store.clone();
+            let request = text_message(&group_id, &alice, 1);
+            tokio::spawn(async move { store.append(request).await })
+        };
+        // Wait until the batch is committed (SQLite shows it to readers) but not synced.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.durability.committing.load(Ordering::SeqCst)
+            <= store.durability.synced.load(Ordering::SeqCst)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append never committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let fetching = {
+            let store = store.clone();
+            let (alice, group_id) = (alice.clone(), group_id.clone());
+            tokio::spawn(async move { store.fetch(&alice, &group_id, 0, 10).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !appending.is_finished(),
+            "the append was answered before the fsync"
+        );
+        assert!(!fetching.is_finished(), "a read returned before the fsync");
+
+        gate.set(|state| state.held = false);
+        let appended = appending.await.expect("task").expect("append");
+        assert_eq!(appended.seq, 1);
+        let page = fetching.await.expect("task").expect("fetch");
+        assert_eq!(
+            page.deliveries.len(),
+            1,
+            "the fetch saw the committed message"
+        );
+        assert!(gate.syncs() > synced_before);
+        store.close().await;
+    }
+
+    /// The syncer fsyncs the WAL SQLite writes, also when the store is opened through a
+    /// symbolic link (SQLite names the WAL after the link's target).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_opened_through_a_symbolic_link_syncs_its_wal() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let target = dir.path().join("data").join("ds.sqlite3");
+        std::fs::create_dir(dir.path().join("data")).expect("data directory");
+        let link = dir.path().join("link.sqlite3");
+        std::os::unix::fs::symlink(&target, &link).expect("symbolic link");
+        // Created through the target first, as an operator would before linking to it.
+        SqliteStore::open(&target, StoreLimits::default())
+            .expect("create")
+            .close()
+            .await;
+        let store = SqliteStore::open(&link, StoreLimits::default()).expect("open the link");
+        let alice = UserName::new("alice").expect("name");
+        let group_id = GroupId::new(b"linked".to_vec()).expect("group id");
+        store.create_group(&group_id, &alice).await.expect("create");
+        let appended = store
+            .append(text_message(&group_id, &alice, 1))
+            .await
+            .expect("append through the link");
+        assert_eq!(appended.seq, 1);
+        store.close().await;
+    }
+
+    /// After a failed fsync the store cannot tell what reached the disk: the writes of the
+    /// batch fail, every later write fails, and a read that could see them fails instead of
+    /// returning them or hanging. Reopening (as a restarted DS does) recovers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fsync_fails_the_batch_and_every_later_write() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("ds.sqlite3");
+        let (store, gate) = gated_store(&path);
+        let alice = UserName::new("alice").expect("name");
+        let group_id = GroupId::new(b"failing".to_vec()).expect("group id");
+        store.create_group(&group_id, &alice).await.expect("create");
+        store
+            .append(text_message(&group_id, &alice, 1))
+            .await
+            .expect("append before the failure");
+
+        gate.set(|state| state.failing = true);
+        let failed = store.append(text_message(&group_id, &alice, 2)).await;
+        assert!(
+            matches!(&failed, Err(StoreError::Backend(why)) if why.contains("fsync failed")),
+            "{failed:?}"
+        );
+        gate.set(|state| state.failing = false);
+        let later = store.append(text_message(&group_id, &alice, 3)).await;
+        assert!(
+            later.is_err(),
+            "a write after a failed fsync was accepted: {later:?}"
+        );
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.fetch(&alice, &group_id, 0, 10),
+        )
+        .await
+        .expect("the read did not hang");
+        assert!(
+            read.is_err(),
+            "a read that may see unsynced writes answered: {read:?}"
+        );
+        store.close().await;
+
+        let reopened = SqliteStore::open(&path, StoreLimits::default()).expect("reopen");
+        let page = reopened
+            .fetch(&alice, &group_id, 0, 10)
+            .await
+            .expect("fetch after reopening");
+        assert!(
+            !page.deliveries.is_empty(),
+            "the message synced before the failure is kept"
+        );
+        let retried = reopened
+            .append(text_message(&group_id, &alice, 3))
+            .await
+            .expect("writes work again after reopening");
+        assert!(
+            !retried.duplicate,
+            "the write refused after the failure was stored anyway"
+        );
+        reopened.close().await;
+    }
+
     /// A purge larger than one job (more messages than [`PURGE_CHUNK_MESSAGES`] in one group,
     /// more groups than [`PURGE_CHUNK_GROUPS`]) still deletes everything delivered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2026,7 +2469,7 @@ mod tests {
             busy_interval: std::time::Duration::from_millis(5),
             idle_interval: std::time::Duration::from_millis(5),
         };
-        let store = SqliteStore::open_with(&path, limits, wal_limits).expect("open");
+        let store = SqliteStore::open_with(&path, limits, wal_limits, None).expect("open");
         let alice = UserName::new("alice").expect("name");
         let group_id = GroupId::new(b"walgroup".to_vec()).expect("group id");
         store.create_group(&group_id, &alice).await.expect("create");
