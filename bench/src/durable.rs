@@ -1,10 +1,10 @@
 //! Figure 5: durable appends per second, each acknowledged only after it is committed, and the
 //! latency that adds, in two shapes with 100 appends in flight: one group (one publisher
 //! pipelining, as a JetStream publisher on one stream) and 100 groups (100 senders, one append
-//! in flight each). mlschat: the DS's `SqliteStore::append` (WAL, synchronous=FULL, group commit
-//! across concurrent writers). Peers: raw SQLite inserts of the same rows, 100 per transaction,
-//! same pragmas; NATS JetStream publishes with 100 acks outstanding on as many file-backed
-//! streams as there are groups.
+//! in flight each). mlschat: the DS's `SqliteStore::append` (WAL mode, group commit across
+//! concurrent writers, the WAL fsync'd before every acknowledgement). Peers: raw SQLite inserts
+//! of the same rows, 100 per transaction, synchronous=FULL; NATS JetStream publishes with 100
+//! acks outstanding on as many file-backed streams as there are groups.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -289,7 +289,7 @@ pub async fn figure(settings: &Settings, failures: &Failures) -> Vec<Row> {
                 row = row.target(words, 1.0, true);
             }
             rows.push(row.note(format!(
-                "{appends} appends x {} rounds, synchronous=FULL",
+                "{appends} appends x {} rounds; WAL fsync'd before each ack (mlschat), synchronous=FULL (raw SQLite)",
                 settings.rounds
             )));
             for (metric, p) in [

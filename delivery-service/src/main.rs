@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use mlschat_ds::config::{ConfigFile, Limits};
-use mlschat_ds::store::{DatabaseUrl, PostgresOptions, PostgresStore, SqliteStore, Store};
+use mlschat_ds::store::{
+    DatabaseUrl, PostgresOptions, PostgresStore, SqliteStore, Store, StoreError,
+};
 use mlschat_ds::tls::{self, ServerIdentity};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -138,7 +140,8 @@ async fn main() -> Result<()> {
         DatabaseUrl::Sqlite(path) => {
             let store = SqliteStore::open(&path, server.limits.store_limits())
                 .with_context(|| format!("cannot open the database {}", path.display()))?;
-            server.run(store, "sqlite").await
+            let failed = store.failed();
+            server.run(store, "sqlite", failed).await
         }
         DatabaseUrl::Postgres(ref url) => {
             let store = PostgresStore::connect(
@@ -148,7 +151,9 @@ async fn main() -> Result<()> {
             )
             .await
             .with_context(|| format!("cannot open the database {database}"))?;
-            server.run(store, "postgres").await
+            server
+                .run(store, "postgres", std::future::pending::<StoreError>())
+                .await
         }
     }
 }
@@ -162,7 +167,15 @@ struct Server {
 }
 
 impl Server {
-    async fn run<S: Store>(self, store: S, backend: &str) -> Result<()> {
+    /// Serves until a shutdown signal, or until `store_failed` resolves: a store that can no
+    /// longer make writes durable stops the DS with an error, so that a supervisor restarts
+    /// it (the store recovers what reached the disk when it is opened again).
+    async fn run<S: Store>(
+        self,
+        store: S,
+        backend: &str,
+        store_failed: impl std::future::Future<Output = StoreError> + Send + 'static,
+    ) -> Result<()> {
         let fingerprint = self.identity.fingerprint();
         let endpoint = tls::bind_endpoint(
             self.listen,
@@ -170,13 +183,28 @@ impl Server {
             self.limits.udp_buffer_bytes,
         )?;
         let address = endpoint.local_addr()?;
-        let shutdown = shutdown_signal();
+        let signal = shutdown_signal();
+        let (failure_sender, mut failure) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
+            tokio::select! {
+                () = signal => {}
+                error = store_failed => {
+                    tracing::error!(%error, "the store failed; stopping");
+                    let _ = failure_sender.send(error);
+                }
+            }
+        };
         println!("mlschat-ds listening on {address}");
         println!("database: {backend}");
         println!("certificate SHA-256: {fingerprint}");
         println!("data directory: {}", self.data_dir.display());
         tracing::info!(%address, %fingerprint, backend, "listening");
         mlschat_ds::run(endpoint, store, self.limits, shutdown).await;
-        Ok(())
+        match failure.try_recv() {
+            Ok(error) => Err(anyhow::anyhow!(
+                "stopped because the store failed (restart to recover): {error}"
+            )),
+            Err(_) => Ok(()),
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -720,21 +720,21 @@ impl SqliteStore {
         let path = path.to_path_buf();
         let connection = open_connection(&path)?;
         migrate(&connection)?;
-        let wal_sync = match wal_sync {
+        let mut wal_sync = match wal_sync {
             Some(sync) => sync,
-            // The name SQLite itself gives the WAL: its full name of the database (symbolic
-            // links resolved) with `-wal` appended.
-            None => match connection.path() {
-                Some(database) if !database.is_empty() => {
-                    Box::new(WalFile::new(PathBuf::from(format!("{database}-wal"))))
-                }
-                _ => {
-                    return Err(StoreError::Backend(
-                        "the store's database has no file name".into(),
-                    ));
-                }
-            },
+            None => {
+                let wal = wal_file_path(&connection, &path)?;
+                let file = WalFile::open(&wal).map_err(|error| {
+                    StoreError::Backend(format!("cannot open the WAL {}: {error}", wal.display()))
+                })?;
+                Box::new(file) as Box<dyn SyncWal>
+            }
         };
+        // The WAL may hold batches a killed DS committed but never synced; SQLite's recovery
+        // has just made them visible. Sync them before anything can be read or delivered.
+        wal_sync.sync().map_err(|error| {
+            StoreError::Backend(format!("cannot fsync the WAL at start: {error}"))
+        })?;
         // Checkpoints run on their own thread (see `checkpointer_loop`), not inside the
         // writer's commits, where they would stall every append of the batch. The writer's
         // page cache holds a batch's pages with room to spare, and a general write's savepoint
@@ -807,6 +807,26 @@ impl SqliteStore {
         })
     }
 
+    /// Resolves once the store has failed for good: an fsync of its WAL failed, or one of its
+    /// threads died. It then refuses every write and every read that could see an unsynced
+    /// one, so the process should stop and be restarted (SQLite's recovery decides at the
+    /// next open what reached the disk).
+    pub fn failed(&self) -> impl std::future::Future<Output = StoreError> + Send + 'static {
+        let durability = Arc::clone(&self.durability);
+        async move {
+            let mut changes = durability.synced.subscribe();
+            loop {
+                if let Some(failure) = durability.failure() {
+                    return failure;
+                }
+                if changes.changed().await.is_err() {
+                    // Cannot happen: `durability` owns the sender.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// Queues a write for the writer thread, which runs queued writes in order.
     async fn enqueue(&self, job: Box<dyn WriteJob>) -> Result<(), StoreError> {
         self.writes
@@ -865,20 +885,22 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Backend("the store is closed".into()))?;
         let durability = Arc::clone(&self.durability);
-        tokio::task::spawn_blocking(move || {
+        let (result, seen) = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let connection = readers.take()?;
             let result = operation(&connection);
             readers.put_back(connection);
-            // The read may have seen a batch that is committed but not yet fsync'd: answer
-            // only once it is durable, so that nothing read can be lost to a power failure
-            // (a message delivered from here and then lost would let its seq be reused).
-            // The number is read after the read: any batch it saw had begun committing.
-            durability.wait_until_synced(durability.committing.load(Ordering::SeqCst))?;
-            result
+            // Taken after the read: any batch the read saw had taken its number before.
+            Ok::<_, StoreError>((result, durability.committing.load(Ordering::SeqCst)))
         })
         .await
-        .map_err(|error| StoreError::Backend(format!("reader task failed: {error}")))?
+        .map_err(|error| StoreError::Backend(format!("reader task failed: {error}")))??;
+        // The read may have seen a batch that is committed but not yet fsync'd: answer only
+        // once it is durable, so that nothing read can be lost to a power failure (a message
+        // delivered from here and then lost would let its seq be reused). The connection and
+        // the permit are already back for the next read.
+        self.durability.wait_until_synced(seen).await?;
+        result
     }
 }
 
@@ -888,11 +910,17 @@ fn writer_loop(
     mut queue: mpsc::Receiver<WriterMessage>,
     syncer: Syncer,
 ) {
+    let durability = Arc::clone(&syncer.durability);
+    let _fail_on_panic = FailOnPanic {
+        durability: &durability,
+        thread: "writer",
+    };
     let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
     let wal = Arc::clone(&writer.wal);
+    let checkpoint_durability = Arc::clone(&durability);
     let checkpoints = std::thread::Builder::new()
         .name("mlschat-ds-ckpt".into())
-        .spawn(move || checkpointer_loop(checkpointer, &wal, stopped));
+        .spawn(move || checkpointer_loop(checkpointer, &wal, &checkpoint_durability, stopped));
     if let Err(error) = &checkpoints {
         // Without it the WAL would grow without bound: fall back to SQLite's own checkpoints.
         tracing::error!(%error, "cannot start the checkpoint thread; checkpointing on the writer");
@@ -949,7 +977,9 @@ fn writer_loop(
                 job.finish(Err(failure.clone()));
             }
         }
-        writer.finish_checkpoint();
+        if syncer.durability.failure().is_none() {
+            writer.finish_checkpoint();
+        }
     }
     // Every committed batch is answered (and durable) before the final checkpoint.
     let Syncer {
@@ -974,7 +1004,10 @@ fn writer_loop(
     {
         tracing::error!("the checkpoint thread panicked");
     }
-    if closing {
+    // After a failure the WAL may index frames that never reached the disk: copying them
+    // into the database file could make it inconsistent. SQLite's recovery at the next open
+    // checks every frame's checksum and keeps only what is on disk.
+    if closing && durability.failure().is_none() {
         // Move the WAL's contents into the database file, so that a closed store is one file
         // that a plain copy or another process can read. Best effort: the WAL is durable too.
         if let Err(error) = writer
@@ -1029,67 +1062,99 @@ fn run_batch(writer: &mut Writer, batch: &mut [Box<dyn WriteJob>]) -> Result<(),
     Err(failed)
 }
 
+/// The WAL file SQLite writes for the connection's database: SQLite's own full name of the
+/// database (symbolic links resolved) with `-wal` appended; for a name that is not UTF-8, the
+/// canonical path, which SQLite resolves the same way.
+fn wal_file_path(connection: &Connection, path: &Path) -> Result<PathBuf, StoreError> {
+    match connection.path() {
+        Some(database) if !database.is_empty() => Ok(PathBuf::from(format!("{database}-wal"))),
+        Some(_) => Err(StoreError::Backend(
+            "the store's database has no file name".into(),
+        )),
+        None => {
+            let mut name = std::fs::canonicalize(path)
+                .map_err(|error| {
+                    StoreError::Backend(format!("cannot resolve {}: {error}", path.display()))
+                })?
+                .into_os_string();
+            name.push("-wal");
+            Ok(PathBuf::from(name))
+        }
+    }
+}
+
 /// Makes what was written to the WAL durable. A trait so that tests can hold a sync back or
 /// make it fail.
 trait SyncWal: Send {
     fn sync(&mut self) -> std::io::Result<()>;
 }
 
-/// The WAL file, opened at the first sync (the writer's first commit has created it by then)
-/// and kept open: the store's own connections keep SQLite from deleting it while the store is
-/// open, and an fsync through any descriptor of the file covers every write to it.
+/// The WAL file, opened when the store opens and kept open: the store's own connections keep
+/// SQLite from deleting it while the store is open (it deletes the WAL only when the last
+/// connection closes), and an fsync through any descriptor of the file covers every write to
+/// it.
 struct WalFile {
-    path: PathBuf,
-    file: Option<std::fs::File>,
+    file: std::fs::File,
 }
 
 impl WalFile {
-    fn new(path: PathBuf) -> WalFile {
-        WalFile { path, file: None }
+    fn open(path: &Path) -> std::io::Result<WalFile> {
+        // Writable: some platforms flush only files opened for writing.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(WalFile { file })
     }
 }
 
 impl SyncWal for WalFile {
     fn sync(&mut self) -> std::io::Result<()> {
-        if self.file.is_none() {
-            self.file = Some(std::fs::File::open(&self.path)?);
-        }
-        match &self.file {
-            // fdatasync, as SQLite's own syncs on Linux: it covers the file's new size too.
-            Some(file) => file.sync_data(),
-            None => Err(std::io::Error::other("the WAL file is not open")),
-        }
+        // fdatasync: it covers the data and the file's new size, which is all the WAL needs.
+        self.file.sync_data()
     }
 }
 
 /// How far the store's batches are durable. Batches are numbered in commit order; the writer
-/// takes a number before a batch commits and the syncer marks it synced once an fsync that
-/// began after the commit returned.
-#[derive(Default)]
+/// takes a number before a batch begins and the syncer marks it synced once an fsync that
+/// began after its commit returned. Only this store's writer writes to the file (run one DS
+/// per database), so a read never sees a batch this does not number.
 struct Durability {
     /// The last batch number taken (its commit may be under way).
     committing: AtomicU64,
-    /// The last batch number known durable.
-    synced: AtomicU64,
-    /// Set once an fsync failed: the store then writes nothing and answers no read that could
-    /// see a write that was not made durable.
+    /// The last batch number known durable; also woken when the store fails.
+    synced: tokio::sync::watch::Sender<u64>,
+    /// Set once an fsync failed, or a store thread died: the store then writes nothing,
+    /// checkpoints nothing, and answers no read that could see a write that was not made
+    /// durable.
     failed: Mutex<Option<StoreError>>,
-    changed: Condvar,
+}
+
+impl Default for Durability {
+    fn default() -> Durability {
+        Durability {
+            committing: AtomicU64::new(0),
+            synced: tokio::sync::watch::Sender::new(0),
+            failed: Mutex::new(None),
+        }
+    }
 }
 
 impl Durability {
     fn mark_synced(&self, number: u64) {
-        let guard = self.failed.lock();
-        self.synced.fetch_max(number, Ordering::SeqCst);
-        drop(guard);
-        self.changed.notify_all();
+        self.synced.send_if_modified(|synced| {
+            let advanced = number > *synced;
+            *synced = (*synced).max(number);
+            advanced
+        });
     }
 
     fn fail(&self, error: StoreError) {
         if let Ok(mut failed) = self.failed.lock() {
             failed.get_or_insert(error);
         }
-        self.changed.notify_all();
+        // Wakes the readers waiting for a sync, which now never comes.
+        self.synced.send_modify(|_| {});
     }
 
     fn failure(&self) -> Option<StoreError> {
@@ -1101,21 +1166,42 @@ impl Durability {
         }
     }
 
-    /// Blocks until batch `number` is durable (at once if it is already).
-    fn wait_until_synced(&self, number: u64) -> Result<(), StoreError> {
-        if self.synced.load(Ordering::SeqCst) >= number {
-            return Ok(());
-        }
-        let lost = || StoreError::Backend("the store's durability state is lost".into());
-        let mut failed = self.failed.lock().map_err(|_| lost())?;
+    /// Waits until batch `number` is durable (at once if it is already), or the store failed.
+    async fn wait_until_synced(&self, number: u64) -> Result<(), StoreError> {
+        let mut synced = self.synced.subscribe();
         loop {
-            if self.synced.load(Ordering::SeqCst) >= number {
+            if *synced.borrow_and_update() >= number {
                 return Ok(());
             }
-            if let Some(error) = failed.as_ref() {
-                return Err(error.clone());
+            if let Some(error) = self.failure() {
+                return Err(error);
             }
-            failed = self.changed.wait(failed).map_err(|_| lost())?;
+            // The sender lives as long as `self`, so this cannot end in an error.
+            if synced.changed().await.is_err() {
+                return Err(StoreError::Backend("the store is closed".into()));
+            }
+        }
+    }
+}
+
+/// Fails the store if the thread that holds it unwinds (a bug): its batches would otherwise
+/// never be synced, and reads would wait for them forever.
+struct FailOnPanic<'a> {
+    durability: &'a Durability,
+    thread: &'static str,
+}
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                thread = self.thread,
+                "a store thread panicked; restart the DS"
+            );
+            self.durability.fail(StoreError::Backend(format!(
+                "the store's {} thread panicked",
+                self.thread
+            )));
         }
     }
 }
@@ -1137,13 +1223,19 @@ struct Syncer {
 /// Answers committed batches once the WAL is fsync'd: one fsync covers every batch committed
 /// before it began, so while one runs the writer commits the next batches (group commit of the
 /// fsync itself). If an fsync fails, nothing written since the last good one can be trusted to
-/// be on disk, and SQLite already shows it to readers: the store fails every write from then
-/// on and the DS must be restarted (SQLite's recovery then keeps what reached the disk).
+/// be on disk, yet SQLite already shows it to readers: the store then fails every write and
+/// every read that could see it, stops checkpointing (which would copy such frames into the
+/// database file), and [`SqliteStore::failed`] resolves so that the DS can stop. At the next
+/// open SQLite's recovery checks each frame's checksum and keeps what is on disk.
 fn syncer_loop(
     mut wal: Box<dyn SyncWal>,
     durability: &Durability,
     batches: std::sync::mpsc::Receiver<UnsyncedBatch>,
 ) {
+    let _fail_on_panic = FailOnPanic {
+        durability,
+        thread: "sync",
+    };
     while let Ok(first) = batches.recv() {
         let mut pending = vec![first];
         pending.extend(batches.try_iter());
@@ -1188,17 +1280,32 @@ fn syncer_loop(
 /// [`WAL_SOFT_LIMIT_PAGES`], the checkpointer repeats passes (each copies what came in during
 /// the last) until little is left, and then asks the writer to copy that tail itself between
 /// two batches ([`Writer::finish_checkpoint`]).
-fn checkpointer_loop(connection: Connection, wal: &WalState, stop: std::sync::mpsc::Receiver<()>) {
+fn checkpointer_loop(
+    connection: Connection,
+    wal: &WalState,
+    durability: &Durability,
+    stop: std::sync::mpsc::Receiver<()>,
+) {
+    // After a failed fsync the WAL may index frames that never reached the disk; copying
+    // them into the database file could corrupt it, so checkpoints stop (see `syncer_loop`).
     let checkpoint = || {
-        connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-            row.get::<_, i64>(1)
-        })
+        if let Some(failure) = durability.failure() {
+            return Err(failure);
+        }
+        connection
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                row.get::<_, i64>(1)
+            })
+            .map_err(backend)
     };
     let limits = wal.limits;
     let mut wait = limits.idle_interval;
     let mut last_log = 0;
     // Nothing is ever sent: the writer drops its end to stop this thread.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
+        if durability.failure().is_some() {
+            return;
+        }
         let mut log = match checkpoint() {
             Ok(log) => log,
             Err(error) => {
@@ -2112,6 +2219,7 @@ fn purge_delivered_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Condvar;
 
     /// A WAL sync the test holds back, or makes fail, and counts.
     #[derive(Clone, Default)]
@@ -2195,17 +2303,23 @@ mod tests {
             let request = text_message(&group_id, &alice, 1);
             tokio::spawn(async move { store.append(request).await })
         };
-        // Wait until the batch is committed (SQLite shows it to readers) but not synced.
+        // Wait until the batch is committed: another connection sees the row.
+        let observer = open_connection(&dir.path().join("ds.sqlite3")).expect("observer");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while store.durability.committing.load(Ordering::SeqCst)
-            <= store.durability.synced.load(Ordering::SeqCst)
-        {
+        loop {
+            let rows: i64 = observer
+                .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
+                .expect("count");
+            if rows == 1 {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "the append never committed"
             );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        drop(observer);
         let fetching = {
             let store = store.clone();
             let (alice, group_id) = (alice.clone(), group_id.clone());
@@ -2233,6 +2347,7 @@ mod tests {
 
     /// The syncer fsyncs the WAL SQLite writes, also when the store is opened through a
     /// symbolic link (SQLite names the WAL after the link's target).
+    #[cfg(unix)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_opened_through_a_symbolic_link_syncs_its_wal() {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -2255,6 +2370,40 @@ mod tests {
             .expect("append through the link");
         assert_eq!(appended.seq, 1);
         store.close().await;
+    }
+
+    /// A store thread that dies (a bug) fails the store instead of leaving reads waiting
+    /// forever for a sync of its batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_write_fails_the_store_instead_of_hanging_reads() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("ds.sqlite3");
+        let store = SqliteStore::open(&path, StoreLimits::default()).expect("open");
+        let alice = UserName::new("alice").expect("name");
+        let group_id = GroupId::new(b"panics".to_vec()).expect("group id");
+        store.create_group(&group_id, &alice).await.expect("create");
+        let panicked = store
+            .write(false, |connection, _| -> Result<(), StoreError> {
+                connection
+                    .execute("UPDATE groups SET epoch = 7", [])
+                    .map_err(backend)?;
+                panic!("a bug in a write job (expected by this test)");
+            })
+            .await;
+        assert!(panicked.is_err(), "{panicked:?}");
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.fetch(&alice, &group_id, 0, 10),
+        )
+        .await
+        .expect("the read did not hang");
+        assert!(read.is_err(), "{read:?}");
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.failed())
+            .await
+            .expect("the store reports its failure");
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.close())
+            .await
+            .expect("close does not hang");
     }
 
     /// After a failed fsync the store cannot tell what reached the disk: the writes of the
@@ -2295,6 +2444,10 @@ mod tests {
             read.is_err(),
             "a read that may see unsynced writes answered: {read:?}"
         );
+        let failure = tokio::time::timeout(std::time::Duration::from_secs(10), store.failed())
+            .await
+            .expect("the store reports its failure");
+        assert!(matches!(&failure, StoreError::Backend(why) if why.contains("fsync failed")));
         store.close().await;
 
         let reopened = SqliteStore::open(&path, StoreLimits::default()).expect("reopen");
