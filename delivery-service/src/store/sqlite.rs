@@ -782,8 +782,8 @@ impl SqliteStore {
                     writer,
                     checkpointer,
                     queue,
+                    writer_durability,
                     Syncer {
-                        durability: writer_durability,
                         unsynced,
                         thread: syncer,
                     },
@@ -908,9 +908,9 @@ fn writer_loop(
     mut writer: Writer,
     checkpointer: Connection,
     mut queue: mpsc::Receiver<WriterMessage>,
+    durability: Arc<Durability>,
     syncer: Syncer,
 ) {
-    let durability = Arc::clone(&syncer.durability);
     let _fail_on_panic = FailOnPanic {
         durability: &durability,
         thread: "writer",
@@ -949,7 +949,7 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        if let Some(failure) = syncer.durability.failure() {
+        if let Some(failure) = durability.failure() {
             // Nothing can be made durable any more (see `syncer_loop`): write nothing.
             for job in batch {
                 job.finish(Err(failure.clone()));
@@ -957,7 +957,7 @@ fn writer_loop(
             continue;
         }
         // Before the commit can make anything visible to readers (see `SqliteStore::read`).
-        let number = syncer.durability.committing.fetch_add(1, Ordering::SeqCst) + 1;
+        let number = durability.committing.fetch_add(1, Ordering::SeqCst) + 1;
         let commit = run_batch(&mut writer, &mut batch);
         if commit.is_err() {
             // The cache may hold changes of the rolled-back batch.
@@ -972,18 +972,17 @@ fn writer_loop(
         };
         if let Err(std::sync::mpsc::SendError(unsynced)) = syncer.unsynced.send(unsynced) {
             let failure = StoreError::Backend("the store's sync thread stopped".into());
-            syncer.durability.fail(failure.clone());
+            durability.fail(failure.clone());
             for job in unsynced.jobs {
                 job.finish(Err(failure.clone()));
             }
         }
-        if syncer.durability.failure().is_none() {
+        if durability.failure().is_none() {
             writer.finish_checkpoint();
         }
     }
     // Every committed batch is answered (and durable) before the final checkpoint.
     let Syncer {
-        durability: _,
         unsynced,
         thread: syncer_thread,
     } = syncer;
@@ -1215,7 +1214,6 @@ struct UnsyncedBatch {
 
 /// The writer's end of the sync thread.
 struct Syncer {
-    durability: Arc<Durability>,
     unsynced: std::sync::mpsc::SyncSender<UnsyncedBatch>,
     thread: std::thread::JoinHandle<()>,
 }
