@@ -738,6 +738,7 @@ impl SqliteStore {
         let connection = open_writer_connection(&path)?;
         migrate(&connection)?;
         let wal_name = wal_file_path(&connection, &path)?;
+        check_wal_writes(&wal_name)?;
         let mut wal_sync = match wal_sync {
             Some(sync) => sync,
             None => {
@@ -980,18 +981,10 @@ fn writer_loop(
         // Before the commit can make anything visible to readers (see `SqliteStore::read`).
         let number = durability.committing.fetch_add(1, Ordering::SeqCst) + 1;
         let mut commit = run_batch(&mut writer, &mut batch);
-        if commit.is_ok()
-            && let Some(code) = super::wal_vfs::deferred_write_failure(
-                writer.wal_name.as_os_str().as_encoded_bytes(),
-            )
-        {
-            // The batch's frames may not all be in the WAL although SQLite committed them:
+        if let Err(failure) = check_wal_writes(&writer.wal_name) {
+            // Written frames may be missing from the WAL although SQLite counts them written:
             // nothing can be acknowledged from here on (a restart recovers the WAL up to its
             // last complete commit).
-            tracing::error!(code, "a write to the store's WAL failed after the commit");
-            let failure = StoreError::Backend(format!(
-                "a write to the WAL failed after the commit (SQLite error {code})"
-            ));
             durability.fail(failure.clone());
             commit = Err(failure);
         }
@@ -1114,6 +1107,20 @@ fn wal_file_path(connection: &Connection, path: &Path) -> Result<PathBuf, StoreE
                 .into_os_string();
             name.push("-wal");
             Ok(PathBuf::from(name))
+        }
+    }
+}
+
+/// Fails if the WAL VFS could not write bytes it had told SQLite were written (see
+/// `wal_vfs::deferred_write_failure`).
+fn check_wal_writes(wal_name: &Path) -> Result<(), StoreError> {
+    match super::wal_vfs::deferred_write_failure(wal_name.as_os_str().as_encoded_bytes()) {
+        None => Ok(()),
+        Some(code) => {
+            tracing::error!(code, "a write to the store's WAL failed after the commit");
+            Err(StoreError::Backend(format!(
+                "a write to the WAL failed after the commit (SQLite error {code})"
+            )))
         }
     }
 }

@@ -7,40 +7,40 @@
 //! against about 1 us when a batch's frames are written with one call.
 //!
 //! How it stays correct:
-//! - Only writes to a WAL file are held back, and only while they continue each other
-//!   (contiguous offsets). Any other call on the WAL file (read, size, sync, truncate, file
-//!   control, close) first writes what is held, so SQLite never observes the difference.
-//! - A commit's frames are written before the commit can be seen: the shim writes what it holds
-//!   as soon as the page of the commit frame (the frame whose header carries a database size)
-//!   arrives, inside that `xWrite`, so a failure fails the commit as it would without the shim.
-//!   SQLite then publishes the commit in the shared-memory index, behind a memory barrier
-//!   (`xShmBarrier` on the database file); the barrier, and every shared-memory lock change,
-//!   writes anything still held for the database's WAL (frames of a transaction that rewrote
-//!   checksums, or spilled before rolling back) before it returns.
-//! - A write that fails there cannot be reported to SQLite (the barrier returns nothing): the
-//!   WAL's later calls all fail, and [`deferred_write_failure`] tells the store, which stops
-//!   acknowledging and fails (as after a failed fsync).
-//!
-//! The barrier finds the WAL through the thread: SQLite writes a commit's frames and publishes
-//! them in one call of the connection, on one thread, which remembers the WAL it left bytes
-//! held in. The store's writer is the only connection that uses this VFS; its readers and its
-//! checkpointer use the default VFS.
+//! - Only appends to a WAL file are held back: writes at or past the furthest offset written
+//!   since the WAL last started over, each continuing the one before. Anything else (SQLite
+//!   rewriting a page it spilled earlier in the transaction, or a frame header's checksum) first
+//!   writes what is held and then goes straight to the file, its result back to SQLite.
+//! - What is held is written as soon as the page of a commit frame (the frame whose header
+//!   carries a database size) arrives, inside that `xWrite`, so a failure fails the commit as
+//!   it would without the shim. SQLite writes nothing but rewrites between that page and the
+//!   moment it publishes the commit in the shared-memory index (`walFrames` in SQLite's
+//!   wal.c), so nothing is held when readers, the checkpointer or the store's sync thread can
+//!   see the commit. Frames of a transaction that spilled and then rolled back stay held until
+//!   the WAL's next call; they are never published, and are written before anything written
+//!   after them.
+//! - Any other call on the WAL file (read, size, sync, truncate, file control, close) first
+//!   writes what is held, so SQLite never reads around the shim. SQLite ignores the result of
+//!   some of those calls (`walLimitSize` ignores `xFileSize`'s), so if such a write fails, every
+//!   later call on the WAL fails too, and [`deferred_write_failure`] tells the store, which
+//!   then fails (as after a failed fsync).
 //!
 //! The held bytes are copies: SQLite reuses its frame-header buffer and may change a cached
 //! page as soon as `xWrite` returns.
 
 // SAFETY: this module is the workspace's one use of `unsafe`: a VFS is C callbacks over memory
 // SQLite owns. Every function here follows the contract of `sqlite3_vfs` and
-// `sqlite3_io_methods` (https://sqlite.org/c3ref/io_methods.html); nothing in it may panic
-// (a panic cannot unwind through SQLite).
+// `sqlite3_io_methods` (https://sqlite.org/c3ref/io_methods.html); nothing in it may panic (a
+// panic cannot unwind through SQLite). A file object's state is used only by that file's own
+// methods, which SQLite never calls concurrently for one file, and by `deferred_write_failure`,
+// which reads the recorded failure under the lock.
 #![allow(unsafe_code)]
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{CStr, c_int, c_void};
 use std::mem::offset_of;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 use rusqlite::ffi;
@@ -126,6 +126,19 @@ pub fn write_counts(wal_name: &[u8]) -> Option<(u64, u64)> {
     }))
 }
 
+/// Bytes the WAL at `wal_name` holds, not yet written (for tests).
+#[cfg(test)]
+pub fn held_bytes(wal_name: &[u8]) -> Option<usize> {
+    let registry = lock(&REGISTRY);
+    let buffers = registry.get(wal_name)?;
+    Some(
+        buffers
+            .iter()
+            .map(|buffer| lock(&buffer.held).bytes.len())
+            .sum(),
+    )
+}
+
 struct VfsPointer(*mut ffi::sqlite3_vfs);
 // SAFETY: the default VFS is a static object of SQLite's, used from any thread.
 unsafe impl Send for VfsPointer {}
@@ -138,15 +151,7 @@ static REGISTRY: LazyLock<Mutex<WalsByName>> = LazyLock::new(|| Mutex::new(HashM
 
 /// A WAL's name as SQLite gives it to `xOpen`, and the buffers of its open file objects.
 type WalsByName = HashMap<Vec<u8>, Vec<Arc<WalBuffer>>>;
-/// WAL files holding bytes: the barrier's fast path when none does.
-static HOLDING: AtomicUsize = AtomicUsize::new(0);
 static ANY_DEFERRED_FAILURE: AtomicBool = AtomicBool::new(false);
-
-thread_local! {
-    /// The WAL in which this thread's last write started holding bytes: the barrier's way
-    /// from the database file to its WAL (see the module's documentation).
-    static HELD_BY_THIS_THREAD: Cell<Option<Arc<WalBuffer>>> = const { Cell::new(None) };
-}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic cannot happen while one of these is held (nothing here panics); if one did,
@@ -171,16 +176,10 @@ enum Role {
         name: Vec<u8>,
         buffer: Arc<WalBuffer>,
     },
-    /// A main database file: its barrier writes what its WAL holds.
-    Database {
-        wal_name: Vec<u8>,
-    },
     Other,
 }
 
 struct WalBuffer {
-    /// The WAL's name, as SQLite gave it to `xOpen`.
-    name: Vec<u8>,
     held: Mutex<Held>,
     /// The WAL's own file object (inside its `ShimFile`), valid until the WAL is closed,
     /// which removes this buffer from the registry first.
@@ -189,9 +188,9 @@ struct WalBuffer {
     writes_made: AtomicU64,
 }
 
-// SAFETY: `inner` is used only under `held`'s lock, and SQLite allows a file object to be used
-// from any thread as long as calls do not overlap, which the lock ensures for our calls and
-// SQLite's connection mutex (or its single user thread) for its own.
+// SAFETY: `inner` is used only from the WAL file's own methods (SQLite never calls them
+// concurrently for one file, whichever thread the connection runs on); the registry's clones
+// only read `held` under its lock.
 unsafe impl Send for WalBuffer {}
 unsafe impl Sync for WalBuffer {}
 
@@ -202,8 +201,11 @@ struct Held {
     bytes: Vec<u8>,
     /// The last write was a commit frame's header: write everything once its page is here.
     commit_header: bool,
-    /// A held write that failed where SQLite could not be told (see `settle_deferred`).
+    /// A held write that failed where SQLite may not have been told (see `settle`).
     failure: Option<c_int>,
+    /// The end of the furthest write since the WAL last started over (with its header at 0):
+    /// writes below it are rewrites, never held.
+    high_water: i64,
 }
 
 impl WalBuffer {
@@ -242,12 +244,11 @@ impl WalBuffer {
         }
         held.bytes.clear();
         held.commit_header = false;
-        HOLDING.fetch_sub(1, Ordering::AcqRel);
         rc
     }
 
-    /// Writes what is held before another call on the file; a failure held from before fails
-    /// the call.
+    /// Writes what is held before another call on the file; a failure, now or recorded
+    /// before, fails the call.
     ///
     /// # Safety
     /// As [`WalBuffer::write_held`].
@@ -257,23 +258,15 @@ impl WalBuffer {
             return failure;
         }
         // SAFETY: as the caller's.
-        unsafe { self.write_held(&mut held) }
-    }
-
-    /// Writes what is held from outside a call on the WAL, where a failure cannot be returned.
-    ///
-    /// # Safety
-    /// As [`WalBuffer::write_held`].
-    unsafe fn settle_deferred(&self) {
-        let mut held = lock(&self.held);
-        // SAFETY: as the caller's.
         let rc = unsafe { self.write_held(&mut held) };
         if rc != ffi::SQLITE_OK {
-            // SQLite believes these bytes written (and may publish them): from now on the
-            // WAL fails every call, and the store learns of it (`deferred_write_failure`).
+            // SQLite ignores the result of some calls (`walLimitSize` ignores `xFileSize`'s),
+            // and believes these bytes written: from now on the WAL fails every call, and the
+            // store learns of it (`deferred_write_failure`).
             held.failure = Some(rc);
             ANY_DEFERRED_FAILURE.store(true, Ordering::Release);
         }
+        rc
     }
 }
 
@@ -312,31 +305,6 @@ unsafe fn settle_if_wal(file: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
-/// Writes what the WAL of the database `file` holds (see the module's documentation).
-///
-/// # Safety
-/// `file` must be a file object this VFS opened.
-unsafe fn settle_database_wal(file: *mut ffi::sqlite3_file) {
-    if HOLDING.load(Ordering::Acquire) == 0 {
-        return;
-    }
-    // SAFETY: as the caller's.
-    let role = unsafe { &*parts(file).1 };
-    let Role::Database { wal_name } = role else {
-        return;
-    };
-    let Some(buffer) = HELD_BY_THIS_THREAD.take() else {
-        return;
-    };
-    if buffer.name == *wal_name {
-        // SAFETY: a WAL writes what it holds before it closes, so a buffer holding bytes
-        // belongs to an open WAL; an empty one is not touched.
-        unsafe { buffer.settle_deferred() };
-    } else {
-        HELD_BY_THIS_THREAD.set(Some(buffer));
-    }
-}
-
 unsafe extern "C" fn shim_open(
     _vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
@@ -344,15 +312,16 @@ unsafe extern "C" fn shim_open(
     flags: c_int,
     out_flags: *mut c_int,
 ) -> c_int {
-    let Some(default) = DEFAULT_VFS.get() else {
-        return ffi::SQLITE_ERROR;
-    };
-    let default = default.0;
     let shim = file.cast::<ShimFile>();
     // SAFETY: SQLite hands us `szOsFile` zeroed bytes for `file`, room for a `ShimFile` whose
     // `inner` is as large as the default VFS needs; `name` is null or a C string.
     unsafe {
+        // SQLite closes the file after a failed open if and only if this is set.
         (*shim).base.pMethods = ptr::null();
+        let Some(default) = DEFAULT_VFS.get() else {
+            return ffi::SQLITE_ERROR;
+        };
+        let default = default.0;
         let inner = ptr::addr_of_mut!((*shim).inner);
         let Some(open) = (*default).xOpen else {
             return ffi::SQLITE_ERROR;
@@ -369,7 +338,6 @@ unsafe extern "C" fn shim_open(
         let role = match name_bytes {
             Some(name) if flags & ffi::SQLITE_OPEN_WAL != 0 => {
                 let buffer = Arc::new(WalBuffer {
-                    name: name.clone(),
                     held: Mutex::new(Held::default()),
                     inner,
                     writes_asked: AtomicU64::new(0),
@@ -380,10 +348,6 @@ unsafe extern "C" fn shim_open(
                     .or_default()
                     .push(Arc::clone(&buffer));
                 Role::Wal { name, buffer }
-            }
-            Some(mut name) if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 => {
-                name.extend_from_slice(b"-wal");
-                Role::Database { wal_name: name }
             }
             _ => Role::Other,
         };
@@ -474,16 +438,36 @@ unsafe extern "C" fn shim_write(
             .ok()
             .and_then(|held_length| held.offset.checked_add(held_length))
             == Some(offset);
+        if offset == 0 {
+            // The WAL's header: the WAL starts over (see `Held::high_water`).
+            held.high_water = 0;
+        }
+        let appends = if held.bytes.is_empty() {
+            offset >= held.high_water
+        } else {
+            continues
+        };
+        held.high_water = held
+            .high_water
+            .max(offset.saturating_add(i64::from(amount)));
         if !held.bytes.is_empty() && !continues {
             let rc = buffer.write_held(&mut held);
             if rc != ffi::SQLITE_OK {
                 return rc;
             }
         }
+        if !appends {
+            // A rewrite: straight to the file, its result to SQLite. This is what keeps
+            // anything from being held when a commit is published (see the module's
+            // documentation).
+            buffer.writes_made.fetch_add(1, Ordering::Relaxed);
+            return match (*(*inner).pMethods).xWrite {
+                Some(write) => write(inner, data, amount, offset),
+                None => ffi::SQLITE_IOERR_WRITE,
+            };
+        }
         if held.bytes.is_empty() {
             held.offset = offset;
-            HOLDING.fetch_add(1, Ordering::AcqRel);
-            HELD_BY_THIS_THREAD.set(Some(Arc::clone(buffer)));
         }
         held.bytes.extend_from_slice(bytes);
         let completes_commit = held.commit_header;
@@ -501,6 +485,10 @@ unsafe extern "C" fn shim_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c
         let settled = settle_if_wal(file);
         if settled != ffi::SQLITE_OK {
             return settled;
+        }
+        if let Role::Wal { buffer, .. } = &*parts(file).1 {
+            let mut held = lock(&buffer.held);
+            held.high_water = held.high_water.min(size);
         }
         let (inner, methods) = inner_methods(file);
         match methods.xTruncate {
@@ -642,7 +630,6 @@ unsafe extern "C" fn shim_shm_lock(
 ) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        settle_database_wal(file);
         let (inner, methods) = inner_methods(file);
         match methods.xShmLock {
             Some(shm_lock) => shm_lock(inner, offset, count, flags),
@@ -654,7 +641,6 @@ unsafe extern "C" fn shim_shm_lock(
 unsafe extern "C" fn shim_shm_barrier(file: *mut ffi::sqlite3_file) {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        settle_database_wal(file);
         let (inner, methods) = inner_methods(file);
         if let Some(barrier) = methods.xShmBarrier {
             barrier(inner);
@@ -819,6 +805,7 @@ mod tests {
         connection
             .execute_batch("PRAGMA cache_size = 8;")
             .expect("small cache");
+        let wal = wal_name(&connection);
 
         connection.execute_batch("BEGIN").expect("begin");
         insert(&connection, 1, 300, 1);
@@ -826,6 +813,8 @@ mod tests {
             .execute("UPDATE rows SET value = 2 WHERE id % 2 = 0", [])
             .expect("update");
         connection.execute_batch("COMMIT").expect("commit");
+        // It rewrote spilled pages and frame checksums: nothing may be held once committed.
+        assert_eq!(held_bytes(&wal), Some(0), "bytes held after a commit");
         // Spills and then rolls back: none of it may survive.
         connection.execute_batch("BEGIN").expect("begin");
         insert(&connection, 10_000, 300, 7);
@@ -835,6 +824,7 @@ mod tests {
             connection.execute_batch("BEGIN").expect("begin");
             insert(&connection, 1_000 + round * 5, 5, 3);
             connection.execute_batch("COMMIT").expect("commit");
+            assert_eq!(held_bytes(&wal), Some(0), "bytes held after a commit");
         }
         let copy = dir.path().join("copy");
         std::fs::create_dir(&copy).expect("copy directory");
@@ -865,5 +855,185 @@ mod tests {
         drop(connection);
         assert!(write_counts(&wal).is_none());
         assert_eq!(deferred_write_failure(&wal), None);
+    }
+
+    /// Failing writes, injected through the unix VFS's replaceable system calls for one file
+    /// only (matched by name through /proc), so that other tests running meanwhile are not
+    /// touched.
+    #[cfg(target_os = "linux")]
+    mod injected {
+        use std::ffi::{c_int, c_void};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Mutex, OnceLock};
+
+        use rusqlite::ffi;
+
+        type Pwrite = unsafe extern "C" fn(c_int, *const c_void, usize, i64) -> isize;
+
+        static REAL_PWRITE: OnceLock<Option<Pwrite>> = OnceLock::new();
+        static ARMED: AtomicBool = AtomicBool::new(false);
+        static FIRED: AtomicUsize = AtomicUsize::new(0);
+        /// Which of a file's writes fails.
+        type Fails = fn(&[u8]) -> bool;
+
+        /// The file name the armed failure is for, and which write of it fails.
+        static TARGET: Mutex<Option<(String, Fails)>> = Mutex::new(None);
+        /// The injection is process-wide: its tests run one at a time.
+        pub static SERIAL: Mutex<()> = Mutex::new(());
+
+        /// A pwrite that writes nothing (SQLite reports `SQLITE_FULL`) when armed and the write
+        /// is the target's.
+        unsafe extern "C" fn pwrite_or_fail(
+            fd: c_int,
+            data: *const c_void,
+            length: usize,
+            offset: i64,
+        ) -> isize {
+            if ARMED.load(Ordering::SeqCst) {
+                // SAFETY: SQLite's arguments: `data` holds `length` bytes.
+                let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) };
+                let target = super::super::lock(&TARGET).clone();
+                if let Some((name, fails)) = target
+                    && fails(bytes)
+                    && std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                        .is_ok_and(|path| path.to_string_lossy().ends_with(&name))
+                {
+                    ARMED.store(false, Ordering::SeqCst);
+                    FIRED.fetch_add(1, Ordering::SeqCst);
+                    return 0;
+                }
+            }
+            match REAL_PWRITE.get() {
+                // SAFETY: the default VFS's own pwrite, with SQLite's arguments.
+                Some(Some(real)) => unsafe { real(fd, data, length, offset) },
+                _ => -1,
+            }
+        }
+
+        /// Arms one failing write of the file whose name ends with `name`.
+        pub fn arm(name: &str, fails: Fails) {
+            REAL_PWRITE.get_or_init(|| {
+                // SAFETY: the default VFS's system-call table, as SQLite documents it
+                // (`xSetSystemCall`); the replacement has pwrite's signature.
+                unsafe {
+                    ffi::sqlite3_initialize();
+                    let vfs = ffi::sqlite3_vfs_find(std::ptr::null());
+                    let (get, set) = ((*vfs).xGetSystemCall?, (*vfs).xSetSystemCall?);
+                    let real = get(vfs, c"pwrite".as_ptr())?;
+                    let replacement: Pwrite = pwrite_or_fail;
+                    let replacement =
+                        std::mem::transmute::<Pwrite, unsafe extern "C" fn()>(replacement);
+                    if set(vfs, c"pwrite".as_ptr(), Some(replacement)) != ffi::SQLITE_OK {
+                        return None;
+                    }
+                    Some(std::mem::transmute::<unsafe extern "C" fn(), Pwrite>(real))
+                }
+            });
+            assert!(
+                matches!(REAL_PWRITE.get(), Some(Some(_))),
+                "cannot replace the default VFS's pwrite"
+            );
+            *super::super::lock(&TARGET) = Some((name.to_string(), fails));
+            FIRED.store(0, Ordering::SeqCst);
+            ARMED.store(true, Ordering::SeqCst);
+        }
+
+        /// Disarms; returns how many writes failed.
+        pub fn disarm() -> usize {
+            ARMED.store(false, Ordering::SeqCst);
+            *super::super::lock(&TARGET) = None;
+            FIRED.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Opens a copy of the database and its WAL, as a crash would leave them, and returns its
+    /// content after an integrity check.
+    fn recovered_content(path: &Path, copy: &Path) -> (i64, i64, i64) {
+        std::fs::create_dir(copy).expect("copy directory");
+        let name = path.file_name().expect("file name");
+        std::fs::copy(path, copy.join(name)).expect("copy the database");
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let mut wal_copy = copy.join(name).into_os_string();
+        wal_copy.push("-wal");
+        std::fs::copy(&wal, &wal_copy).expect("copy the WAL");
+        let recovered = Connection::open(copy.join(name)).expect("open the copy");
+        let check: String = recovered
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .expect("integrity check");
+        assert_eq!(check, "ok");
+        content(&recovered)
+    }
+
+    /// A failing write of what the shim gathered fails the COMMIT, as it would without the
+    /// shim: nothing of the transaction is visible or recovered, and the WAL goes on working.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failed_write_of_a_commits_frames_fails_the_commit() {
+        let _serial = lock(&injected::SERIAL);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("inject-gathered.sqlite3");
+        let connection = open_through_shim(&path);
+        insert(&connection, 1, 10, 1);
+        let before = content(&connection);
+
+        injected::arm("inject-gathered.sqlite3-wal", |bytes| bytes.len() > 4096);
+        connection.execute_batch("BEGIN").expect("begin");
+        insert(&connection, 100, 100, 2);
+        let commit = connection.execute_batch("COMMIT");
+        assert_eq!(
+            injected::disarm(),
+            1,
+            "the gathered write was not attempted"
+        );
+        assert!(
+            commit.is_err(),
+            "the commit succeeded although its frames were not written"
+        );
+        let _ = connection.execute_batch("ROLLBACK");
+        assert_eq!(content(&connection), before);
+        assert_eq!(deferred_write_failure(&wal_name(&connection)), None);
+
+        insert(&connection, 500, 5, 3);
+        let after = content(&connection);
+        assert_eq!(after, (15, 25, 15_000));
+        assert_eq!(recovered_content(&path, &dir.path().join("copy")), after);
+    }
+
+    /// A transaction that spilled pages and wrote them again makes SQLite rewrite frame
+    /// checksums after the commit frame; the last rewrite is the commit frame's header. Its
+    /// failure fails the COMMIT too, instead of surfacing only after the commit is published.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failed_rewrite_of_a_frame_checksum_fails_the_commit() {
+        let _serial = lock(&injected::SERIAL);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("inject-rewrite.sqlite3");
+        let connection = open_through_shim(&path);
+        connection
+            .execute_batch("PRAGMA cache_size = 8;")
+            .expect("small cache");
+        insert(&connection, 1, 10, 1);
+        let before = content(&connection);
+
+        // A 24-byte frame header carrying a database size: a commit frame's.
+        injected::arm("inject-rewrite.sqlite3-wal", |bytes| {
+            bytes.len() == 24 && bytes.get(4..8) != Some(&[0; 4])
+        });
+        connection.execute_batch("BEGIN").expect("begin");
+        insert(&connection, 100, 300, 2);
+        connection
+            .execute("UPDATE rows SET value = 4 WHERE id % 2 = 0", [])
+            .expect("update");
+        let commit = connection.execute_batch("COMMIT");
+        assert_eq!(injected::disarm(), 1, "no checksum was rewritten");
+        assert!(
+            commit.is_err(),
+            "the commit succeeded although its header was not written"
+        );
+        let _ = connection.execute_batch("ROLLBACK");
+        assert_eq!(content(&connection), before);
+        assert_eq!(deferred_write_failure(&wal_name(&connection)), None);
+        assert_eq!(recovered_content(&path, &dir.path().join("copy")), before);
     }
 }
