@@ -1117,9 +1117,12 @@ fn check_wal_writes(wal_name: &Path) -> Result<(), StoreError> {
     match super::wal_vfs::deferred_write_failure(wal_name.as_os_str().as_encoded_bytes()) {
         None => Ok(()),
         Some(code) => {
-            tracing::error!(code, "a write to the store's WAL failed after the commit");
+            tracing::error!(
+                code,
+                "a write to the store's WAL failed after SQLite counted it written"
+            );
             Err(StoreError::Backend(format!(
-                "a write to the WAL failed after the commit (SQLite error {code})"
+                "a write to the WAL failed after SQLite counted it written (SQLite error {code})"
             )))
         }
     }

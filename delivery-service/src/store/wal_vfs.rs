@@ -16,9 +16,12 @@
 //!   it would without the shim. SQLite writes nothing but rewrites between that page and the
 //!   moment it publishes the commit in the shared-memory index (`walFrames` in SQLite's
 //!   wal.c), so nothing is held when readers, the checkpointer or the store's sync thread can
-//!   see the commit. Frames of a transaction that spilled and then rolled back stay held until
-//!   the WAL's next call; they are never published, and are written before anything written
-//!   after them.
+//!   see the commit. (Without power-safe overwrite, a `synchronous=FULL` commit pads the WAL
+//!   after its commit frame: such a WAL is passed through untouched.)
+//! - Frames of a transaction that spilled and then rolled back are never published, but
+//!   another writer may append at their offsets once the write lock is released: they are
+//!   written when the connection's database file releases the lock, before the release. The
+//!   database file finds its WAL with `sqlite3_database_file_object`.
 //! - Any other call on the WAL file (read, size, sync, truncate, file control, close) first
 //!   writes what is held, so SQLite never reads around the shim. SQLite ignores the result of
 //!   some of those calls (`walLimitSize` ignores `xFileSize`'s), so if such a write fails, every
@@ -31,9 +34,9 @@
 // SAFETY: this module is the workspace's one use of `unsafe`: a VFS is C callbacks over memory
 // SQLite owns. Every function here follows the contract of `sqlite3_vfs` and
 // `sqlite3_io_methods` (https://sqlite.org/c3ref/io_methods.html); nothing in it may panic (a
-// panic cannot unwind through SQLite). A file object's state is used only by that file's own
-// methods, which SQLite never calls concurrently for one file, and by `deferred_write_failure`,
-// which reads the recorded failure under the lock.
+// panic cannot unwind through SQLite). A WAL's state is used only by its own methods and its
+// connection's database file's (SQLite never calls a connection's file methods concurrently),
+// and by `deferred_write_failure`, which reads the recorded failure under the lock.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -176,6 +179,11 @@ enum Role {
         name: Vec<u8>,
         buffer: Arc<WalBuffer>,
     },
+    /// A main database file, and the WAL its connection opened through this VFS: the
+    /// database's release of the WAL write lock writes what the WAL still holds.
+    Database {
+        wal: Mutex<Option<Arc<WalBuffer>>>,
+    },
     Other,
 }
 
@@ -186,6 +194,8 @@ struct WalBuffer {
     inner: *mut ffi::sqlite3_file,
     writes_asked: AtomicU64,
     writes_made: AtomicU64,
+    /// Set when the WAL closes: its database file must not reach it any more.
+    closed: AtomicBool,
 }
 
 // SAFETY: `inner` is used only from the WAL file's own methods (SQLite never calls them
@@ -248,26 +258,36 @@ impl WalBuffer {
     }
 
     /// Writes what is held before another call on the file; a failure, now or recorded
-    /// before, fails the call.
+    /// before, fails the call. `result_seen` says whether SQLite acts on the call's result.
     ///
     /// # Safety
-    /// As [`WalBuffer::write_held`].
-    unsafe fn settle(&self) -> c_int {
+    /// As [`WalBuffer::write_held`], and the WAL must not be closed.
+    unsafe fn settle(&self, result_seen: ResultSeen) -> c_int {
         let mut held = lock(&self.held);
         if let Some(failure) = held.failure {
             return failure;
         }
         // SAFETY: as the caller's.
         let rc = unsafe { self.write_held(&mut held) };
-        if rc != ffi::SQLITE_OK {
-            // SQLite ignores the result of some calls (`walLimitSize` ignores `xFileSize`'s),
-            // and believes these bytes written: from now on the WAL fails every call, and the
-            // store learns of it (`deferred_write_failure`).
+        if rc != ffi::SQLITE_OK && result_seen == ResultSeen::MaybeNot {
+            // SQLite may ignore this call's result and believes these bytes written: from
+            // now on the WAL fails every call, and the store learns of it
+            // (`deferred_write_failure`).
             held.failure = Some(rc);
             ANY_DEFERRED_FAILURE.store(true, Ordering::Release);
         }
         rc
     }
+}
+
+/// Whether SQLite acts on the result of the call that writes what is held.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ResultSeen {
+    /// Reads, syncs, fetches: an error fails SQLite's operation.
+    Always,
+    /// File size, truncate, file-control hints, close, and the write lock's release: SQLite
+    /// ignores some of their results (`walLimitSize` logs and goes on).
+    MaybeNot,
 }
 
 /// # Safety
@@ -294,12 +314,12 @@ unsafe fn inner_methods(
 ///
 /// # Safety
 /// `file` must be a file object this VFS opened.
-unsafe fn settle_if_wal(file: *mut ffi::sqlite3_file) -> c_int {
-    // SAFETY: as the caller's.
+unsafe fn settle_if_wal(file: *mut ffi::sqlite3_file, result_seen: ResultSeen) -> c_int {
+    // SAFETY: as the caller's; a WAL's own method runs while it is open.
     unsafe {
         let (_, role) = parts(file);
         match &*role {
-            Role::Wal { buffer, .. } => buffer.settle(),
+            Role::Wal { buffer, .. } => buffer.settle(result_seen),
             _ => ffi::SQLITE_OK,
         }
     }
@@ -330,25 +350,50 @@ unsafe extern "C" fn shim_open(
         if (*inner).pMethods.is_null() {
             return rc;
         }
+        let name_pointer = name;
         let name_bytes = if name.is_null() {
             None
         } else {
             Some(CStr::from_ptr(name).to_bytes().to_vec())
         };
+        // Without power-safe overwrite, a synchronous=FULL commit pads the WAL to a sector
+        // boundary after its commit frame, appends that nothing would write before the commit
+        // is published: such a WAL is passed through as it is.
+        let power_safe =
+            (*(*inner).pMethods)
+                .xDeviceCharacteristics
+                .is_some_and(|characteristics| {
+                    characteristics(inner) & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE != 0
+                });
         let role = match name_bytes {
-            Some(name) if flags & ffi::SQLITE_OPEN_WAL != 0 => {
+            Some(name) if flags & ffi::SQLITE_OPEN_WAL != 0 && power_safe => {
                 let buffer = Arc::new(WalBuffer {
                     held: Mutex::new(Held::default()),
                     inner,
                     writes_asked: AtomicU64::new(0),
                     writes_made: AtomicU64::new(0),
+                    closed: AtomicBool::new(false),
                 });
                 lock(&REGISTRY)
                     .entry(name.clone())
                     .or_default()
                     .push(Arc::clone(&buffer));
+                // SQLite's documented way from a WAL's name, as passed to xOpen, to its
+                // connection's database file; that file is ours if this VFS opened it.
+                let database = ffi::sqlite3_database_file_object(name_pointer);
+                if !database.is_null() && ptr::eq((*database).pMethods, &METHODS) {
+                    let database_role = (*database.cast::<ShimFile>()).role;
+                    if !database_role.is_null()
+                        && let Role::Database { wal } = &*database_role
+                    {
+                        *lock(wal) = Some(Arc::clone(&buffer));
+                    }
+                }
                 Role::Wal { name, buffer }
             }
+            Some(_) if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 => Role::Database {
+                wal: Mutex::new(None),
+            },
             _ => Role::Other,
         };
         (*shim).role = Box::into_raw(Box::new(role));
@@ -360,11 +405,12 @@ unsafe extern "C" fn shim_open(
 unsafe extern "C" fn shim_close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite calls this once, on a file this VFS opened; nothing uses it afterwards.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::MaybeNot);
         let shim = file.cast::<ShimFile>();
         let role = Box::from_raw((*shim).role);
         (*shim).role = ptr::null_mut();
         if let Role::Wal { name, buffer } = &*role {
+            buffer.closed.store(true, Ordering::Release);
             let mut registry = lock(&REGISTRY);
             if let Some(buffers) = registry.get_mut(name) {
                 buffers.retain(|other| !Arc::ptr_eq(other, buffer));
@@ -394,7 +440,7 @@ unsafe extern "C" fn shim_read(
 ) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::Always);
         if settled != ffi::SQLITE_OK {
             return ffi::SQLITE_IOERR_READ;
         }
@@ -472,7 +518,8 @@ unsafe extern "C" fn shim_write(
         held.bytes.extend_from_slice(bytes);
         let completes_commit = held.commit_header;
         held.commit_header = amount == FRAME_HEADER_BYTES && bytes.get(4..8) != Some(&[0; 4]);
-        if completes_commit || held.bytes.len() >= MAX_HELD_BYTES {
+        // Not between a commit frame's header and its page: the flush would forget the header.
+        if completes_commit || (held.bytes.len() >= MAX_HELD_BYTES && !held.commit_header) {
             return buffer.write_held(&mut held);
         }
         ffi::SQLITE_OK
@@ -482,7 +529,7 @@ unsafe extern "C" fn shim_write(
 unsafe extern "C" fn shim_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::MaybeNot);
         if settled != ffi::SQLITE_OK {
             return settled;
         }
@@ -501,7 +548,7 @@ unsafe extern "C" fn shim_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c
 unsafe extern "C" fn shim_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::Always);
         if settled != ffi::SQLITE_OK {
             return ffi::SQLITE_IOERR_FSYNC;
         }
@@ -516,7 +563,7 @@ unsafe extern "C" fn shim_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_
 unsafe extern "C" fn shim_file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::MaybeNot);
         if settled != ffi::SQLITE_OK {
             return ffi::SQLITE_IOERR_FSTAT;
         }
@@ -571,7 +618,7 @@ unsafe extern "C" fn shim_file_control(
 ) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::MaybeNot);
         if settled != ffi::SQLITE_OK {
             return settled;
         }
@@ -630,6 +677,19 @@ unsafe extern "C" fn shim_shm_lock(
 ) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
+        // Releasing the write lock (lock 0): anything the WAL still holds belongs to a
+        // transaction that rolled back after spilling frames (a commit writes its own). Write it
+        // now, while no other writer can append at the same offsets.
+        if offset == 0
+            && flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE
+            && let Role::Database { wal } = &*parts(file).1
+            && let Some(buffer) = lock(wal).clone()
+            && !buffer.closed.load(Ordering::Acquire)
+        {
+            // SAFETY: the WAL is open (`closed` is set before it closes), and this is its own
+            // connection, which SQLite does not run concurrently with the WAL's methods.
+            let _ = buffer.settle(ResultSeen::MaybeNot);
+        }
         let (inner, methods) = inner_methods(file);
         match methods.xShmLock {
             Some(shm_lock) => shm_lock(inner, offset, count, flags),
@@ -667,7 +727,7 @@ unsafe extern "C" fn shim_fetch(
 ) -> c_int {
     // SAFETY: SQLite's arguments, passed on; without the method there is no mapping to offer.
     unsafe {
-        let settled = settle_if_wal(file);
+        let settled = settle_if_wal(file, ResultSeen::Always);
         if settled != ffi::SQLITE_OK {
             return settled;
         }
@@ -1035,5 +1095,38 @@ mod tests {
         assert_eq!(content(&connection), before);
         assert_eq!(deferred_write_failure(&wal_name(&connection)), None);
         assert_eq!(recovered_content(&path, &dir.path().join("copy")), before);
+    }
+
+    /// A transaction that spilled frames and rolled back leaves nothing held once its write lock
+    /// is released, so another writer's commit at the same offsets is never overwritten.
+    #[test]
+    fn frames_of_a_rolled_back_transaction_never_overwrite_another_writers_commit() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("rollback.sqlite3");
+        let writer = open_through_shim(&path);
+        writer
+            .execute_batch("PRAGMA cache_size = 8;")
+            .expect("small cache");
+        let wal = wal_name(&writer);
+        insert(&writer, 1, 10, 1);
+        // Everything copied into the database file: the rollback reads nothing from the WAL.
+        writer
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .expect("checkpoint");
+
+        writer.execute_batch("BEGIN").expect("begin");
+        insert(&writer, 10_000, 300, 7);
+        writer.execute_batch("ROLLBACK").expect("rollback");
+        assert_eq!(held_bytes(&wal), Some(0), "bytes held after the rollback");
+
+        let other = Connection::open(&path).expect("another writer");
+        other.execute_batch("BEGIN").expect("begin");
+        insert(&other, 100, 20, 2);
+        other.execute_batch("COMMIT").expect("commit");
+
+        let expected = (30, 50, 30_000);
+        assert_eq!(content(&writer), expected);
+        assert_eq!(content(&other), expected);
+        assert_eq!(recovered_content(&path, &dir.path().join("copy")), expected);
     }
 }
