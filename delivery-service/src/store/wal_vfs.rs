@@ -20,8 +20,10 @@
 //!   after its commit frame: such a WAL is passed through untouched.)
 //! - Frames of a transaction that spilled and then rolled back are never published, but
 //!   another writer may append at their offsets once the write lock is released: they are
-//!   written when the connection's database file releases the lock, before the release. The
-//!   database file finds its WAL with `sqlite3_database_file_object`.
+//!   written when the connection's database file releases the WAL write lock (or, in exclusive
+//!   locking mode, its file lock), before the release. The database file finds its WAL with
+//!   `sqlite3_database_file_object`. They lie past the last commit, so a failure to write them
+//!   loses nothing.
 //! - Any other call on the WAL file (read, size, sync, truncate, file control, close) first
 //!   writes what is held, so SQLite never reads around the shim. SQLite ignores the result of
 //!   some of those calls (`walLimitSize` ignores `xFileSize`'s), so if such a write fails, every
@@ -285,8 +287,8 @@ impl WalBuffer {
 enum ResultSeen {
     /// Reads, syncs, fetches: an error fails SQLite's operation.
     Always,
-    /// File size, truncate, file-control hints, close, and the write lock's release: SQLite
-    /// ignores some of their results (`walLimitSize` logs and goes on).
+    /// File size, truncate, file-control hints, close: SQLite ignores some of their results
+    /// (`walLimitSize` logs and goes on).
     MaybeNot,
 }
 
@@ -325,6 +327,31 @@ unsafe fn settle_if_wal(file: *mut ffi::sqlite3_file, result_seen: ResultSeen) -
     }
 }
 
+/// Before the database `file` lets another writer in: anything its WAL still holds belongs to a
+/// transaction that rolled back after spilling frames (a commit writes its own frames). They
+/// are written now, before another writer can append at the same offsets; they lie past the
+/// WAL's last commit, so a failure to write them loses nothing and is not reported.
+///
+/// # Safety
+/// `file` must be a file object this VFS opened.
+unsafe fn write_rolled_back_frames(file: *mut ffi::sqlite3_file) {
+    // SAFETY: as the caller's.
+    let role = unsafe { &*parts(file).1 };
+    let Role::Database { wal } = role else {
+        return;
+    };
+    let Some(buffer) = lock(wal).clone() else {
+        return;
+    };
+    if buffer.closed.load(Ordering::Acquire) {
+        return;
+    }
+    let mut held = lock(&buffer.held);
+    // SAFETY: the WAL is open (`closed` is set before it closes), and this is its own
+    // connection, which SQLite does not run concurrently with the WAL's methods.
+    let _ = unsafe { buffer.write_held(&mut held) };
+}
+
 unsafe extern "C" fn shim_open(
     _vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
@@ -350,20 +377,28 @@ unsafe extern "C" fn shim_open(
         if (*inner).pMethods.is_null() {
             return rc;
         }
-        let name_pointer = name;
         let name_bytes = if name.is_null() {
             None
         } else {
             Some(CStr::from_ptr(name).to_bytes().to_vec())
         };
-        // Without power-safe overwrite, a synchronous=FULL commit pads the WAL to a sector
-        // boundary after its commit frame, appends that nothing would write before the commit
-        // is published: such a WAL is passed through as it is.
-        let power_safe =
-            (*(*inner).pMethods)
+        // For a WAL, SQLite's documented way from its name, as passed to xOpen, to its
+        // connection's database file.
+        let database = if flags & ffi::SQLITE_OPEN_WAL != 0 && !name.is_null() {
+            ffi::sqlite3_database_file_object(name)
+        } else {
+            ptr::null_mut()
+        };
+        // Without power-safe overwrite (which SQLite reads from the database file), a
+        // synchronous=FULL commit pads the WAL to a sector boundary after its commit frame,
+        // appends nothing would write before the commit is published: such a WAL is passed
+        // through as it is.
+        let power_safe = !database.is_null()
+            && !(*database).pMethods.is_null()
+            && (*(*database).pMethods)
                 .xDeviceCharacteristics
                 .is_some_and(|characteristics| {
-                    characteristics(inner) & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE != 0
+                    characteristics(database) & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE != 0
                 });
         let role = match name_bytes {
             Some(name) if flags & ffi::SQLITE_OPEN_WAL != 0 && power_safe => {
@@ -378,10 +413,8 @@ unsafe extern "C" fn shim_open(
                     .entry(name.clone())
                     .or_default()
                     .push(Arc::clone(&buffer));
-                // SQLite's documented way from a WAL's name, as passed to xOpen, to its
-                // connection's database file; that file is ours if this VFS opened it.
-                let database = ffi::sqlite3_database_file_object(name_pointer);
-                if !database.is_null() && ptr::eq((*database).pMethods, &METHODS) {
+                // The database file is ours if this VFS opened it.
+                if ptr::eq((*database).pMethods, &METHODS) {
                     let database_role = (*database.cast::<ShimFile>()).role;
                     if !database_role.is_null()
                         && let Role::Database { wal } = &*database_role
@@ -589,6 +622,9 @@ unsafe extern "C" fn shim_lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_
 unsafe extern "C" fn shim_unlock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
+        // In exclusive locking mode the WAL write lock is never taken in shared memory; the
+        // database file's own lock is what keeps other writers out.
+        write_rolled_back_frames(file);
         let (inner, methods) = inner_methods(file);
         match methods.xUnlock {
             Some(unlock) => unlock(inner, level),
@@ -677,18 +713,9 @@ unsafe extern "C" fn shim_shm_lock(
 ) -> c_int {
     // SAFETY: SQLite's arguments, passed on.
     unsafe {
-        // Releasing the write lock (lock 0): anything the WAL still holds belongs to a
-        // transaction that rolled back after spilling frames (a commit writes its own). Write it
-        // now, while no other writer can append at the same offsets.
-        if offset == 0
-            && flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE
-            && let Role::Database { wal } = &*parts(file).1
-            && let Some(buffer) = lock(wal).clone()
-            && !buffer.closed.load(Ordering::Acquire)
-        {
-            // SAFETY: the WAL is open (`closed` is set before it closes), and this is its own
-            // connection, which SQLite does not run concurrently with the WAL's methods.
-            let _ = buffer.settle(ResultSeen::MaybeNot);
+        // Releasing the write lock (lock 0).
+        if offset == 0 && flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE {
+            write_rolled_back_frames(file);
         }
         let (inner, methods) = inner_methods(file);
         match methods.xShmLock {
