@@ -191,8 +191,8 @@ enum Role {
 
 struct WalBuffer {
     held: Mutex<Held>,
-    /// The WAL's own file object (inside its `ShimFile`), valid until the WAL is closed,
-    /// which removes this buffer from the registry first.
+    /// The WAL's own file object (inside its `ShimFile`), valid until the WAL is closed, which
+    /// first sets `closed` and removes this buffer from the registry.
     inner: *mut ffi::sqlite3_file,
     writes_asked: AtomicU64,
     writes_made: AtomicU64,
@@ -241,12 +241,7 @@ impl WalBuffer {
             };
             // SAFETY: the caller guarantees `inner`; the bytes outlive the call.
             rc = unsafe {
-                match (*(*self.inner).pMethods).xWrite {
-                    Some(write) => {
-                        write(self.inner, chunk.as_ptr().cast::<c_void>(), amount, offset)
-                    }
-                    None => ffi::SQLITE_IOERR_WRITE,
-                }
+                write_through(self.inner, chunk.as_ptr().cast::<c_void>(), amount, offset)
             };
             self.writes_made.fetch_add(1, Ordering::Relaxed);
             if rc != ffi::SQLITE_OK {
@@ -290,6 +285,25 @@ enum ResultSeen {
     /// File size, truncate, file-control hints, close: SQLite ignores some of their results
     /// (`walLimitSize` logs and goes on).
     MaybeNot,
+}
+
+/// Writes through the default VFS's file object `inner`.
+///
+/// # Safety
+/// `inner` must be an open file object of the default VFS, and `data` hold `amount` bytes.
+unsafe fn write_through(
+    inner: *mut ffi::sqlite3_file,
+    data: *const c_void,
+    amount: c_int,
+    offset: i64,
+) -> c_int {
+    // SAFETY: as the caller's.
+    unsafe {
+        match (*(*inner).pMethods).xWrite {
+            Some(write) => write(inner, data, amount, offset),
+            None => ffi::SQLITE_IOERR_WRITE,
+        }
+    }
 }
 
 /// # Safety
@@ -495,11 +509,7 @@ unsafe extern "C" fn shim_write(
     unsafe {
         let (inner, role) = parts(file);
         let Role::Wal { buffer, .. } = &*role else {
-            let methods = &*(*inner).pMethods;
-            return match methods.xWrite {
-                Some(write) => write(inner, data, amount, offset),
-                None => ffi::SQLITE_IOERR_WRITE,
-            };
+            return write_through(inner, data, amount, offset);
         };
         let Ok(length) = usize::try_from(amount) else {
             return ffi::SQLITE_IOERR_WRITE;
@@ -540,10 +550,7 @@ unsafe extern "C" fn shim_write(
             // anything from being held when a commit is published (see the module's
             // documentation).
             buffer.writes_made.fetch_add(1, Ordering::Relaxed);
-            return match (*(*inner).pMethods).xWrite {
-                Some(write) => write(inner, data, amount, offset),
-                None => ffi::SQLITE_IOERR_WRITE,
-            };
+            return write_through(inner, data, amount, offset);
         }
         if held.bytes.is_empty() {
             held.offset = offset;
