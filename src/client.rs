@@ -47,7 +47,7 @@ impl ClientOptions {
             server: None,
             pinned: None,
             auto_update: Some(Duration::from_secs(7 * 24 * 3600)),
-            sync_delay: Duration::from_millis(20),
+            sync_delay: crate::core::DEFAULT_SYNC_DELAY,
         }
     }
 }

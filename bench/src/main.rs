@@ -2,7 +2,8 @@
 //! peer in the same run, interleaved (A B A B), and reporting the ratio.
 //!
 //! ```text
-//! cargo run --release -p mlschat-bench -- <figure|all> [--quick] [--out FILE]
+//! cargo run --release -p mlschat-bench -- <figure|all> [--quick] [--rounds N] [--out FILE]
+//!                                           [--subscribers 10,100]   (figures 2 and 6)
 //! ```
 //!
 //! Figures: 1 end-to-end latency, 2 DS fan-out, 3 commit processing, 4 add one member,
@@ -78,6 +79,10 @@ struct Args {
     /// Interleaved rounds per figure [default: 3, or 1 with --quick].
     #[arg(long)]
     rounds: Option<usize>,
+    /// Subscriber counts for figures 2 and 6, separated by commas [default: 10,100,1000, or
+    /// 10,100 with --quick].
+    #[arg(long, value_delimiter = ',', value_parser = parse_subscribers)]
+    subscribers: Vec<usize>,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/mlschat-bench/results.json")]
     out: PathBuf,
@@ -105,6 +110,15 @@ fn parse_figures(list: &str) -> Result<Vec<u8>, String> {
         }
     }
     Ok(figures)
+}
+
+fn parse_subscribers(count: &str) -> Result<usize, String> {
+    match count.parse::<usize>() {
+        Ok(count) if (1..=5000).contains(&count) => Ok(count),
+        _ => Err(format!(
+            "`{count}` is not a subscriber count from 1 to 5000"
+        )),
+    }
 }
 
 fn main() -> Result<()> {
@@ -142,9 +156,10 @@ fn main() -> Result<()> {
             let new_rows = match figure {
                 1 => latency::figure(&settings, &failures).await,
                 2 | 6 => {
-                    let sizes: &[usize] = match (settings.quick, figure) {
-                        (true, _) => &[10, 100],
-                        (false, _) => &[10, 100, 1000],
+                    let sizes: &[usize] = match (args.subscribers.is_empty(), settings.quick) {
+                        (false, _) => &args.subscribers,
+                        (true, true) => &[10, 100],
+                        (true, false) => &[10, 100, 1000],
                     };
                     fanout::figures(
                         &settings,
@@ -235,6 +250,10 @@ mod tests {
         assert!(args.quick);
         let args = parse(&["6,2", "2"]).expect("parses");
         assert_eq!(args.figures(), vec![2, 6]);
+        assert!(args.subscribers.is_empty());
+        let args = parse(&["2", "--subscribers", "1000,10"]).expect("parses");
+        assert_eq!(args.subscribers, vec![1000, 10]);
+        assert!(parse(&["2", "--subscribers", "0"]).is_err());
         assert!(parse(&["9"]).is_err());
         assert!(parse(&["2,x"]).is_err());
         assert!(parse(&[]).is_err());

@@ -47,9 +47,17 @@ pub struct CoreConfig {
     pub quit_flush_timeout: Duration,
     /// How long a processed delivery may wait for the fsync that makes it durable (and for its
     /// acknowledgement to the DS, which follows that fsync). Deliveries arriving within it share
-    /// one fsync.
+    /// one fsync. [`DEFAULT_SYNC_DELAY`] unless set.
     pub sync_delay: Duration,
 }
+
+/// The default [`CoreConfig::sync_delay`]. In a busy group it bounds the client's fsyncs for
+/// received messages to ten a second. Waiting longer costs only the acknowledgement's timing:
+/// a delivery committed but not yet synced survives a crash of the process, and one lost with
+/// the machine is delivered again, since it was not acknowledged. With 20 ms, a hundred
+/// clients on one machine (figure 1 of docs/benchmarks.md) made about a hundred fsyncs per
+/// message, and the messages waited behind them.
+pub const DEFAULT_SYNC_DELAY: Duration = Duration::from_millis(100);
 
 impl CoreConfig {
     pub fn new(data_dir: PathBuf, name: UserName) -> CoreConfig {
@@ -60,7 +68,7 @@ impl CoreConfig {
             key_package_batch: 20,
             key_package_low_water: 5,
             quit_flush_timeout: Duration::from_secs(10),
-            sync_delay: Duration::from_millis(20),
+            sync_delay: DEFAULT_SYNC_DELAY,
         }
     }
 }
