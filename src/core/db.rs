@@ -68,8 +68,17 @@ pub fn now_unix_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// Opens (creating if needed) a profile database in WAL mode, through the VFS that writes a
+/// transaction's WAL frames in one call (`mlschat_ds::store::wal_vfs`): SQLite writes each frame
+/// as two calls otherwise, and a commit at 1,000 members rewrites a tree of about 120 pages,
+/// which made the writes most of the client's cost of processing it (docs/benchmarks.md,
+/// figure 3).
 pub fn open(path: &std::path::Path) -> Result<Connection, CoreError> {
-    let connection = Connection::open(path).map_err(sql)?;
+    let vfs = mlschat_ds::store::wal_vfs::register().map_err(|code| {
+        CoreError::Database(format!("cannot register the WAL VFS: SQLite error {code}"))
+    })?;
+    let connection = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs)
+        .map_err(sql)?;
     connection
         .execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
@@ -154,7 +163,7 @@ fn run_transaction<T>(
     connection.execute_batch(begin).map_err(sql)?;
     match step() {
         Ok(value) => match connection.execute_batch("COMMIT") {
-            Ok(()) => Ok(value),
+            Ok(()) => check_wal_writes(connection).map(|()| value),
             Err(error) => {
                 let _ = connection.execute_batch("ROLLBACK");
                 Err(sql(error))
@@ -211,8 +220,26 @@ pub fn sync(connection: &Connection) -> Result<(), CoreError> {
              ON CONFLICT (id) DO UPDATE SET count = count + 1",
             [],
         )
-        .map(|_| ())
-        .map_err(sql)
+        .map_err(sql)?;
+    check_wal_writes(connection)
+}
+
+/// Fails if the WAL VFS could not write bytes it had told SQLite were written, in a call whose
+/// result SQLite ignores (`wal_vfs::deferred_write_failure`). The VFS then fails every later
+/// call on the WAL, so nothing more commits (and nothing more is sent or acknowledged); this
+/// says why, every time.
+fn check_wal_writes(connection: &Connection) -> Result<(), CoreError> {
+    let Some(path) = connection.path().filter(|path| !path.is_empty()) else {
+        return Ok(());
+    };
+    let wal = format!("{path}-wal");
+    match mlschat_ds::store::wal_vfs::deferred_write_failure(wal.as_bytes()) {
+        None => Ok(()),
+        Some(code) => Err(CoreError::Database(format!(
+            "a write to the profile database's WAL failed after SQLite counted it written \
+             (SQLite error {code}); nothing more can be saved: restart mlschat"
+        ))),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -770,6 +797,40 @@ pub fn search_history(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A profile's transactions reach its WAL in a few writes, not two per page: the profile
+    /// opens through the WAL VFS (this fails if `open` uses the default VFS, whose WAL the VFS
+    /// does not know).
+    #[test]
+    fn a_profile_transaction_reaches_the_wal_in_a_few_writes() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let connection = open(&dir.path().join("profile.sqlite3")).expect("opens");
+        migrate(&connection).expect("migrates");
+        let wal = format!("{}-wal", connection.path().expect("a file database"));
+        let counts = || mlschat_ds::store::wal_vfs::write_counts(wal.as_bytes());
+        let (asked_before, made_before) = counts().expect("the profile's WAL is the VFS's");
+        // About 40 pages: a large group's ratchet tree, as a commit rewrites it.
+        let tree = vec![0x5a_u8; 160 * 1024];
+        transaction_unsynced(&connection, || {
+            connection
+                .execute("CREATE TABLE tree (value BLOB)", [])
+                .map_err(sql)?;
+            connection
+                .execute("INSERT INTO tree (value) VALUES (?1)", [&tree])
+                .map_err(sql)?;
+            Ok(())
+        })
+        .expect("commits");
+        let (asked, made) = counts().expect("still open");
+        let (asked, made) = (asked - asked_before, made - made_before);
+        assert!(asked >= 80, "SQLite wrote only {asked} times for 40 pages");
+        assert!(made <= 4, "{made} writes reached the WAL for {asked} asked");
+        let stored: Vec<u8> = connection
+            .query_row("SELECT value FROM tree", [], |row| row.get(0))
+            .expect("reads back");
+        assert!(stored == tree, "the stored tree differs");
+        sync(&connection).expect("syncs");
+    }
 
     #[test]
     fn outbox_ids_are_not_reused_after_migrating_a_v1_profile() {

@@ -8,7 +8,7 @@
 mod postgres;
 mod sqlite;
 mod url;
-mod wal_vfs;
+pub mod wal_vfs;
 
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;

@@ -1,5 +1,6 @@
-//! A SQLite VFS for the store's writer connection: the platform's default VFS, except that the
-//! WAL frames a transaction writes reach the file in one `write` call instead of two per page.
+//! A SQLite VFS for the store's writer connection (and the client's profile database): the
+//! platform's default VFS, except that the WAL frames a transaction writes reach the file in one
+//! `write` call instead of two per page.
 //!
 //! Why: SQLite writes each WAL frame as two calls, its 24-byte header and then its page, at
 //! offsets that straddle the OS's pages. Measured on the benchmark VM (docs/benchmarks.md,
@@ -118,8 +119,7 @@ pub fn deferred_write_failure(wal_name: &[u8]) -> Option<c_int> {
 }
 
 /// Write calls SQLite made on the WAL at `wal_name`, and write calls the shim made to the file
-/// in their place (for tests).
-#[cfg(test)]
+/// in their place (for tests, here and in the client's).
 pub fn write_counts(wal_name: &[u8]) -> Option<(u64, u64)> {
     let registry = lock(&REGISTRY);
     let buffers = registry.get(wal_name)?;
