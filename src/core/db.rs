@@ -229,11 +229,10 @@ pub fn sync(connection: &Connection) -> Result<(), CoreError> {
 /// call on the WAL, so nothing more commits (and nothing more is sent or acknowledged); this
 /// says why, every time.
 fn check_wal_writes(connection: &Connection) -> Result<(), CoreError> {
-    let Some(path) = connection.path().filter(|path| !path.is_empty()) else {
+    let Some(wal) = mlschat_ds::store::wal_vfs::wal_name(connection) else {
         return Ok(());
     };
-    let wal = format!("{path}-wal");
-    match mlschat_ds::store::wal_vfs::deferred_write_failure(wal.as_bytes()) {
+    match mlschat_ds::store::wal_vfs::deferred_write_failure(&wal) {
         None => Ok(()),
         Some(code) => Err(CoreError::Database(format!(
             "a write to the profile database's WAL failed after SQLite counted it written \
@@ -806,8 +805,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let connection = open(&dir.path().join("profile.sqlite3")).expect("opens");
         migrate(&connection).expect("migrates");
-        let wal = format!("{}-wal", connection.path().expect("a file database"));
-        let counts = || mlschat_ds::store::wal_vfs::write_counts(wal.as_bytes());
+        let wal = mlschat_ds::store::wal_vfs::wal_name(&connection).expect("a file database");
+        let counts = || mlschat_ds::store::wal_vfs::write_counts(&wal);
         let (asked_before, made_before) = counts().expect("the profile's WAL is the VFS's");
         // About 40 pages: a large group's ratchet tree, as a commit rewrites it.
         let tree = vec![0x5a_u8; 160 * 1024];

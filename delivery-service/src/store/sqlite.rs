@@ -352,7 +352,7 @@ struct Writer {
     /// Shared with the checkpoint thread.
     wal: Arc<WalState>,
     /// The WAL's name as SQLite knows it, to ask the WAL VFS about writes it could not report.
-    wal_name: PathBuf,
+    wal_name: Vec<u8>,
 }
 
 /// When the WAL is checkpointed: the constants above, smaller in tests.
@@ -737,15 +737,17 @@ impl SqliteStore {
         let path = path.to_path_buf();
         let connection = open_writer_connection(&path)?;
         migrate(&connection)?;
-        let wal_name = wal_file_path(&connection, &path)?;
+        let wal_path = wal_file_path(&connection, &path)?;
+        let wal_name = super::wal_vfs::wal_name(&connection)
+            .ok_or_else(|| StoreError::Backend("the store's database has no file name".into()))?;
         check_wal_writes(&wal_name)?;
         let mut wal_sync = match wal_sync {
             Some(sync) => sync,
             None => {
-                let file = WalFile::open(&wal_name).map_err(|error| {
+                let file = WalFile::open(&wal_path).map_err(|error| {
                     StoreError::Backend(format!(
                         "cannot open the WAL {}: {error}",
-                        wal_name.display()
+                        wal_path.display()
                     ))
                 })?;
                 Box::new(file) as Box<dyn SyncWal>
@@ -1113,8 +1115,8 @@ fn wal_file_path(connection: &Connection, path: &Path) -> Result<PathBuf, StoreE
 
 /// Fails if the WAL VFS could not write bytes it had told SQLite were written (see
 /// `wal_vfs::deferred_write_failure`).
-fn check_wal_writes(wal_name: &Path) -> Result<(), StoreError> {
-    match super::wal_vfs::deferred_write_failure(wal_name.as_os_str().as_encoded_bytes()) {
+fn check_wal_writes(wal_name: &[u8]) -> Result<(), StoreError> {
+    match super::wal_vfs::deferred_write_failure(wal_name) {
         None => Ok(()),
         Some(code) => {
             tracing::error!(

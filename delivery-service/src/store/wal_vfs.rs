@@ -104,9 +104,29 @@ pub fn register() -> Result<&'static CStr, c_int> {
     }
 }
 
+/// The name SQLite gives the WAL of `connection`'s main database (its full name with `-wal`,
+/// byte for byte, as the VFS registers it), or `None` for a database without a file.
+pub fn wal_name(connection: &rusqlite::Connection) -> Option<Vec<u8>> {
+    // SAFETY: the handle is valid while `connection` is borrowed, and the name SQLite returns
+    // lives as long as the connection; it is copied before the borrow ends.
+    let database = unsafe {
+        let name = ffi::sqlite3_db_filename(connection.handle(), c"main".as_ptr());
+        if name.is_null() {
+            return None;
+        }
+        CStr::from_ptr(name).to_bytes()
+    };
+    if database.is_empty() {
+        return None;
+    }
+    let mut wal = database.to_vec();
+    wal.extend_from_slice(b"-wal");
+    Some(wal)
+}
+
 /// The error code of a WAL write the shim could not report to SQLite, for the WAL at
-/// `wal_name` (the database's full name as SQLite knows it, with `-wal`): once set, the WAL's
-/// published frames may not all be in the file.
+/// `wal_name` (see [`wal_name`]): once set, the WAL's published frames may not all be in the
+/// file.
 pub fn deferred_write_failure(wal_name: &[u8]) -> Option<c_int> {
     if !ANY_DEFERRED_FAILURE.load(Ordering::Acquire) {
         return None;
@@ -837,8 +857,7 @@ mod tests {
     }
 
     fn wal_name(connection: &Connection) -> Vec<u8> {
-        let database = connection.path().expect("database name");
-        format!("{database}-wal").into_bytes()
+        super::wal_name(connection).expect("database name")
     }
 
     /// (rows, sum of values, sum of data lengths), the content every check compares.
