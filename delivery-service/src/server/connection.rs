@@ -1,6 +1,6 @@
 //! One task per QUIC connection: frame reading on the connection's single stream, the
-//! authentication phase, dispatch of requests to handlers, the writer that batches outgoing
-//! frames, and the delivery task that pushes each group's messages in order without gaps.
+//! authentication phase, dispatch of requests to handlers, the writer that batches answers, and
+//! the delivery task that writes each group's messages in order without gaps into the same stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,11 +25,15 @@ use crate::store::{Membership, PendingAppend, Store, StoreError};
 
 /// Frames queued for the writer before producers wait.
 const OUTBOX: usize = 1024;
+/// Live deliveries gathered into one write at most.
+const DELIVERY_BATCH: usize = 256;
 /// Deliveries read from the store per page during catch-up.
 const CATCH_UP_PAGE: u32 = 256;
 /// `Register` attempts that may fail on one connection before it is closed. Without a bound a
 /// connection could probe which names are taken until its authentication deadline.
 const MAX_FAILED_REGISTRATIONS: u32 = 5;
+/// How long a closing connection's delivery task may take to finish the frames it is writing.
+const DELIVERY_STOP: Duration = Duration::from_secs(1);
 
 /// State shared by every connection of one server.
 pub struct Shared<S> {
@@ -65,8 +69,14 @@ impl Outbox {
     }
 }
 
+/// The connection's one send stream, shared by the writer task (answers to requests) and the
+/// delivery task (deliveries), so that a delivery goes from the hub to the stream through one
+/// task instead of two. Each holder writes whole frames while it holds the lock, so frames never
+/// interleave.
+type SharedSend = Arc<tokio::sync::Mutex<quinn::SendStream>>;
+
 /// Writes outgoing frames, coalescing whatever is queued into one write.
-async fn write_frames(mut send: quinn::SendStream, mut queue: mpsc::Receiver<Outgoing>) {
+async fn write_frames(send: SharedSend, mut queue: mpsc::Receiver<Outgoing>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     while let Some(first) = queue.recv().await {
         let mut finish = None;
@@ -81,16 +91,47 @@ async fn write_frames(mut send: quinn::SendStream, mut queue: mpsc::Receiver<Out
                 Err(_) => break,
             }
         }
+        let mut send = send.lock().await;
         if !batch.is_empty() && send.write_all_chunks(&mut batch).await.is_err() {
             return;
         }
         batch.clear();
         if let Some(done) = finish {
             let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            let stopped = send.stopped();
+            drop(send);
+            let _ = tokio::time::timeout(Duration::from_millis(500), stopped).await;
             let _ = done.send(());
             return;
         }
+    }
+}
+
+/// The delivery task's side of the send stream: frames gathered, then written together.
+struct Deliveries {
+    send: SharedSend,
+    pending: Vec<Bytes>,
+}
+
+impl Deliveries {
+    fn push(&mut self, frame: Bytes) {
+        self.pending.push(frame);
+    }
+
+    /// Writes what was gathered. Returns false when the stream is gone.
+    async fn flush(&mut self) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let written = self
+            .send
+            .lock()
+            .await
+            .write_all_chunks(&mut self.pending)
+            .await
+            .is_ok();
+        self.pending.clear();
+        written
     }
 }
 
@@ -413,7 +454,8 @@ async fn serve_inner<S: Store>(
     };
     let (queue, queued) = mpsc::channel(OUTBOX);
     let outbox = Outbox(queue);
-    let writer = tokio::spawn(write_frames(send, queued));
+    let send: SharedSend = Arc::new(tokio::sync::Mutex::new(send));
+    let writer = tokio::spawn(write_frames(Arc::clone(&send), queued));
     let mut reader = FrameReader {
         recv,
         max_send_bytes: shared.limits.max_send_bytes,
@@ -450,15 +492,22 @@ async fn serve_inner<S: Store>(
             b"another connection authenticated as this user",
         );
     }
-    let delivery = tokio::spawn(
+    let (stop_delivery, delivery_stopped) = oneshot::channel();
+    let mut delivery = tokio::spawn(
         deliver(
             user.clone(),
             session_id,
             Arc::clone(&shared.store),
             Arc::clone(&shared.hub),
-            notified,
-            lagged,
-            outbox.clone(),
+            Wakeups {
+                notifications: notified,
+                lagged,
+                stop: delivery_stopped,
+            },
+            Deliveries {
+                send,
+                pending: Vec::with_capacity(64),
+            },
         )
         .in_current_span(),
     );
@@ -568,7 +617,15 @@ async fn serve_inner<S: Store>(
     let _ = ordered.await;
     while handlers.join_next().await.is_some() {}
     shared.hub.detach(&user, session_id);
-    delivery.abort();
+    // Stopped between writes, so that the stream never ends inside a frame; a peer that stopped
+    // reading gets the rest cut off.
+    let _ = stop_delivery.send(());
+    if tokio::time::timeout(DELIVERY_STOP, &mut delivery)
+        .await
+        .is_err()
+    {
+        delivery.abort();
+    }
     match closing {
         Some(closing) => close_with(&connection, &outbox, closing).await,
         None => outbox.finish().await,
@@ -696,6 +753,16 @@ async fn dispatch<S: Store>(context: &RequestContext<S>, request: Frame) -> Opti
     Some(response)
 }
 
+/// What wakes a session's delivery task.
+struct Wakeups {
+    /// Messages accepted since, from the hub.
+    notifications: mpsc::Receiver<Notification>,
+    /// Signalled when the hub could not queue a notification.
+    lagged: Arc<Notify>,
+    /// The connection is closing: stop between two writes.
+    stop: oneshot::Receiver<()>,
+}
+
 /// Pushes every group's messages to one session: first the backlog after the user's cursor,
 /// then live messages. Per group, frames go out in seq order without gaps; a wake-up that
 /// arrives ahead of a missing seq, or a lost wake-up, is repaired from the store.
@@ -704,10 +771,14 @@ async fn deliver<S: Store>(
     session_id: u64,
     store: Arc<S>,
     hub: Arc<Hub>,
-    mut notifications: mpsc::Receiver<Notification>,
-    lagged: Arc<Notify>,
-    outbox: Outbox,
+    wakeups: Wakeups,
+    mut out: Deliveries,
 ) {
+    let Wakeups {
+        mut notifications,
+        lagged,
+        mut stop,
+    } = wakeups;
     let memberships = match store.memberships(&user).await {
         Ok(memberships) => memberships,
         Err(failure) => {
@@ -726,21 +797,39 @@ async fn deliver<S: Store>(
     );
     let mut delivered: HashMap<GroupId, Seq> = HashMap::new();
     for Membership { group_id, cursor } in memberships {
-        if !catch_up(&user, &*store, &outbox, &group_id, cursor, &mut delivered).await {
+        if !catch_up(&user, &*store, &mut out, &group_id, cursor, &mut delivered).await {
             return;
         }
     }
     loop {
         tokio::select! {
+            biased;
+            _ = &mut stop => return,
             notification = notifications.recv() => {
-                let Some(notification) = notification else { return };
-                if !on_notification(&user, &*store, &outbox, notification, &mut delivered).await {
+                let Some(mut notification) = notification else { return };
+                // Everything already queued goes out in one write.
+                loop {
+                    if !on_notification(&user, &*store, &mut out, notification, &mut delivered).await {
+                        return;
+                    }
+                    match notifications.try_recv() {
+                        Ok(next) if out.pending.len() < DELIVERY_BATCH => notification = next,
+                        Ok(next) => {
+                            if !out.flush().await {
+                                return;
+                            }
+                            notification = next;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !out.flush().await {
                     return;
                 }
             }
             _ = lagged.notified() => {
                 tracing::debug!("session lagged; resyncing from the store");
-                if !resync(&user, &*store, &outbox, &mut delivered).await {
+                if !resync(&user, &*store, &mut out, &mut delivered).await {
                     return;
                 }
             }
@@ -758,7 +847,7 @@ async fn deliver<S: Store>(
 async fn resync<S: Store>(
     user: &UserName,
     store: &S,
-    outbox: &Outbox,
+    out: &mut Deliveries,
     delivered: &mut HashMap<GroupId, Seq>,
 ) -> bool {
     let mut groups: HashMap<GroupId, Seq> = match store.memberships(user).await {
@@ -777,7 +866,7 @@ async fn resync<S: Store>(
         groups.insert(group_id.clone(), *seq);
     }
     for (group_id, seq) in groups {
-        if !catch_up(user, store, outbox, &group_id, seq, delivered).await {
+        if !catch_up(user, store, out, &group_id, seq, delivered).await {
             return false;
         }
     }
@@ -788,7 +877,7 @@ async fn resync<S: Store>(
 async fn on_notification<S: Store>(
     user: &UserName,
     store: &S,
-    outbox: &Outbox,
+    out: &mut Deliveries,
     notification: Notification,
     delivered: &mut HashMap<GroupId, Seq>,
 ) -> bool {
@@ -809,20 +898,18 @@ async fn on_notification<S: Store>(
     if notification.seq == last + 1
         && let Some(frame) = notification.frame
     {
-        if !outbox.send_bytes(frame).await {
-            return false;
-        }
+        out.push(frame);
         delivered.insert(notification.group_id, notification.seq);
         return true;
     }
-    catch_up(user, store, outbox, &notification.group_id, last, delivered).await
+    catch_up(user, store, out, &notification.group_id, last, delivered).await
 }
 
 /// Sends everything stored after `after` in one group. Returns false when the connection is gone.
 async fn catch_up<S: Store>(
     user: &UserName,
     store: &S,
-    outbox: &Outbox,
+    out: &mut Deliveries,
     group_id: &GroupId,
     mut after: Seq,
     delivered: &mut HashMap<GroupId, Seq>,
@@ -841,9 +928,10 @@ async fn catch_up<S: Store>(
         };
         for delivery in page.deliveries {
             after = delivery.seq;
-            if !outbox.send(Frame::Deliver(delivery)).await {
-                return false;
-            }
+            out.push(Bytes::from(Frame::Deliver(delivery).encode()));
+        }
+        if !out.flush().await {
+            return false;
         }
         delivered.insert(group_id.clone(), after);
         if !page.more {
