@@ -737,9 +737,9 @@ impl SqliteStore {
         let path = path.to_path_buf();
         let connection = open_writer_connection(&path)?;
         migrate(&connection)?;
-        let wal_path = wal_file_path(&connection, &path)?;
         let wal_name = super::wal_vfs::wal_name(&connection)
             .ok_or_else(|| StoreError::Backend("the store's database has no file name".into()))?;
+        let wal_path = wal_file_path(&wal_name)?;
         check_wal_writes(&wal_name)?;
         let mut wal_sync = match wal_sync {
             Some(sync) => sync,
@@ -1092,24 +1092,20 @@ fn run_batch(writer: &mut Writer, batch: &mut [Box<dyn WriteJob>]) -> Result<(),
     Err(failed)
 }
 
-/// The WAL file SQLite writes for the connection's database: SQLite's own full name of the
-/// database (symbolic links resolved) with `-wal` appended; for a name that is not UTF-8, the
-/// canonical path, which SQLite resolves the same way.
-fn wal_file_path(connection: &Connection, path: &Path) -> Result<PathBuf, StoreError> {
-    match connection.path() {
-        Some(database) if !database.is_empty() => Ok(PathBuf::from(format!("{database}-wal"))),
-        Some(_) => Err(StoreError::Backend(
-            "the store's database has no file name".into(),
-        )),
-        None => {
-            let mut name = std::fs::canonicalize(path)
-                .map_err(|error| {
-                    StoreError::Backend(format!("cannot resolve {}: {error}", path.display()))
-                })?
-                .into_os_string();
-            name.push("-wal");
-            Ok(PathBuf::from(name))
-        }
+/// The WAL file SQLite writes, from its name as SQLite gives it ([`super::wal_vfs::wal_name`]:
+/// the database's full name, symbolic links resolved, with `-wal`).
+fn wal_file_path(wal_name: &[u8]) -> Result<PathBuf, StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt as _;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(wal_name)))
+    }
+    // Elsewhere SQLite's file names are UTF-8.
+    #[cfg(not(unix))]
+    {
+        std::str::from_utf8(wal_name)
+            .map(PathBuf::from)
+            .map_err(|_| StoreError::Backend("the WAL's name is not UTF-8".into()))
     }
 }
 
@@ -2340,9 +2336,8 @@ mod tests {
         let store = SqliteStore::open(&path, StoreLimits::default()).expect("open");
         let wal = {
             let connection = open_connection(&path).expect("connection");
-            wal_file_path(&connection, &path).expect("WAL name")
+            super::super::wal_vfs::wal_name(&connection).expect("WAL name")
         };
-        let wal = wal.as_os_str().as_encoded_bytes().to_vec();
         let alice = UserName::new("alice").expect("name");
         let group_id = GroupId::new(b"gathered".to_vec()).expect("group id");
         store.create_group(&group_id, &alice).await.expect("create");
