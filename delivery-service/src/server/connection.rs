@@ -818,14 +818,11 @@ async fn deliver<S: Store>(
                     if !on_notification(&user, &*store, &mut out, notification, &mut delivered).await {
                         return;
                     }
+                    if out.pending.len() >= DELIVERY_BATCH && !out.flush().await {
+                        return;
+                    }
                     match notifications.try_recv() {
-                        Ok(next) if out.pending.len() < DELIVERY_BATCH => notification = next,
-                        Ok(next) => {
-                            if !out.flush().await {
-                                return;
-                            }
-                            notification = next;
-                        }
+                        Ok(next) => notification = next,
                         Err(_) => break,
                     }
                 }
