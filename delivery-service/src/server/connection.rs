@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quinn::ReadExactError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument as _;
 
 use super::handlers::{self, RequestContext, store_error};
@@ -77,7 +77,9 @@ type SharedSend = Arc<tokio::sync::Mutex<quinn::SendStream>>;
 
 /// Writes outgoing frames, coalescing whatever is queued into one write.
 async fn write_frames(send: SharedSend, mut queue: mpsc::Receiver<Outgoing>) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    // Grows with the first batches it carries, not up front: most connections are idle most of
+    // the time, and 64 slots would cost each of them 2 KiB.
+    let mut batch: Vec<Bytes> = Vec::new();
     while let Some(first) = queue.recv().await {
         let mut finish = None;
         match first {
@@ -506,7 +508,8 @@ async fn serve_inner<S: Store>(
             },
             Deliveries {
                 send,
-                pending: Vec::with_capacity(64),
+                // Grows with use, as the writer's batch does.
+                pending: Vec::new(),
             },
         )
         .in_current_span(),
@@ -522,13 +525,9 @@ async fn serve_inner<S: Store>(
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut handlers = JoinSet::new();
     // Requests that change group state run one at a time, in the order they arrived; see
-    // `run_in_order`. The channel never fills: each queued request holds an in-flight permit.
-    // Its requests are boxed: a channel allocates its first block of 32 slots when it is made,
-    // which unboxed would cost every connection, busy or idle, about 4 KiB.
-    let (in_order, in_order_queue) = mpsc::channel(max_in_flight);
-    let ordered = tokio::spawn(
-        run_in_order(Arc::clone(&context), in_order_queue, outbox.clone()).in_current_span(),
-    );
+    // `run_in_order`. Started at the first such request: most of a chat's connections only
+    // receive, and an idle one need not hold two more tasks and their channels.
+    let mut ordered: Option<OrderedRequests> = None;
     let mut rate = RateLimiter::requests(&shared.limits);
     // SECURITY: each claim consumes one of another user's KeyPackages; a client that claims
     // them in bulk would exhaust them and force everyone onto the last-resort package
@@ -592,7 +591,15 @@ async fn serve_inner<S: Store>(
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                     break None;
                 };
-                if in_order.send((Box::new(request), permit)).await.is_err() {
+                let ordered = ordered.get_or_insert_with(|| {
+                    OrderedRequests::start(Arc::clone(&context), max_in_flight, outbox.clone())
+                });
+                if ordered
+                    .queue
+                    .send((Box::new(request), permit))
+                    .await
+                    .is_err()
+                {
                     break None;
                 }
             }
@@ -615,8 +622,10 @@ async fn serve_inner<S: Store>(
         }
     };
     // Let in-flight requests finish: their writes are durable and their answers get sent.
-    drop(in_order);
-    let _ = ordered.await;
+    if let Some(OrderedRequests { queue, task }) = ordered {
+        drop(queue);
+        let _ = task.await;
+    }
     while handlers.join_next().await.is_some() {}
     shared.hub.detach(&user, session_id);
     // Stopped between writes, so that the stream never ends inside a frame; a peer that stopped
@@ -635,6 +644,27 @@ async fn serve_inner<S: Store>(
     drop(outbox);
     let _ = writer.await;
     tracing::info!(%user, "connection ended");
+}
+
+/// A connection's queue of `Send` and `CreateGroup` requests, and the task that runs them.
+struct OrderedRequests {
+    /// Never fills: each queued request holds one of the connection's in-flight permits. Its
+    /// requests are boxed: a channel allocates its first block of 32 slots when it is made, and
+    /// a whole request frame in each slot would be about 4 KiB.
+    queue: mpsc::Sender<(Box<Frame>, OwnedSemaphorePermit)>,
+    task: JoinHandle<()>,
+}
+
+impl OrderedRequests {
+    fn start<S: Store>(
+        context: Arc<RequestContext<S>>,
+        max_in_flight: usize,
+        outbox: Outbox,
+    ) -> OrderedRequests {
+        let (queue, queued) = mpsc::channel(max_in_flight);
+        let task = tokio::spawn(run_in_order(context, queued, outbox).in_current_span());
+        OrderedRequests { queue, task }
+    }
 }
 
 /// Runs a connection's `Send` and `CreateGroup` requests in arrival order.
