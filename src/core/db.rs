@@ -448,16 +448,53 @@ pub struct OutboxRow {
     pub removed: Vec<String>,
 }
 
+/// Every queued item, oldest first.
 pub fn outbox(connection: &Connection) -> Result<Vec<OutboxRow>, CoreError> {
     let mut statement = connection
-        .prepare("SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed FROM outbox ORDER BY id")
+        .prepare_cached(
+            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed
+             FROM outbox ORDER BY id",
+        )
         .map_err(sql)?;
+    read_outbox(&mut statement, [])
+}
+
+/// A group's queued items, oldest first. Read at every delivery, so one index lookup (the
+/// outbox of a client that only receives is empty) and not a read of every group's items.
+pub fn outbox_of_group(
+    connection: &Connection,
+    group_id: &[u8],
+) -> Result<Vec<OutboxRow>, CoreError> {
+    let mut statement = connection
+        .prepare_cached(
+            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed
+             FROM outbox WHERE group_id = ?1 ORDER BY id",
+        )
+        .map_err(sql)?;
+    read_outbox(&mut statement, [group_id])
+}
+
+/// One queued item, by its id.
+pub fn outbox_row(connection: &Connection, id: i64) -> Result<Option<OutboxRow>, CoreError> {
+    let mut statement = connection
+        .prepare_cached(
+            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed
+             FROM outbox WHERE id = ?1",
+        )
+        .map_err(sql)?;
+    Ok(read_outbox(&mut statement, [id])?.pop())
+}
+
+fn read_outbox(
+    statement: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<OutboxRow>, CoreError> {
     let parse_list = |list: Option<String>| -> Vec<String> {
         list.and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default()
     };
     let rows = statement
-        .query_map([], |row| {
+        .query_map(params, |row| {
             let intent: String = row.get(2)?;
             let client_message_id: Vec<u8> = row.get(3)?;
             Ok((

@@ -1172,15 +1172,11 @@ impl Engine {
         }
         let has_proposals = group.mls.pending_proposals().next().is_some();
         let leaving = group.leaving;
-        let alone = group.mls.members().count() <= 1;
         // Everyone else has proposed to leave too: nobody but us will ever commit those
         // proposals, so the last one out does, and then leaves an empty group on its own.
         let last_out = leaving && others_all_leaving(&group.mls);
-        let rows = match db::outbox(&self.connection) {
-            Ok(rows) => rows
-                .into_iter()
-                .filter(|row| row.group_id == group_id.as_bytes())
-                .collect::<Vec<_>>(),
+        let rows = match db::outbox_of_group(&self.connection, group_id.as_bytes()) {
+            Ok(rows) => rows,
             Err(error) => {
                 self.error(error.to_string());
                 return Pumped::Idle;
@@ -1239,7 +1235,14 @@ impl Engine {
             self.transmit(&next);
             return Pumped::Sent;
         }
-        if next.intent == Intent::Leave && alone {
+        // Counted only here: it walks the whole tree, and this runs after every delivery.
+        let alone = |engine: &Self| {
+            engine
+                .groups
+                .get(group_id)
+                .is_some_and(|group| group.mls.members().count() <= 1)
+        };
+        if next.intent == Intent::Leave && alone(self) {
             // Nobody is left to remove us, nor to read anything: leave locally.
             self.deactivate(group_id, "you left".into());
             self.emit(CoreEvent::Left {
@@ -1619,9 +1622,13 @@ impl Engine {
         for failure in &claim.failures {
             self.error(failure.clone());
         }
-        let rows = db::outbox(&self.connection).unwrap_or_default();
-        let Some(row) = rows.into_iter().find(|row| row.id == outbox) else {
-            return;
+        let row = match db::outbox_row(&self.connection, outbox) {
+            Ok(Some(row)) => row,
+            Ok(None) => return,
+            Err(error) => {
+                self.error(error.to_string());
+                return;
+            }
         };
         let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
             return;
@@ -1639,10 +1646,14 @@ impl Engine {
     /// Finds the outbox row a DS answer is about. `None` for a stale answer: the row is gone,
     /// or it was rebuilt since (new client message id) and this answers the old version.
     fn answered_row(&mut self, outbox: i64, client_message_id: [u8; 16]) -> Option<OutboxRow> {
-        let row = db::outbox(&self.connection)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|row| row.id == outbox && row.client_message_id == client_message_id);
+        let row = match db::outbox_row(&self.connection, outbox) {
+            Ok(row) => row.filter(|row| row.client_message_id == client_message_id),
+            Err(error) => {
+                // The answer cannot be matched; the item is sent again after a reconnect.
+                self.error(error.to_string());
+                return None;
+            }
+        };
         if row.is_none() {
             tracing::debug!(
                 outbox,
@@ -1993,13 +2004,14 @@ impl Engine {
         let payload = delivery.payload.as_slice();
         let seq = delivery.seq;
         let group_ref = self.group_ref(group_id);
-        let outbox = db::outbox(&self.connection)?;
-        let own_row = outbox
-            .iter()
-            .find(|row| {
-                row.payload.as_deref() == Some(payload) && row.group_id == group_id.as_bytes()
-            })
-            .cloned();
+        // Only our own messages come back with a payload our outbox holds.
+        let own_row = if from_me {
+            db::outbox_of_group(&self.connection, group_id.as_bytes())?
+                .into_iter()
+                .find(|row| row.payload.as_deref() == Some(payload))
+        } else {
+            None
+        };
         let mut events = Vec::new();
         let mut observed: Vec<(String, Vec<u8>)> = Vec::new();
         let mut merged_own: Option<OutboxRow> = None;
@@ -2218,12 +2230,11 @@ impl Engine {
         if !group.leaving {
             return;
         }
-        let rows = db::outbox(&self.connection).unwrap_or_default();
-        if let Some(row) = rows.iter().find(|row| {
-            row.group_id == group_id.as_bytes()
-                && row.intent == Intent::Leave
-                && row.payload.is_some()
-        }) {
+        let rows = db::outbox_of_group(&self.connection, group_id.as_bytes()).unwrap_or_default();
+        if let Some(row) = rows
+            .iter()
+            .find(|row| row.intent == Intent::Leave && row.payload.is_some())
+        {
             // Whatever answer the DS gives the old proposal no longer matters (it names the
             // old client message id and is ignored).
             self.in_flight.remove(&row.id);
