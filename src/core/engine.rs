@@ -1235,7 +1235,8 @@ impl Engine {
             self.transmit(&next);
             return Pumped::Sent;
         }
-        // Counted only here: it walks the whole tree, and this runs after every delivery.
+        // Counted only when a leave is next: it walks the whole tree, and the pump runs after
+        // every delivery.
         let alone = |engine: &Self| {
             engine
                 .groups
