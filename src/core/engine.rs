@@ -164,8 +164,9 @@ enum Built {
     Settled,
 }
 
-#[derive(Default)]
 struct Claim {
+    /// The group of the outbox item the claims are for.
+    group_id: GroupId,
     outstanding: usize,
     key_packages: Vec<(UserName, KeyPackage)>,
     failures: Vec<String>,
@@ -1363,7 +1364,7 @@ impl Engine {
                 return Ok(Built::Waiting);
             };
             return self
-                .start_claims(row.id, users.clone())
+                .start_claims(group_id, row.id, users.clone())
                 .map(|()| Built::Waiting);
         }
         let claimed = self.claimed.get(&row.id).cloned().unwrap_or_default();
@@ -1530,7 +1531,12 @@ impl Engine {
         }
     }
 
-    fn start_claims(&mut self, outbox: i64, users: Vec<String>) -> Result<(), CoreError> {
+    fn start_claims(
+        &mut self,
+        group_id: &GroupId,
+        outbox: i64,
+        users: Vec<String>,
+    ) -> Result<(), CoreError> {
         let users: Vec<UserName> = users
             .into_iter()
             .filter_map(|user| UserName::new(user).ok())
@@ -1541,8 +1547,10 @@ impl Engine {
         self.claims.insert(
             outbox,
             Claim {
+                group_id: group_id.clone(),
                 outstanding: users.len(),
-                ..Claim::default()
+                key_packages: Vec::new(),
+                failures: Vec::new(),
             },
         );
         for user in users {
@@ -1623,17 +1631,8 @@ impl Engine {
         for failure in &claim.failures {
             self.error(failure.clone());
         }
-        let row = match db::outbox_row(&self.connection, outbox) {
-            Ok(Some(row)) => row,
-            Ok(None) => return,
-            Err(error) => {
-                self.error(error.to_string());
-                return;
-            }
-        };
-        let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
-            return;
-        };
+        // The item may have gone meanwhile (the group was left): deleting it again changes
+        // nothing, and the pump finds no row to use the KeyPackages for.
         if claim.key_packages.is_empty() {
             if let Err(error) = db::delete_outbox(&self.connection, outbox) {
                 self.error(error.to_string());
@@ -1641,7 +1640,7 @@ impl Engine {
         } else {
             self.claimed.insert(outbox, claim.key_packages);
         }
-        self.pump(&group_id);
+        self.pump(&claim.group_id);
     }
 
     /// Finds the outbox row a DS answer is about. `None` for a stale answer: the row is gone,
@@ -2231,7 +2230,13 @@ impl Engine {
         if !group.leaving {
             return;
         }
-        let rows = db::outbox_of_group(&self.connection, group_id.as_bytes()).unwrap_or_default();
+        let rows = match db::outbox_of_group(&self.connection, group_id.as_bytes()) {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.error(error.to_string());
+                return;
+            }
+        };
         if let Some(row) = rows
             .iter()
             .find(|row| row.intent == Intent::Leave && row.payload.is_some())
@@ -2248,14 +2253,18 @@ impl Engine {
     fn deactivate(&mut self, group_id: &GroupId, note: String) {
         // Messages still queued for the group will never be sent: their lines say so, and the
         // UI hears it, instead of showing them as "sending" forever.
-        let unsent: Vec<i64> = db::outbox(&self.connection)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|row| {
-                row.group_id == group_id.as_bytes() && matches!(row.intent, Intent::Text { .. })
-            })
-            .map(|row| row.id)
-            .collect();
+        let unsent: Vec<i64> = match db::outbox_of_group(&self.connection, group_id.as_bytes()) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|row| matches!(row.intent, Intent::Text { .. }))
+                .map(|row| row.id)
+                .collect(),
+            Err(error) => {
+                // The group is left all the same; its queued lines keep their state.
+                self.error(error.to_string());
+                Vec::new()
+            }
+        };
         let reason = "you are no longer a member of the group";
         let result = db::transaction(&self.connection, || {
             db::set_group_flag(
