@@ -448,13 +448,20 @@ pub struct OutboxRow {
     pub removed: Vec<String>,
 }
 
+/// A query of outbox rows in the column order [`read_outbox`] reads.
+macro_rules! select_outbox {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed FROM outbox ",
+            $rest
+        )
+    };
+}
+
 /// Every queued item, oldest first.
 pub fn outbox(connection: &Connection) -> Result<Vec<OutboxRow>, CoreError> {
     let mut statement = connection
-        .prepare_cached(
-            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed
-             FROM outbox ORDER BY id",
-        )
+        .prepare_cached(select_outbox!("ORDER BY id"))
         .map_err(sql)?;
     read_outbox(&mut statement, [])
 }
@@ -466,10 +473,7 @@ pub fn outbox_of_group(
     group_id: &[u8],
 ) -> Result<Vec<OutboxRow>, CoreError> {
     let mut statement = connection
-        .prepare_cached(
-            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed
-             FROM outbox WHERE group_id = ?1 ORDER BY id",
-        )
+        .prepare_cached(select_outbox!("WHERE group_id = ?1 ORDER BY id"))
         .map_err(sql)?;
     read_outbox(&mut statement, [group_id])
 }
@@ -477,10 +481,7 @@ pub fn outbox_of_group(
 /// One queued item, by its id.
 pub fn outbox_row(connection: &Connection, id: i64) -> Result<Option<OutboxRow>, CoreError> {
     let mut statement = connection
-        .prepare_cached(
-            "SELECT id, group_id, intent, client_message_id, payload, welcome, added, removed
-             FROM outbox WHERE id = ?1",
-        )
+        .prepare_cached(select_outbox!("WHERE id = ?1"))
         .map_err(sql)?;
     Ok(read_outbox(&mut statement, [id])?.pop())
 }

@@ -1236,15 +1236,14 @@ impl Engine {
             self.transmit(&next);
             return Pumped::Sent;
         }
-        // Counted only when a leave is next: it walks the whole tree, and the pump runs after
-        // every delivery.
-        let alone = |engine: &Self| {
-            engine
+        // Members are counted only when a leave is next: counting walks the whole tree, and the
+        // pump runs after every delivery.
+        if next.intent == Intent::Leave
+            && self
                 .groups
                 .get(group_id)
                 .is_some_and(|group| group.mls.members().count() <= 1)
-        };
-        if next.intent == Intent::Leave && alone(self) {
+        {
             // Nobody is left to remove us, nor to read anything: leave locally.
             self.deactivate(group_id, "you left".into());
             self.emit(CoreEvent::Left {
