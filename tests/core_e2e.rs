@@ -344,6 +344,102 @@ async fn acknowledgements_follow_received_messages_once_durable() {
     .await;
 }
 
+/// A member whose profile cannot be written (here another process holds its write lock for
+/// longer than the client's busy timeout; a full disk fails writes the same way) neither skips
+/// nor acknowledges what it cannot record. Its deliveries wait on the DS, and once the profile
+/// can be written again the client fetches them and processes them in order: a message, a
+/// commit and a message for a member, a Welcome and a message for a user being added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_wait_while_the_profile_cannot_be_written() {
+    timed(Duration::from_secs(120), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let group = create_group(&mut alice, "stuck disk").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        // Past bob's sync of what he received, so that the lock stops only new deliveries.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let lock = |peer: &Peer| {
+            let connection = rusqlite::Connection::open(peer.dir.join("mlschat.sqlite3"))
+                .expect("profile opens");
+            connection
+                .execute_batch("BEGIN IMMEDIATE")
+                .expect("the profile's write lock");
+            connection
+        };
+        let bob_lock = lock(&bob);
+        let carol_lock = lock(&carol);
+        let texts = [
+            "while the disk is stuck #1".to_string(),
+            "while the disk is stuck #2".to_string(),
+        ];
+        alice.send_text(&id, &texts[0]);
+        let first = alice.wait_sent(&id, &texts[0]).await;
+        alice.command(Command::Update { group: id.clone() });
+        alice.command(Command::Invite {
+            group: id.clone(),
+            users: vec![user("carol")],
+        });
+        alice.send_text(&id, &texts[1]);
+        alice.wait_sent(&id, &texts[1]).await;
+        for peer in [&mut bob, &mut carol] {
+            peer.wait_for("the report of held deliveries", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("tried again"))
+            })
+            .await;
+        }
+        let store = rusqlite::Connection::open(ds.dir.path().join("ds.sqlite3")).expect("opens");
+        let bob_cursor: u64 = store
+            .query_row(
+                "SELECT cursor FROM members WHERE group_id = ?1 AND user = 'bob'",
+                [id.as_bytes()],
+                |row| row.get(0),
+            )
+            .expect("bob's cursor");
+        assert!(
+            bob_cursor < first,
+            "bob acknowledged up to {bob_cursor}, past message {first} he could not record"
+        );
+        assert!(bob.messages(&id).is_empty(), "bob recorded a message");
+
+        for lock in [bob_lock, carol_lock] {
+            lock.execute_batch("ROLLBACK").expect("lock released");
+        }
+        for text in &texts {
+            bob.wait_message(&id, text).await;
+        }
+        carol
+            .wait_for("joined", |event| {
+                matches!(event, CoreEvent::Joined { group, by } if group.id == id && by == "alice")
+            })
+            .await;
+        carol.wait_message(&id, &texts[1]).await;
+        let (epoch, _, members) = converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        assert_eq!((epoch, members), (3, 3), "add bob, an update, add carol");
+        bob.send_text(&id, "the disk is back");
+        alice.wait_message(&id, "the disk is back").await;
+        carol.wait_message(&id, "the disk is back").await;
+
+        assert_exactly_once(&mut bob, &id, "alice", &texts);
+        assert_in_order(&mut bob, &id);
+        assert_exactly_once(&mut carol, &id, "alice", &texts[1..]);
+        for peer in [&mut bob, &mut carol] {
+            let errors = peer.errors();
+            assert_eq!(errors.len(), 1, "{}: {errors:?}", peer.name);
+        }
+        assert_eq!(alice.errors(), Vec::<String>::new());
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_way_update_races_converge() {
     const ROUNDS: usize = 20;

@@ -330,7 +330,7 @@ async fn concurrent_commits_converge() {
         assert!(
             refused
                 .iter()
-                .any(|line| line.contains("mlschat-core-racer") || !line.contains("mlschat-core-")),
+                .any(|line| line.contains("core-racer") || !line.contains("core-")),
             "mlschat's commit in epoch 2 should have been refused as stale: {refused:#?}"
         );
         let committers: Vec<(u64, &str)> = peer

@@ -14,13 +14,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use openmls::ciphersuite::hash_ref::ProposalRef;
+use openmls::group::{MergeCommitError, MergePendingCommitError};
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     BasicCredential, Capabilities, ContentType, CredentialWithKey, ExtensionType,
     GroupId as MlsGroupId, KeyPackage, LeafNodeIndex, LeafNodeParameters,
     MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage,
-    ProtocolVersion, Sender, StagedCommit, StagedWelcome, WelcomeError,
+    MlsMessageIn, MlsMessageOut, ProcessMessageError, ProcessedMessageContent, Proposal,
+    ProtocolMessage, ProtocolVersion, Sender, StagedCommit, StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_sqlite_storage::Connection;
@@ -32,8 +33,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use mlschat_ds::protocol::{
     AUTHENTICATE_LABEL, Ack, Authenticate, AuthenticationTbs, ClaimKeyPackage, CommitRouting,
-    CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode, ErrorResponse, Frame,
-    GroupId, REGISTER_LABEL, Register, Send, UploadKeyPackages, UserName,
+    CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode, ErrorResponse, Fetch, Frame,
+    GroupId, Messages, REGISTER_LABEL, Register, Send, UploadKeyPackages, UserName,
 };
 
 use super::db::{self, GroupFlag, Intent, KeyObservation, NewHistory, OutboxRow};
@@ -53,9 +54,50 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// The longest group name, in characters.
 const MAX_GROUP_NAME: usize = 64;
+/// The first wait before fetching a held group's deliveries again (see [`Held`]); it doubles
+/// with every failure in a row, up to `HELD_RETRY_MAX`.
+const HELD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const HELD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Deliveries asked for per `Fetch` of a held group.
+const HELD_FETCH_PAGE: u32 = 200;
 
 fn mls_error(error: impl std::fmt::Display) -> CoreError {
     CoreError::Mls(error.to_string())
+}
+
+// openmls reports failures of the profile's storage inside its own errors. They are database
+// errors here: the message itself may be fine, so it must be tried again, not skipped.
+
+fn storage_error(error: impl std::fmt::Display) -> CoreError {
+    CoreError::Database(error.to_string())
+}
+
+fn process_error<E: std::fmt::Display>(error: ProcessMessageError<E>) -> CoreError {
+    match error {
+        ProcessMessageError::StorageError(error) => storage_error(error),
+        other => mls_error(other),
+    }
+}
+
+fn merge_error<E: std::fmt::Display>(error: MergeCommitError<E>) -> CoreError {
+    match error {
+        MergeCommitError::StorageError(error) => storage_error(error),
+        other => mls_error(other),
+    }
+}
+
+fn merge_pending_error<E: std::fmt::Display>(error: MergePendingCommitError<E>) -> CoreError {
+    match error {
+        MergePendingCommitError::MergeCommitError(error) => merge_error(error),
+        other => mls_error(other),
+    }
+}
+
+fn welcome_error<E: std::fmt::Display>(error: WelcomeError<E>) -> CoreError {
+    match error {
+        WelcomeError::StorageError(error) => storage_error(error),
+        other => mls_error(other),
+    }
 }
 
 /// What an application message carries. Anything else that is UTF-8 is shown as text, so
@@ -121,6 +163,21 @@ struct Group {
     wait_for_epoch: Option<u64>,
 }
 
+/// The deliveries of a group that wait for the profile's storage. Processing one failed on a
+/// database error (a full disk, a profile locked by another process): its transaction rolled
+/// back, and it was not acknowledged, so the DS keeps it. Skipping it instead would leave this
+/// client behind the group for good if it was a commit, and nothing after it may be processed
+/// first. Later deliveries are dropped unacknowledged too, and all of them are fetched again
+/// from the cursor, after a back-off, until the group has caught up.
+struct Held {
+    /// When to fetch again; `None` while a fetch is being answered.
+    retry_at: Option<Instant>,
+    /// Failed attempts in a row, for the back-off.
+    failures: u32,
+    /// The highest seq delivered meanwhile (dropped, to be fetched).
+    seen: u64,
+}
+
 enum Link {
     Offline,
     Authenticating { generation: u64 },
@@ -142,6 +199,8 @@ enum Request {
     },
     CountKeyPackages,
     UploadKeyPackages,
+    /// A held group's deliveries (see [`Held`]).
+    Fetch(GroupId),
 }
 
 /// What one pass over a group's outbox did.
@@ -212,6 +271,9 @@ struct Engine {
     /// Acknowledgements held back until what they acknowledge is durable: the DS forgets a
     /// message for us once we acknowledge it.
     deferred_acks: HashMap<GroupId, u64>,
+    /// Groups whose deliveries wait for the profile's storage (see [`Held`]); a group not yet
+    /// joined when its Welcome is held is here too.
+    held: HashMap<GroupId, Held>,
 }
 
 /// Starts the core thread. Returns once the profile is open (or failed to open), with the
@@ -225,8 +287,9 @@ pub fn spawn(
     let (opened, opening) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new()
         // The user's name in the thread name tells clients apart in a shared log (tests run
-        // several in one process).
-        .name(format!("mlschat-core-{}", config.name))
+        // several in one process) and in a profile. Linux keeps 15 bytes of a thread's name,
+        // so the prefix is short enough to leave ten of them to the name.
+        .name(format!("core-{}", config.name))
         .spawn(move || match Engine::open(config, events, net) {
             Ok(mut engine) => {
                 let _ = opened.send(Ok(fingerprint(engine.signer.public())));
@@ -347,6 +410,7 @@ impl Engine {
             unsynced_since: None,
             sync_failing: false,
             deferred_acks: HashMap::new(),
+            held: HashMap::new(),
         })
     }
 
@@ -530,6 +594,10 @@ impl Engine {
         self.requests.clear();
         self.in_flight.clear();
         self.claims.clear();
+        for held in self.held.values_mut() {
+            // A fetch that was being answered: ask again on the next connection.
+            held.retry_at.get_or_insert_with(Instant::now);
+        }
     }
 
     fn on_frame(&mut self, frame: Frame) {
@@ -574,7 +642,12 @@ impl Engine {
                 }
             }
             Frame::Deliver(delivery) => self.on_deliver(delivery),
-            Frame::Messages(_) | Frame::Pong(_) => {}
+            Frame::Messages(page) => {
+                if let Some(Request::Fetch(group_id)) = self.requests.remove(&page.request_id) {
+                    self.on_fetched(group_id, page);
+                }
+            }
+            Frame::Pong(_) => {}
             other => tracing::warn!(kind = ?other.kind(), "unexpected frame from the DS"),
         }
     }
@@ -661,6 +734,15 @@ impl Engine {
             Some(Request::CountKeyPackages) | Some(Request::UploadKeyPackages) => {
                 self.error(format!("KeyPackage upload failed: {message}"));
                 self.announce_ready();
+            }
+            Some(Request::Fetch(group_id)) => {
+                if code == Some(ErrorCode::NotMember) {
+                    // Nothing of the group is left for us on the DS.
+                    self.held.remove(&group_id);
+                } else if let Some(held) = self.held.get_mut(&group_id) {
+                    tracing::warn!(group = %group_id, %message, "fetching held deliveries failed");
+                    held.retry_at = Some(Instant::now() + RETRY_DELAY);
+                }
             }
             None => tracing::warn!(code = error.code, %message, "error from the DS"),
         }
@@ -1092,6 +1174,7 @@ impl Engine {
             }
             self.pump_all();
         }
+        self.retry_held(now);
         if let Some(period) = self.config.auto_update {
             let threshold =
                 db::now_unix_secs() - i64::try_from(period.as_secs()).unwrap_or(i64::MAX);
@@ -1156,7 +1239,9 @@ impl Engine {
     }
 
     fn pump_once(&mut self, group_id: &GroupId) -> Pumped {
-        if !self.online() {
+        // A held group sends nothing: its state may be behind the group's (a held commit), and
+        // its storage is failing anyway. It is pumped again once it has caught up.
+        if !self.online() || self.held.contains_key(group_id) {
             return Pumped::Idle;
         }
         let Some(group) = self.groups.get_mut(group_id) else {
@@ -1775,7 +1860,10 @@ impl Engine {
                 && row.intent != Intent::Leave
                 && group.mls.pending_commit().is_some()
             {
-                group.mls.clear_pending_commit(storage).map_err(mls_error)?;
+                group
+                    .mls
+                    .clear_pending_commit(storage)
+                    .map_err(storage_error)?;
             }
             db::reset_outbox(&self.connection, row.id)
         });
@@ -1901,18 +1989,131 @@ impl Engine {
     }
 
     fn reload(&mut self, group_id: &GroupId) {
+        if let Err(error) = self.try_reload(group_id) {
+            self.error(format!("cannot reload group state: {error}"));
+        }
+    }
+
+    /// Replaces the group in memory with its stored state, after a step that did not commit.
+    fn try_reload(&mut self, group_id: &GroupId) -> Result<(), CoreError> {
         let mls_id = MlsGroupId::from_slice(group_id.as_bytes());
-        match MlsGroup::load(self.provider.storage(), &mls_id) {
-            Ok(Some(mls)) => {
+        match MlsGroup::load(self.provider.storage(), &mls_id).map_err(storage_error)? {
+            Some(mls) => {
                 if let Some(group) = self.groups.get_mut(group_id) {
                     group.mls = mls;
                 }
             }
-            Ok(None) => {
+            None => {
                 self.groups.remove(group_id);
             }
-            Err(error) => self.error(format!("cannot reload group state: {error}")),
         }
+        Ok(())
+    }
+
+    // ---- deliveries held for the profile's storage (see `Held`) ---------------------------
+
+    /// Holds a group's deliveries after `seq` failed on the profile's storage, or holds them
+    /// longer after a retry failed.
+    fn hold(&mut self, group_id: &GroupId, seq: u64, error: &CoreError) {
+        let held = self.held.entry(group_id.clone()).or_insert(Held {
+            retry_at: None,
+            failures: 0,
+            seen: seq,
+        });
+        held.failures = held.failures.saturating_add(1);
+        held.seen = held.seen.max(seq);
+        let delay = HELD_RETRY_FIRST
+            .saturating_mul(1 << (held.failures - 1).min(5))
+            .min(HELD_RETRY_MAX);
+        held.retry_at = Some(Instant::now() + delay);
+        let failures = held.failures;
+        if failures == 1 {
+            self.error(format!(
+                "{}: cannot record message {seq}: {error}; the server keeps it and it is tried again",
+                self.group_ref(group_id).name
+            ));
+        } else {
+            tracing::warn!(group = %group_id, seq, failures, %error, "held deliveries still cannot be recorded");
+        }
+    }
+
+    /// Fetches the held deliveries of the groups whose back-off is over.
+    fn retry_held(&mut self, now: Instant) {
+        if !self.online() {
+            return;
+        }
+        let due: Vec<GroupId> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.retry_at.is_some_and(|at| at <= now))
+            .map(|(group_id, _)| group_id.clone())
+            .collect();
+        for group_id in due {
+            // A failed reload after the failure left the group in memory ahead of its storage.
+            if self.groups.contains_key(&group_id)
+                && let Err(error) = self.try_reload(&group_id)
+            {
+                let next = self
+                    .groups
+                    .get(&group_id)
+                    .map_or(0, |group| group.cursor + 1);
+                self.hold(&group_id, next, &error);
+                continue;
+            }
+            self.fetch_held(&group_id);
+        }
+    }
+
+    /// Asks the DS for a held group's deliveries after the cursor.
+    fn fetch_held(&mut self, group_id: &GroupId) {
+        let Some(held) = self.held.get_mut(group_id) else {
+            return;
+        };
+        held.retry_at = None;
+        // Not joined yet (a held Welcome): the DS starts from the membership.
+        let after_seq = self.groups.get(group_id).map_or(0, |group| group.cursor);
+        let fetched = group_id.clone();
+        self.request(Request::Fetch(group_id.clone()), |request_id| {
+            Frame::Fetch(Fetch {
+                request_id,
+                group_id: fetched,
+                after_seq,
+                limit: HELD_FETCH_PAGE,
+            })
+        });
+    }
+
+    /// Processes a page of a held group's deliveries; fetches the next one, or lets the group's
+    /// deliveries flow again once it has caught up.
+    fn on_fetched(&mut self, group_id: GroupId, page: Messages) {
+        let Some(seen) = self.held.get(&group_id).map(|held| held.seen) else {
+            return;
+        };
+        let fetched = page.messages.len();
+        for delivery in page.messages {
+            if delivery.group_id != group_id {
+                tracing::warn!("the DS answered a fetch with another group's message");
+                continue;
+            }
+            self.process(delivery);
+            if self
+                .held
+                .get(&group_id)
+                .is_none_or(|held| held.retry_at.is_some())
+            {
+                // Failed again (and rescheduled).
+                return;
+            }
+        }
+        let cursor = self.groups.get(&group_id).map_or(0, |group| group.cursor);
+        // Messages that expired on the DS leave `seen` out of reach: an empty page ends it.
+        if page.more != 0 || (cursor < seen && fetched > 0) {
+            self.fetch_held(&group_id);
+            return;
+        }
+        self.held.remove(&group_id);
+        tracing::info!(group = %group_id, "held deliveries recorded; the group's deliveries flow again");
+        self.pump(&group_id);
     }
 
     fn observe(&self, user: &str, signature_key: &[u8]) {
@@ -1929,11 +2130,22 @@ impl Engine {
     }
 
     fn on_deliver(&mut self, delivery: Delivery) {
+        if let Some(held) = self.held.get_mut(&delivery.group_id) {
+            // Not acknowledged: the DS keeps it, and a fetch brings it back in order.
+            held.seen = held.seen.max(delivery.seq);
+            return;
+        }
+        self.process(delivery);
+    }
+
+    /// Processes one delivery of a group in seq order, from the DS's stream or from a fetch.
+    fn process(&mut self, delivery: Delivery) {
         let group_id = delivery.group_id.clone();
         let seq = delivery.seq;
         if delivery.kind == DeliveryKind::Welcome as u8 {
-            self.on_welcome(delivery);
-            self.ack(&group_id, seq);
+            if self.on_welcome(delivery) {
+                self.ack(&group_id, seq);
+            }
             return;
         }
         let Some(group) = self.groups.get(&group_id) else {
@@ -1957,6 +2169,14 @@ impl Engine {
         let outcome = self.process_delivery(&group_id, &delivery, from_me);
         let events = match outcome {
             Ok(events) => events,
+            Err(error @ CoreError::Database(_)) => {
+                // Nothing was written, but the group in memory may have moved on.
+                if let Err(reload) = self.try_reload(&group_id) {
+                    tracing::warn!(group = %group_id, error = %reload, "cannot reload a held group yet");
+                }
+                self.hold(&group_id, seq, &error);
+                return;
+            }
             Err(error) => {
                 // Skip what cannot be processed, but never silently: the timeline says so.
                 self.reload(&group_id);
@@ -2017,7 +2237,9 @@ impl Engine {
         let mut settled_own: Option<i64> = None;
         let mut self_removed_by: Option<String> = None;
         let mut epoch_changed = false;
-        let mut renamed = false;
+        // Applied to the group in memory only once the transaction has committed.
+        let mut renamed_to: Option<String> = None;
+        let mut self_updated_at: Option<i64> = None;
         let me = self.me.to_string();
         let Some(group) = self.groups.get_mut(group_id) else {
             return Ok(events);
@@ -2060,15 +2282,12 @@ impl Engine {
                     group
                         .mls
                         .merge_pending_commit(provider)
-                        .map_err(mls_error)?;
+                        .map_err(merge_pending_error)?;
                     db::delete_outbox(connection, row.id)?;
                     if row.intent == Intent::Update {
-                        db::set_last_self_update(
-                            connection,
-                            group_id.as_bytes(),
-                            db::now_unix_secs(),
-                        )?;
-                        group.last_self_update = db::now_unix_secs();
+                        let now = db::now_unix_secs();
+                        db::set_last_self_update(connection, group_id.as_bytes(), now)?;
+                        self_updated_at = Some(now);
                     }
                     if matches!(row.intent, Intent::Invite { .. })
                         && let Some(name) = &group.name
@@ -2105,12 +2324,12 @@ impl Engine {
                         group
                             .mls
                             .clear_pending_commit(provider.storage())
-                            .map_err(mls_error)?;
+                            .map_err(storage_error)?;
                     }
                     let processed = group
                         .mls
                         .process_message(provider, protocol)
-                        .map_err(mls_error)?;
+                        .map_err(process_error)?;
                     let sender = identity_of(processed.credential());
                     match processed.into_content() {
                         ProcessedMessageContent::ApplicationMessage(message) => {
@@ -2139,8 +2358,7 @@ impl Engine {
                                         && group.name.as_deref() != Some(name.as_str())
                                     {
                                         db::set_group_name(connection, group_id.as_bytes(), &name)?;
-                                        group.name = Some(name);
-                                        renamed = true;
+                                        renamed_to = Some(name);
                                     }
                                 }
                             }
@@ -2149,7 +2367,7 @@ impl Engine {
                             group
                                 .mls
                                 .store_pending_proposal(provider.storage(), *proposal)
-                                .map_err(mls_error)?;
+                                .map_err(storage_error)?;
                         }
                         ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
                             tracing::info!("ignoring an external join proposal");
@@ -2163,7 +2381,7 @@ impl Engine {
                             group
                                 .mls
                                 .merge_staged_commit(provider, *staged)
-                                .map_err(mls_error)?;
+                                .map_err(merge_error)?;
                             epoch_changed = true;
                         }
                         other => {
@@ -2182,6 +2400,13 @@ impl Engine {
             Ok(())
         })?;
         group.cursor = seq;
+        if let Some(at) = self_updated_at {
+            group.last_self_update = at;
+        }
+        let renamed = renamed_to.is_some();
+        if let Some(name) = renamed_to {
+            group.name = Some(name);
+        }
         self.committed_unsynced();
         if let Some(row) = merged_own {
             self.in_flight.remove(&row.id);
@@ -2301,7 +2526,9 @@ impl Engine {
         }
     }
 
-    fn on_welcome(&mut self, delivery: Delivery) {
+    /// Joins a group from its Welcome. Returns false if the Welcome is held for the profile's
+    /// storage (see [`Held`]) and must not be acknowledged.
+    fn on_welcome(&mut self, delivery: Delivery) -> bool {
         let group_id = delivery.group_id.clone();
         // Already a member, or a Welcome replayed from before what we processed since (acks
         // lost with a connection): joining again from it would rewind the group and replay
@@ -2311,7 +2538,7 @@ impl Engine {
             .get(&group_id)
             .is_some_and(|group| group.active || delivery.seq <= group.cursor)
         {
-            return;
+            return true;
         }
         let replace = self.groups.contains_key(&group_id);
         // Added again after a removal: the name we knew still applies until the inviter's
@@ -2331,7 +2558,7 @@ impl Engine {
                 ));
             };
             let mut builder = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
-                .map_err(mls_error)?;
+                .map_err(welcome_error)?;
             if replace {
                 builder = builder.replace_old_group();
             }
@@ -2343,7 +2570,7 @@ impl Engine {
                      inviter's client must put the ratchet tree in its Welcomes",
                     delivery.sender
                 )),
-                other => mls_error(other),
+                other => welcome_error(other),
             })?;
             let by = staged
                 .welcome_sender()
@@ -2358,7 +2585,7 @@ impl Engine {
                     )
                 })
                 .collect();
-            let mls = staged.into_group(provider).map_err(mls_error)?;
+            let mls = staged.into_group(provider).map_err(welcome_error)?;
             db::insert_group(
                 connection,
                 group_id.as_bytes(),
@@ -2403,8 +2630,13 @@ impl Engine {
                     Frame::CountKeyPackages(CountKeyPackages { request_id })
                 });
             }
+            Err(error @ CoreError::Database(_)) => {
+                self.hold(&group_id, delivery.seq, &error);
+                return false;
+            }
             Err(error) => self.error(format!("could not join a group from its Welcome: {error}")),
         }
+        true
     }
 }
 
