@@ -344,6 +344,37 @@ async fn acknowledgements_follow_received_messages_once_durable() {
     .await;
 }
 
+/// Takes the write lock of a running client's profile, as another process would.
+fn lock_profile(peer: &Peer) -> rusqlite::Connection {
+    let connection =
+        rusqlite::Connection::open(peer.dir.join("mlschat.sqlite3")).expect("profile opens");
+    connection
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("the profile's write lock");
+    connection
+}
+
+/// Waits for the report that a client holds a group's deliveries for its storage.
+async fn wait_held(peer: &mut Peer) {
+    peer.wait_for(
+        "the report of held deliveries",
+        |event| matches!(event, CoreEvent::Error { message } if message.contains("tried again")),
+    )
+    .await;
+}
+
+/// The DS's acknowledged cursor of `user` in `group`.
+fn ds_cursor(ds: &Ds, group: &GroupId, user: &str) -> u64 {
+    let store = rusqlite::Connection::open(ds.dir.path().join("ds.sqlite3")).expect("opens");
+    store
+        .query_row(
+            "SELECT cursor FROM members WHERE group_id = ?1 AND user = ?2",
+            rusqlite::params![group.as_bytes(), user],
+            |row| row.get(0),
+        )
+        .expect("the member's cursor")
+}
+
 /// A member whose profile cannot be written (here another process holds its write lock for
 /// longer than the client's busy timeout; a full disk fails writes the same way) neither skips
 /// nor acknowledges what it cannot record. Its deliveries wait on the DS, and once the profile
@@ -364,16 +395,8 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
         // Past bob's sync of what he received, so that the lock stops only new deliveries.
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let lock = |peer: &Peer| {
-            let connection = rusqlite::Connection::open(peer.dir.join("mlschat.sqlite3"))
-                .expect("profile opens");
-            connection
-                .execute_batch("BEGIN IMMEDIATE")
-                .expect("the profile's write lock");
-            connection
-        };
-        let bob_lock = lock(&bob);
-        let carol_lock = lock(&carol);
+        let bob_lock = lock_profile(&bob);
+        let carol_lock = lock_profile(&carol);
         let texts = [
             "while the disk is stuck #1".to_string(),
             "while the disk is stuck #2".to_string(),
@@ -388,19 +411,9 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
         alice.send_text(&id, &texts[1]);
         alice.wait_sent(&id, &texts[1]).await;
         for peer in [&mut bob, &mut carol] {
-            peer.wait_for("the report of held deliveries", |event| {
-                matches!(event, CoreEvent::Error { message } if message.contains("tried again"))
-            })
-            .await;
+            wait_held(peer).await;
         }
-        let store = rusqlite::Connection::open(ds.dir.path().join("ds.sqlite3")).expect("opens");
-        let bob_cursor: u64 = store
-            .query_row(
-                "SELECT cursor FROM members WHERE group_id = ?1 AND user = 'bob'",
-                [id.as_bytes()],
-                |row| row.get(0),
-            )
-            .expect("bob's cursor");
+        let bob_cursor = ds_cursor(&ds, &id, "bob");
         assert!(
             bob_cursor < first,
             "bob acknowledged up to {bob_cursor}, past message {first} he could not record"
@@ -436,6 +449,51 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
         for peer in [&mut alice, &mut bob, &mut carol] {
             peer.stop().await;
         }
+    })
+    .await;
+}
+
+/// A Welcome held for the profile's storage that then turns out unopenable (its KeyPackage is
+/// gone) is reported once and passed over like any unopenable Welcome: the hold ends, and the
+/// user's deliveries are acknowledged again, instead of the same page being fetched forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_welcome_that_cannot_be_opened_is_passed_over() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let group = create_group(&mut alice, "lost key").await;
+        let id = group.id.clone();
+
+        let carol_lock = lock_profile(&carol);
+        alice.command(Command::Invite {
+            group: id.clone(),
+            users: vec![user("carol")],
+        });
+        wait_held(&mut carol).await;
+        carol_lock
+            .execute_batch("DELETE FROM openmls_key_packages; COMMIT")
+            .expect("KeyPackages deleted, lock released");
+        carol
+            .wait_for("the Welcome's failure", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("could not join"))
+            })
+            .await;
+        alice.send_text(&id, "carol cannot read this");
+        let last = alice.wait_sent(&id, "carol cannot read this").await;
+        // Well past the first retries' back-off.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let errors = carol.errors();
+        assert_eq!(errors.len(), 2, "carol: {errors:?}");
+        assert!(!carol.in_group(&id));
+        assert!(
+            ds_cursor(&ds, &id, "carol") >= last,
+            "carol's deliveries are no longer acknowledged"
+        );
+        assert_eq!(alice.errors(), Vec::<String>::new());
+        alice.stop().await;
+        carol.stop().await;
     })
     .await;
 }

@@ -57,8 +57,29 @@ CREATE TABLE known_keys (
 );
 ";
 
-fn sql(error: rusqlite::Error) -> CoreError {
-    CoreError::Database(error.to_string())
+/// A SQLite error as a `CoreError`: [`CoreError::Unavailable`] if it says the storage failed
+/// rather than the statement, for a step that is worth trying again.
+pub(crate) fn sql(error: rusqlite::Error) -> CoreError {
+    use rusqlite::ErrorCode::{
+        CannotOpen, DatabaseBusy, DatabaseLocked, DiskFull, OutOfMemory, ReadOnly, SystemIoFailure,
+    };
+    match &error {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(
+                failure.code,
+                DatabaseBusy
+                    | DatabaseLocked
+                    | DiskFull
+                    | SystemIoFailure
+                    | ReadOnly
+                    | CannotOpen
+                    | OutOfMemory
+            ) =>
+        {
+            CoreError::Unavailable(error.to_string())
+        }
+        _ => CoreError::Database(error.to_string()),
+    }
 }
 
 pub fn now_unix_secs() -> i64 {
@@ -234,7 +255,8 @@ fn check_wal_writes(connection: &Connection) -> Result<(), CoreError> {
     };
     match mlschat_ds::store::wal_vfs::deferred_write_failure(&wal) {
         None => Ok(()),
-        Some(code) => Err(CoreError::Database(format!(
+        // Unavailable, not Database: a delivery that fails on it must not be acknowledged.
+        Some(code) => Err(CoreError::Unavailable(format!(
             "a write to the profile database's WAL failed after SQLite counted it written \
              (SQLite error {code}); nothing more can be saved: restart mlschat"
         ))),

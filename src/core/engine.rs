@@ -65,35 +65,36 @@ fn mls_error(error: impl std::fmt::Display) -> CoreError {
     CoreError::Mls(error.to_string())
 }
 
-// openmls reports failures of the profile's storage inside its own errors. They are database
-// errors here: the message itself may be fine, so it must be tried again, not skipped.
+// openmls reports failures of the profile's storage inside its own errors. They are classified
+// as the client's own SQL errors are: when the storage rather than the message failed, the
+// message must be tried again, not skipped.
 
-fn storage_error(error: impl std::fmt::Display) -> CoreError {
-    CoreError::Database(error.to_string())
+fn storage_error(error: rusqlite::Error) -> CoreError {
+    db::sql(error)
 }
 
-fn process_error<E: std::fmt::Display>(error: ProcessMessageError<E>) -> CoreError {
+fn process_error(error: ProcessMessageError<rusqlite::Error>) -> CoreError {
     match error {
         ProcessMessageError::StorageError(error) => storage_error(error),
         other => mls_error(other),
     }
 }
 
-fn merge_error<E: std::fmt::Display>(error: MergeCommitError<E>) -> CoreError {
+fn merge_error(error: MergeCommitError<rusqlite::Error>) -> CoreError {
     match error {
         MergeCommitError::StorageError(error) => storage_error(error),
         other => mls_error(other),
     }
 }
 
-fn merge_pending_error<E: std::fmt::Display>(error: MergePendingCommitError<E>) -> CoreError {
+fn merge_pending_error(error: MergePendingCommitError<rusqlite::Error>) -> CoreError {
     match error {
         MergePendingCommitError::MergeCommitError(error) => merge_error(error),
         other => mls_error(other),
     }
 }
 
-fn welcome_error<E: std::fmt::Display>(error: WelcomeError<E>) -> CoreError {
+fn welcome_error(error: WelcomeError<rusqlite::Error>) -> CoreError {
     match error {
         WelcomeError::StorageError(error) => storage_error(error),
         other => mls_error(other),
@@ -176,6 +177,16 @@ struct Held {
     failures: u32,
     /// The highest seq delivered meanwhile (dropped, to be fetched).
     seen: u64,
+    /// The last fetched seq done with. Fetches go on after it, not after the cursor, which some
+    /// deliveries leave where it is (a Welcome that cannot be opened, a group no longer active).
+    done_to: u64,
+}
+
+/// The wait before the next fetch of a held group after `failures` failures in a row.
+fn held_backoff(failures: u32) -> Duration {
+    HELD_RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(HELD_RETRY_MAX)
 }
 
 enum Link {
@@ -737,11 +748,14 @@ impl Engine {
             }
             Some(Request::Fetch(group_id)) => {
                 if code == Some(ErrorCode::NotMember) {
-                    // Nothing of the group is left for us on the DS.
+                    // Nothing of the group is left for us on the DS. Whatever is queued finds
+                    // that out as it is sent.
                     self.held.remove(&group_id);
+                    self.pump(&group_id);
                 } else if let Some(held) = self.held.get_mut(&group_id) {
                     tracing::warn!(group = %group_id, %message, "fetching held deliveries failed");
-                    held.retry_at = Some(Instant::now() + RETRY_DELAY);
+                    held.failures = held.failures.saturating_add(1);
+                    held.retry_at = Some(Instant::now() + held_backoff(held.failures));
                 }
             }
             None => tracing::warn!(code = error.code, %message, "error from the DS"),
@@ -2019,13 +2033,11 @@ impl Engine {
             retry_at: None,
             failures: 0,
             seen: seq,
+            done_to: 0,
         });
         held.failures = held.failures.saturating_add(1);
         held.seen = held.seen.max(seq);
-        let delay = HELD_RETRY_FIRST
-            .saturating_mul(1 << (held.failures - 1).min(5))
-            .min(HELD_RETRY_MAX);
-        held.retry_at = Some(Instant::now() + delay);
+        held.retry_at = Some(Instant::now() + held_backoff(held.failures));
         let failures = held.failures;
         if failures == 1 {
             self.error(format!(
@@ -2071,7 +2083,8 @@ impl Engine {
         };
         held.retry_at = None;
         // Not joined yet (a held Welcome): the DS starts from the membership.
-        let after_seq = self.groups.get(group_id).map_or(0, |group| group.cursor);
+        let cursor = self.groups.get(group_id).map_or(0, |group| group.cursor);
+        let after_seq = cursor.max(held.done_to);
         let fetched = group_id.clone();
         self.request(Request::Fetch(group_id.clone()), |request_id| {
             Frame::Fetch(Fetch {
@@ -2095,19 +2108,18 @@ impl Engine {
                 tracing::warn!("the DS answered a fetch with another group's message");
                 continue;
             }
+            let seq = delivery.seq;
             self.process(delivery);
-            if self
-                .held
-                .get(&group_id)
-                .is_none_or(|held| held.retry_at.is_some())
-            {
+            match self.held.get_mut(&group_id) {
+                Some(held) if held.retry_at.is_none() => held.done_to = held.done_to.max(seq),
                 // Failed again (and rescheduled).
-                return;
+                _ => return,
             }
         }
         let cursor = self.groups.get(&group_id).map_or(0, |group| group.cursor);
+        let done_to = self.held.get(&group_id).map_or(0, |held| held.done_to);
         // Messages that expired on the DS leave `seen` out of reach: an empty page ends it.
-        if page.more != 0 || (cursor < seen && fetched > 0) {
+        if page.more != 0 || (cursor.max(done_to) < seen && fetched > 0) {
             self.fetch_held(&group_id);
             return;
         }
@@ -2169,7 +2181,7 @@ impl Engine {
         let outcome = self.process_delivery(&group_id, &delivery, from_me);
         let events = match outcome {
             Ok(events) => events,
-            Err(error @ CoreError::Database(_)) => {
+            Err(error @ CoreError::Unavailable(_)) => {
                 // Nothing was written, but the group in memory may have moved on.
                 if let Err(reload) = self.try_reload(&group_id) {
                     tracing::warn!(group = %group_id, error = %reload, "cannot reload a held group yet");
@@ -2630,7 +2642,7 @@ impl Engine {
                     Frame::CountKeyPackages(CountKeyPackages { request_id })
                 });
             }
-            Err(error @ CoreError::Database(_)) => {
+            Err(error @ CoreError::Unavailable(_)) => {
                 self.hold(&group_id, delivery.seq, &error);
                 return false;
             }
