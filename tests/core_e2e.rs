@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{
     Ds, Peer, STEP, agreed_status, converge, create_group, invite, raw_login, timed, user,
 };
-use mlschat::core::{Command, CoreEvent};
+use mlschat::core::{Command, ConnectionState, CoreEvent};
 use mlschat_ds::protocol::{ErrorCode, Fetch, Frame, GroupId};
 
 /// Asserts that every text in `texts` (sent by `from`) arrived exactly once at `peer`, with the
@@ -494,6 +494,56 @@ async fn a_held_welcome_that_cannot_be_opened_is_passed_over() {
         assert_eq!(alice.errors(), Vec::<String>::new());
         alice.stop().await;
         carol.stop().await;
+    })
+    .await;
+}
+
+/// A message queued while the DS was unreachable, whose building then fails on the profile's
+/// storage (locked by another process when the DS comes back), is built and sent once the
+/// profile can be written again instead of being given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_building_fails_on_storage_is_sent_later() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let group = create_group(&mut alice, "offline queue").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+
+        let stopped = ds.stop().await;
+        alice
+            .wait_for("the connection lost", |event| {
+                matches!(event, CoreEvent::Connection { state: ConnectionState::Reconnecting, .. })
+            })
+            .await;
+        let text = "queued while the DS was away";
+        alice.send_text(&id, text);
+        alice
+            .wait_for("queued", |event| {
+                matches!(event, CoreEvent::Queued { text: queued, .. } if queued == text)
+            })
+            .await;
+        // Past the sync of the queueing, so that the lock stops only the building.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let lock = lock_profile(&alice);
+        let _ds = stopped.start().await;
+        alice
+            .wait_for("the report of a postponed message", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("cannot save the next message to send"))
+            })
+            .await;
+        lock.execute_batch("ROLLBACK").expect("lock released");
+        alice.wait_sent(&id, text).await;
+        bob.wait_message(&id, text).await;
+        assert_exactly_once(&mut bob, &id, "alice", &[text.to_string()]);
+        let errors = alice.errors();
+        assert_eq!(errors.len(), 1, "alice: {errors:?}");
+        assert_eq!(bob.errors(), Vec::<String>::new());
+        alice.stop().await;
+        bob.stop().await;
     })
     .await;
 }

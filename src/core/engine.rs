@@ -54,10 +54,11 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// The longest group name, in characters.
 const MAX_GROUP_NAME: usize = 64;
-/// The first wait before fetching a held group's deliveries again (see [`Held`]); it doubles
-/// with every failure in a row, up to `HELD_RETRY_MAX`.
-const HELD_RETRY_FIRST: Duration = Duration::from_secs(1);
-const HELD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The first wait before trying a step that failed on the profile's storage again (fetching a
+/// held group's deliveries, see [`Held`], or building an outbox item); it doubles with every
+/// failure in a row, up to `STORAGE_RETRY_MAX`.
+const STORAGE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORAGE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Deliveries asked for per `Fetch` of a held group.
 const HELD_FETCH_PAGE: u32 = 200;
 
@@ -182,11 +183,11 @@ struct Held {
     done_to: u64,
 }
 
-/// The wait before the next fetch of a held group after `failures` failures in a row.
-fn held_backoff(failures: u32) -> Duration {
-    HELD_RETRY_FIRST
+/// The wait before the next try of a step after `failures` storage failures in a row.
+fn storage_retry_delay(failures: u32) -> Duration {
+    STORAGE_RETRY_FIRST
         .saturating_mul(1 << failures.saturating_sub(1).min(5))
-        .min(HELD_RETRY_MAX)
+        .min(STORAGE_RETRY_MAX)
 }
 
 enum Link {
@@ -266,6 +267,9 @@ struct Engine {
     /// Invites whose KeyPackages are all claimed, kept until the add commit is sequenced.
     claimed: HashMap<i64, Vec<(UserName, KeyPackage)>>,
     retry_at: HashMap<i64, Instant>,
+    /// Outbox items whose building failed on the profile's storage, with the failures in a
+    /// row: built again after a back-off instead of given up.
+    unbuilt: HashMap<i64, u32>,
     ready_announced: bool,
     /// Whether a connection attempt failed or a connection broke in this run.
     seen_disconnect: bool,
@@ -414,6 +418,7 @@ impl Engine {
             claimed: HashMap::new(),
             awaiting_commit: HashSet::new(),
             retry_at: HashMap::new(),
+            unbuilt: HashMap::new(),
             ready_announced: false,
             seen_disconnect: false,
             quit_deadline: None,
@@ -755,7 +760,7 @@ impl Engine {
                 } else if let Some(held) = self.held.get_mut(&group_id) {
                     tracing::warn!(group = %group_id, %message, "fetching held deliveries failed");
                     held.failures = held.failures.saturating_add(1);
-                    held.retry_at = Some(Instant::now() + held_backoff(held.failures));
+                    held.retry_at = Some(Instant::now() + storage_retry_delay(held.failures));
                 }
             }
             None => tracing::warn!(code = error.code, %message, "error from the DS"),
@@ -1351,7 +1356,19 @@ impl Engine {
             });
             return Pumped::Idle;
         }
-        match self.build(group_id, &next) {
+        // After a failed build whose reload failed too, the group in memory may be ahead of its
+        // storage (a pending commit that was never stored).
+        if self.unbuilt.contains_key(&next.id)
+            && let Err(error) = self.try_reload(group_id)
+        {
+            self.postpone_build(group_id, next.id, &error);
+            return Pumped::Idle;
+        }
+        let built = self.build(group_id, &next);
+        if !matches!(built, Err(CoreError::Unavailable(_))) {
+            self.unbuilt.remove(&next.id);
+        }
+        match built {
             Ok(Built::Ready(row)) => {
                 // Building commits with an fsync: no separate sync is needed for what came
                 // before it, such as queueing this very message.
@@ -1361,6 +1378,11 @@ impl Engine {
             }
             Ok(Built::Waiting) => Pumped::Idle,
             Ok(Built::Settled) => Pumped::Again,
+            Err(error @ CoreError::Unavailable(_)) => {
+                // The profile's storage failed, not the item: keep it.
+                self.postpone_build(group_id, next.id, &error);
+                Pumped::Idle
+            }
             Err(error) => {
                 if next.intent == Intent::CommitProposals {
                     // Proposals we cannot commit would block the group for good (and be
@@ -1370,6 +1392,23 @@ impl Engine {
                 self.fail_outbox(group_id, next.id, &next.intent, &error.to_string());
                 Pumped::Again
             }
+        }
+    }
+
+    /// Builds an outbox item again after a back-off; the first failure in a row is reported.
+    fn postpone_build(&mut self, group_id: &GroupId, outbox: i64, error: &CoreError) {
+        let failures = self.unbuilt.entry(outbox).or_insert(0);
+        *failures = failures.saturating_add(1);
+        let failures = *failures;
+        self.retry_at
+            .insert(outbox, Instant::now() + storage_retry_delay(failures));
+        if failures == 1 {
+            self.error(format!(
+                "{}: cannot save the next message to send: {error}; it is tried again",
+                self.group_ref(group_id).name
+            ));
+        } else {
+            tracing::warn!(group = %group_id, outbox, failures, %error, "an outbox item still cannot be built");
         }
     }
 
@@ -2037,7 +2076,7 @@ impl Engine {
         });
         held.failures = held.failures.saturating_add(1);
         held.seen = held.seen.max(seq);
-        held.retry_at = Some(Instant::now() + held_backoff(held.failures));
+        held.retry_at = Some(Instant::now() + storage_retry_delay(held.failures));
         let failures = held.failures;
         if failures == 1 {
             self.error(format!(

@@ -80,6 +80,36 @@ impl Ds {
     pub fn fingerprint(&self) -> String {
         self.server.fingerprint().to_hex()
     }
+
+    /// Shuts the DS down; its data stays for [`StoppedDs::start`].
+    pub async fn stop(self) -> StoppedDs {
+        let address = self.server.address();
+        self.server.shutdown().await;
+        StoppedDs {
+            address,
+            dir: self.dir,
+        }
+    }
+}
+
+/// A DS shut down by [`Ds::stop`].
+pub struct StoppedDs {
+    address: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl StoppedDs {
+    /// Starts the DS again on the same address and data (its certificate included), so that
+    /// clients reconnect to it.
+    pub async fn start(self) -> Ds {
+        let server = LocalServer::start(self.address, self.dir.path(), Limits::default())
+            .await
+            .expect("the DS starts again on its address");
+        Ds {
+            server,
+            dir: self.dir,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
