@@ -358,7 +358,7 @@ fn lock_profile(peer: &Peer) -> rusqlite::Connection {
 async fn wait_held(peer: &mut Peer) {
     peer.wait_for(
         "the report of held deliveries",
-        |event| matches!(event, CoreEvent::Error { message } if message.contains("tried again")),
+        |event| matches!(event, CoreEvent::Error { message } if message.contains("cannot record message")),
     )
     .await;
 }

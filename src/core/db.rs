@@ -61,7 +61,8 @@ CREATE TABLE known_keys (
 /// rather than the statement, for a step that is worth trying again.
 pub(crate) fn sql(error: rusqlite::Error) -> CoreError {
     use rusqlite::ErrorCode::{
-        CannotOpen, DatabaseBusy, DatabaseLocked, DiskFull, OutOfMemory, ReadOnly, SystemIoFailure,
+        CannotOpen, DatabaseBusy, DatabaseLocked, DiskFull, FileLockingProtocolFailed, OutOfMemory,
+        ReadOnly, SystemIoFailure,
     };
     match &error {
         rusqlite::Error::SqliteFailure(failure, _)
@@ -69,6 +70,7 @@ pub(crate) fn sql(error: rusqlite::Error) -> CoreError {
                 failure.code,
                 DatabaseBusy
                     | DatabaseLocked
+                    | FileLockingProtocolFailed
                     | DiskFull
                     | SystemIoFailure
                     | ReadOnly
@@ -80,6 +82,16 @@ pub(crate) fn sql(error: rusqlite::Error) -> CoreError {
         }
         _ => CoreError::Database(error.to_string()),
     }
+}
+
+/// How long a write waits for a lock another process holds on the profile.
+pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The same while the profile's storage is failing: every retry would otherwise stop the core
+/// thread for `BUSY_WAIT`.
+pub const BUSY_WAIT_WHILE_FAILING: std::time::Duration = std::time::Duration::from_millis(200);
+
+pub fn set_busy_wait(connection: &Connection, wait: std::time::Duration) -> Result<(), CoreError> {
+    connection.busy_timeout(wait).map_err(sql)
 }
 
 pub fn now_unix_secs() -> i64 {
@@ -101,10 +113,9 @@ pub fn open(path: &std::path::Path) -> Result<Connection, CoreError> {
     let connection = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs)
         .map_err(sql)?;
     connection
-        .execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
-        )
+        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
         .map_err(sql)?;
+    set_busy_wait(&connection, BUSY_WAIT)?;
     Ok(connection)
 }
 

@@ -14,7 +14,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use openmls::ciphersuite::hash_ref::ProposalRef;
-use openmls::group::{MergeCommitError, MergePendingCommitError};
+use openmls::group::{
+    AddMembersError, CommitBuilderStageError, CommitToPendingProposalsError, LeaveGroupError,
+    MergeCommitError, MergePendingCommitError, RemoveMembersError, SelfUpdateError,
+};
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     BasicCredential, Capabilities, ContentType, CredentialWithKey, ExtensionType,
@@ -74,19 +77,32 @@ fn storage_error(error: rusqlite::Error) -> CoreError {
     db::sql(error)
 }
 
-fn process_error(error: ProcessMessageError<rusqlite::Error>) -> CoreError {
-    match error {
-        ProcessMessageError::StorageError(error) => storage_error(error),
-        other => mls_error(other),
-    }
+/// Defines `$name`, which classifies an openmls error type by its `StorageError` variant and,
+/// for the operations that build a commit, the commit builder's storage variant inside it.
+/// (`create_message` reports a failed write as a `LibraryError`, which cannot be told apart;
+/// writes inside a transaction rarely fail before its commit, where the client sees them.)
+macro_rules! classify_openmls_error {
+    ($name:ident: $error:ident $(, $builder:ident)?) => {
+        fn $name(error: $error<rusqlite::Error>) -> CoreError {
+            match error {
+                $error::StorageError(error) => storage_error(error),
+                $($error::$builder(CommitBuilderStageError::KeyStoreError(error)) => {
+                    storage_error(error)
+                })?
+                other => mls_error(other),
+            }
+        }
+    };
 }
 
-fn merge_error(error: MergeCommitError<rusqlite::Error>) -> CoreError {
-    match error {
-        MergeCommitError::StorageError(error) => storage_error(error),
-        other => mls_error(other),
-    }
-}
+classify_openmls_error!(process_error: ProcessMessageError);
+classify_openmls_error!(merge_error: MergeCommitError);
+classify_openmls_error!(welcome_error: WelcomeError);
+classify_openmls_error!(leave_error: LeaveGroupError);
+classify_openmls_error!(add_error: AddMembersError, CommitBuilderStageError);
+classify_openmls_error!(remove_error: RemoveMembersError, CommitBuilderStageError);
+classify_openmls_error!(self_update_error: SelfUpdateError, CommitBuilderStageError);
+classify_openmls_error!(commit_error: CommitToPendingProposalsError, CommitBuilderStageError);
 
 fn merge_pending_error(error: MergePendingCommitError<rusqlite::Error>) -> CoreError {
     match error {
@@ -95,9 +111,9 @@ fn merge_pending_error(error: MergePendingCommitError<rusqlite::Error>) -> CoreE
     }
 }
 
-fn welcome_error(error: WelcomeError<rusqlite::Error>) -> CoreError {
+fn stage_error(error: CommitBuilderStageError<rusqlite::Error>) -> CoreError {
     match error {
-        WelcomeError::StorageError(error) => storage_error(error),
+        CommitBuilderStageError::KeyStoreError(error) => storage_error(error),
         other => mls_error(other),
     }
 }
@@ -165,12 +181,13 @@ struct Group {
     wait_for_epoch: Option<u64>,
 }
 
-/// The deliveries of a group that wait for the profile's storage. Processing one failed on a
-/// database error (a full disk, a profile locked by another process): its transaction rolled
-/// back, and it was not acknowledged, so the DS keeps it. Skipping it instead would leave this
-/// client behind the group for good if it was a commit, and nothing after it may be processed
-/// first. Later deliveries are dropped unacknowledged too, and all of them are fetched again
-/// from the cursor, after a back-off, until the group has caught up.
+/// The deliveries of a group that wait for the profile's storage. Processing one failed because
+/// the storage did ([`CoreError::Unavailable`]: a full disk, a profile locked by another
+/// process): its transaction rolled back, and it was not acknowledged, so the DS keeps it.
+/// Skipping it instead would leave this client behind the group for good if it was a commit,
+/// and nothing after it may be processed first. Later deliveries are dropped unacknowledged
+/// too, and all of them are fetched again, after a back-off, until the group has caught up.
+/// A group whose state could not be reloaded after a failed step is held the same way.
 struct Held {
     /// When to fetch again; `None` while a fetch is being answered.
     retry_at: Option<Instant>,
@@ -270,6 +287,9 @@ struct Engine {
     /// Outbox items whose building failed on the profile's storage, with the failures in a
     /// row: built again after a back-off instead of given up.
     unbuilt: HashMap<i64, u32>,
+    /// Whether the profile's storage failed and no step has succeeded since (see
+    /// `storage_failed`).
+    storage_failing: bool,
     ready_announced: bool,
     /// Whether a connection attempt failed or a connection broke in this run.
     seen_disconnect: bool,
@@ -419,6 +439,7 @@ impl Engine {
             awaiting_commit: HashSet::new(),
             retry_at: HashMap::new(),
             unbuilt: HashMap::new(),
+            storage_failing: false,
             ready_announced: false,
             seen_disconnect: false,
             quit_deadline: None,
@@ -1356,17 +1377,13 @@ impl Engine {
             });
             return Pumped::Idle;
         }
-        // After a failed build whose reload failed too, the group in memory may be ahead of its
-        // storage (a pending commit that was never stored).
-        if self.unbuilt.contains_key(&next.id)
-            && let Err(error) = self.try_reload(group_id)
-        {
-            self.postpone_build(group_id, next.id, &error);
-            return Pumped::Idle;
-        }
+        // After a failed build whose reload failed too, the group is held (see `reload`), so
+        // the group in memory is its stored state here.
         let built = self.build(group_id, &next);
-        if !matches!(built, Err(CoreError::Unavailable(_))) {
-            self.unbuilt.remove(&next.id);
+        if !matches!(built, Err(CoreError::Unavailable(_)))
+            && self.unbuilt.remove(&next.id).is_some()
+        {
+            self.storage_works();
         }
         match built {
             Ok(Built::Ready(row)) => {
@@ -1389,14 +1406,18 @@ impl Engine {
                     // retried forever): drop them, and say so.
                     self.drop_proposals(group_id);
                 }
-                self.fail_outbox(group_id, next.id, &next.intent, &error.to_string());
-                Pumped::Again
+                if self.fail_outbox(group_id, next.id, &next.intent, &error.to_string()) {
+                    Pumped::Again
+                } else {
+                    Pumped::Idle
+                }
             }
         }
     }
 
     /// Builds an outbox item again after a back-off; the first failure in a row is reported.
     fn postpone_build(&mut self, group_id: &GroupId, outbox: i64, error: &CoreError) {
+        self.storage_failed();
         let failures = self.unbuilt.entry(outbox).or_insert(0);
         *failures = failures.saturating_add(1);
         let failures = *failures;
@@ -1550,7 +1571,7 @@ impl Engine {
                     let (commit, welcome, _info) = group
                         .mls
                         .add_members(provider, signer, &key_packages)
-                        .map_err(mls_error)?;
+                        .map_err(add_error)?;
                     (to_bytes(&commit)?, Some(to_bytes(&welcome)?))
                 }
                 Intent::Kick { user } => {
@@ -1567,7 +1588,7 @@ impl Engine {
                     let (commit, welcome, _info) = group
                         .mls
                         .remove_members(provider, signer, &[index])
-                        .map_err(mls_error)?;
+                        .map_err(remove_error)?;
                     let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
                     (to_bytes(&commit)?, welcome)
                 }
@@ -1575,7 +1596,7 @@ impl Engine {
                     let bundle = group
                         .mls
                         .self_update(provider, signer, LeafNodeParameters::default())
-                        .map_err(mls_error)?;
+                        .map_err(self_update_error)?;
                     let (commit, welcome, _info) = bundle.into_messages();
                     let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
                     (to_bytes(&commit)?, welcome)
@@ -1604,7 +1625,7 @@ impl Engine {
                             .build(provider.rand(), provider.crypto(), signer, |_| true)
                             .map_err(mls_error)?
                             .stage_commit(provider)
-                            .map_err(mls_error)?;
+                            .map_err(stage_error)?;
                         let (commit, welcome, _info) = bundle.into_messages();
                         let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
                         (to_bytes(&commit)?, welcome)
@@ -1612,13 +1633,16 @@ impl Engine {
                         let (commit, welcome, _info) = group
                             .mls
                             .commit_to_pending_proposals(provider, signer)
-                            .map_err(mls_error)?;
+                            .map_err(commit_error)?;
                         let welcome = welcome.map(|welcome| to_bytes(&welcome)).transpose()?;
                         (to_bytes(&commit)?, welcome)
                     }
                 }
                 Intent::Leave => {
-                    let proposal = group.mls.leave_group(provider, signer).map_err(mls_error)?;
+                    let proposal = group
+                        .mls
+                        .leave_group(provider, signer)
+                        .map_err(leave_error)?;
                     db::set_group_flag(connection, &row.group_id, GroupFlag::Leaving, true)?;
                     (to_bytes(&proposal)?, None)
                 }
@@ -1942,8 +1966,15 @@ impl Engine {
         }
     }
 
-    /// Gives up on an outbox item. The caller pumps the group's next item.
-    fn fail_outbox(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, reason: &str) {
+    /// Gives up on an outbox item. The caller pumps the group's next item. Returns false if
+    /// the item could not be settled: it stays, and is tried again after a back-off.
+    fn fail_outbox(
+        &mut self,
+        group_id: &GroupId,
+        outbox: i64,
+        intent: &Intent,
+        reason: &str,
+    ) -> bool {
         self.in_flight.remove(&outbox);
         self.claimed.remove(&outbox);
         if *intent == Intent::Leave
@@ -1965,7 +1996,9 @@ impl Engine {
             db::delete_outbox(&self.connection, outbox)
         });
         if let Err(error) = result {
-            self.error(error.to_string());
+            // Left in place, it would be pumped again at once.
+            self.postpone_build(group_id, outbox, &error);
+            return false;
         }
         match intent {
             Intent::Text { .. } => self.emit(CoreEvent::Failed {
@@ -1975,6 +2008,7 @@ impl Engine {
             }),
             _ => self.error(format!("{}: {reason}", self.group_ref(group_id).name)),
         }
+        true
     }
 
     // ---- deliveries -----------------------------------------------------------------------
@@ -2008,6 +2042,9 @@ impl Engine {
             return;
         }
         if let Err(error) = db::sync(&self.connection) {
+            if matches!(error, CoreError::Unavailable(_)) {
+                self.storage_failed();
+            }
             // Counted from a moment ahead, so that the next attempt comes SYNC_RETRY later.
             self.unsynced_since = Some(Instant::now() + SYNC_RETRY);
             if !self.sync_failing {
@@ -2017,6 +2054,7 @@ impl Engine {
             return;
         }
         self.became_durable();
+        self.storage_works();
     }
 
     /// After an fsync'd commit: it also made every earlier commit durable (one WAL, written
@@ -2041,9 +2079,22 @@ impl Engine {
         }
     }
 
+    /// After a step that did not commit: replaces the group in memory with its stored state.
+    /// If that fails too, the group in memory may be ahead of its storage (a commit staged but
+    /// never stored), so the group is held (see [`Held`]): nothing of it is processed or built
+    /// until a retry has reloaded it.
     fn reload(&mut self, group_id: &GroupId) {
         if let Err(error) = self.try_reload(group_id) {
-            self.error(format!("cannot reload group state: {error}"));
+            let next = self
+                .groups
+                .get(group_id)
+                .map_or(0, |group| group.cursor + 1);
+            if self.hold(group_id, next) == 1 {
+                self.error(format!(
+                    "{}: cannot reload group state: {error}; its messages wait until it can",
+                    self.group_ref(group_id).name
+                ));
+            }
         }
     }
 
@@ -2065,9 +2116,10 @@ impl Engine {
 
     // ---- deliveries held for the profile's storage (see `Held`) ---------------------------
 
-    /// Holds a group's deliveries after `seq` failed on the profile's storage, or holds them
-    /// longer after a retry failed.
-    fn hold(&mut self, group_id: &GroupId, seq: u64, error: &CoreError) {
+    /// Holds a group's deliveries from `seq` on, or holds them longer after a retry failed.
+    /// Returns the failures in a row; the caller reports the first.
+    fn hold(&mut self, group_id: &GroupId, seq: u64) -> u32 {
+        self.storage_failed();
         let held = self.held.entry(group_id.clone()).or_insert(Held {
             retry_at: None,
             failures: 0,
@@ -2077,7 +2129,12 @@ impl Engine {
         held.failures = held.failures.saturating_add(1);
         held.seen = held.seen.max(seq);
         held.retry_at = Some(Instant::now() + storage_retry_delay(held.failures));
-        let failures = held.failures;
+        held.failures
+    }
+
+    /// Holds a group's deliveries after `seq` could not be recorded.
+    fn hold_delivery(&mut self, group_id: &GroupId, seq: u64, error: &CoreError) {
+        let failures = self.hold(group_id, seq);
         if failures == 1 {
             self.error(format!(
                 "{}: cannot record message {seq}: {error}; the server keeps it and it is tried again",
@@ -2085,6 +2142,29 @@ impl Engine {
             ));
         } else {
             tracing::warn!(group = %group_id, seq, failures, %error, "held deliveries still cannot be recorded");
+        }
+    }
+
+    /// The profile's storage failed: until a step succeeds again, a write waits only briefly
+    /// for a lock. The retries of every held group and postponed item, and the user's commands,
+    /// would otherwise each block the core for the whole busy timeout.
+    fn storage_failed(&mut self) {
+        if !self.storage_failing {
+            self.storage_failing = true;
+            if let Err(error) = db::set_busy_wait(&self.connection, db::BUSY_WAIT_WHILE_FAILING) {
+                tracing::warn!(%error, "cannot shorten the busy timeout");
+            }
+        }
+    }
+
+    /// A step that had failed on the profile's storage succeeded.
+    fn storage_works(&mut self) {
+        if self.storage_failing {
+            self.storage_failing = false;
+            tracing::info!("the profile can be written again");
+            if let Err(error) = db::set_busy_wait(&self.connection, db::BUSY_WAIT) {
+                tracing::warn!(%error, "cannot restore the busy timeout");
+            }
         }
     }
 
@@ -2108,7 +2188,8 @@ impl Engine {
                     .groups
                     .get(&group_id)
                     .map_or(0, |group| group.cursor + 1);
-                self.hold(&group_id, next, &error);
+                let failures = self.hold(&group_id, next);
+                tracing::warn!(group = %group_id, failures, %error, "a held group still cannot be reloaded");
                 continue;
             }
             self.fetch_held(&group_id);
@@ -2164,6 +2245,7 @@ impl Engine {
         }
         self.held.remove(&group_id);
         tracing::info!(group = %group_id, "held deliveries recorded; the group's deliveries flow again");
+        self.storage_works();
         self.pump(&group_id);
     }
 
@@ -2225,7 +2307,7 @@ impl Engine {
                 if let Err(reload) = self.try_reload(&group_id) {
                     tracing::warn!(group = %group_id, error = %reload, "cannot reload a held group yet");
                 }
-                self.hold(&group_id, seq, &error);
+                self.hold_delivery(&group_id, seq, &error);
                 return;
             }
             Err(error) => {
@@ -2682,7 +2764,7 @@ impl Engine {
                 });
             }
             Err(error @ CoreError::Unavailable(_)) => {
-                self.hold(&group_id, delivery.seq, &error);
+                self.hold_delivery(&group_id, delivery.seq, &error);
                 return false;
             }
             Err(error) => self.error(format!("could not join a group from its Welcome: {error}")),

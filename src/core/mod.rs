@@ -28,8 +28,8 @@ pub enum CoreError {
     #[error("database error: {0}")]
     Database(String),
     /// The profile's storage failed in a way that may pass (busy, locked by another process,
-    /// full, an I/O error): the step rolled back and is worth trying again.
-    #[error("the profile cannot be written: {0}")]
+    /// full, an I/O error, out of memory): the step rolled back and is worth trying again.
+    #[error("the profile's storage failed: {0}")]
     Unavailable(String),
     #[error("MLS error: {0}")]
     Mls(String),

@@ -102,9 +102,20 @@ impl StoppedDs {
     /// Starts the DS again on the same address and data (its certificate included), so that
     /// clients reconnect to it.
     pub async fn start(self) -> Ds {
-        let server = LocalServer::start(self.address, self.dir.path(), Limits::default())
-            .await
-            .expect("the DS starts again on its address");
+        // The old endpoint's socket closes when its driver task ends, which may be just after
+        // the shutdown returned.
+        let mut attempts = 0;
+        let server = loop {
+            match LocalServer::start(self.address, self.dir.path(), Limits::default()).await {
+                Ok(server) => break server,
+                Err(error) if attempts < 20 => {
+                    attempts += 1;
+                    tracing::debug!(%error, "the DS's address is not free yet");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("the DS cannot start again on {}: {error}", self.address),
+            }
+        };
         Ds {
             server,
             dir: self.dir,
