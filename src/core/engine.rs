@@ -2312,7 +2312,15 @@ impl Engine {
             }
             Err(error) => {
                 // Skip what cannot be processed, but never silently: the timeline says so.
+                // Unless the storage turns out to be failing too (openmls does not always say
+                // that a failure was its storage's): then it is held like any delivery that
+                // could not be recorded.
                 self.reload(&group_id);
+                if let Some(held) = self.held.get_mut(&group_id) {
+                    // The reload failed, and held the group.
+                    held.seen = held.seen.max(seq);
+                    return;
+                }
                 let note = format!(
                     "could not process message {seq} from {}: {error}",
                     delivery.sender
@@ -2326,6 +2334,11 @@ impl Engine {
                     )
                     .map(|_| ())
                 });
+                if let Err(storage @ CoreError::Unavailable(_)) = &recorded {
+                    let storage = storage.clone();
+                    self.hold_delivery(&group_id, seq, &storage);
+                    return;
+                }
                 if let Some(group) = self.groups.get_mut(&group_id) {
                     group.cursor = seq;
                 }
