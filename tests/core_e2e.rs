@@ -10,7 +10,7 @@ use common::{
     Ds, Peer, STEP, agreed_status, converge, create_group, invite, raw_login, timed, user,
 };
 use mlschat::core::{Command, ConnectionState, CoreEvent};
-use mlschat_ds::protocol::{ErrorCode, Fetch, Frame, GroupId};
+use mlschat_ds::protocol::{DeliveryKind, ErrorCode, Fetch, Frame, GroupId, Send};
 
 /// Asserts that every text in `texts` (sent by `from`) arrived exactly once at `peer`, with the
 /// right sender, and that nothing else from `from` with these texts arrived.
@@ -544,6 +544,112 @@ async fn a_message_whose_building_fails_on_storage_is_sent_later() {
         assert_eq!(bob.errors(), Vec::<String>::new());
         alice.stop().await;
         bob.stop().await;
+    })
+    .await;
+}
+
+/// Sends `payload` into `group` as the raw connection's user and waits for the DS to accept it.
+async fn raw_send(raw: &mut mlschat_ds::client::RawConnection, request_id: u32, payload: &[u8]) {
+    raw.send_frame(&Frame::Send(Send {
+        request_id,
+        client_message_id: [request_id as u8; 16],
+        message: payload.to_vec().into(),
+        commit: None,
+    }))
+    .await
+    .expect("send");
+    loop {
+        match tokio::time::timeout(STEP, raw.next_frame()).await {
+            Ok(Ok(Some(Frame::Accepted(accepted)))) if accepted.request_id == request_id => return,
+            Ok(Ok(Some(Frame::Deliver(_)))) => continue,
+            other => panic!("the DS did not accept request {request_id}: {other:?}"),
+        }
+    }
+}
+
+/// A member replays another member's message and sends a tampered copy of it. Every other
+/// client records each as a message it could not process and skips it, with its state intact:
+/// whether it meets them live or, after its profile was locked, among the deliveries it fetches
+/// again while catching up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_tampered_messages_are_skipped_live_and_while_held() {
+    timed(Duration::from_secs(120), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let mut mallory = Peer::start(&ds, "mallory", root.path()).await;
+        let group = create_group(&mut alice, "forgeries").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut carol, &mut mallory]).await;
+        converge(&mut [&mut alice, &mut carol, &mut mallory], &id).await;
+        alice.send_text(&id, "genuine #1");
+        let original_seq = alice.wait_sent(&id, "genuine #1").await;
+        carol.wait_message(&id, "genuine #1").await;
+
+        // Mallory's client goes; mallory keeps her DS account and speaks the protocol herself.
+        mallory.stop().await;
+        let mut raw = raw_login(&ds, "mallory", &mallory.dir).await;
+        raw.send_frame(&Frame::Fetch(Fetch {
+            request_id: 2,
+            group_id: id.clone(),
+            after_seq: original_seq - 1,
+            limit: 1,
+        }))
+        .await
+        .expect("fetch");
+        let original = loop {
+            match tokio::time::timeout(STEP, raw.next_frame()).await {
+                Ok(Ok(Some(Frame::Messages(page)))) => break page.messages[0].clone(),
+                Ok(Ok(Some(Frame::Deliver(_)))) => continue,
+                other => panic!("no answer to the fetch: {other:?}"),
+            }
+        };
+        assert_eq!(
+            (original.seq, original.kind),
+            (original_seq, DeliveryKind::Application as u8)
+        );
+        let replayed = original.payload.as_slice().to_vec();
+        // A byte in the middle lies in the encrypted part (the header is about 50 bytes of
+        // this message's 200 or so), so no key of the group opens the result.
+        let mut tampered = replayed.clone();
+        let middle = tampered.len() / 2;
+        tampered[middle] ^= 0x01;
+
+        // Live.
+        raw_send(&mut raw, 10, &replayed).await;
+        raw_send(&mut raw, 11, &tampered).await;
+        alice.send_text(&id, "genuine #2");
+        carol.wait_message(&id, "genuine #2").await;
+        let skipped = |peer: &mut Peer| {
+            peer.errors()
+                .iter()
+                .filter(|error| error.contains("could not process message"))
+                .count()
+        };
+        assert_eq!(skipped(&mut carol), 2, "carol: {:?}", carol.errors());
+
+        // While held: the same forgeries come back in the page fetched after the lock.
+        let lock = lock_profile(&carol);
+        raw_send(&mut raw, 12, &replayed).await;
+        raw_send(&mut raw, 13, &tampered).await;
+        alice.send_text(&id, "genuine #3");
+        alice.wait_sent(&id, "genuine #3").await;
+        wait_held(&mut carol).await;
+        lock.execute_batch("ROLLBACK").expect("lock released");
+        carol.wait_message(&id, "genuine #3").await;
+        assert_eq!(skipped(&mut carol), 4, "carol: {:?}", carol.errors());
+        assert_eq!(carol.errors().len(), 5, "carol: {:?}", carol.errors());
+
+        let texts: Vec<String> = (1..=3).map(|n| format!("genuine #{n}")).collect();
+        assert_exactly_once(&mut carol, &id, "alice", &texts);
+        assert_in_order(&mut carol, &id);
+        carol.send_text(&id, "carol is unharmed");
+        alice.wait_message(&id, "carol is unharmed").await;
+        converge(&mut [&mut alice, &mut carol], &id).await;
+        assert_exactly_once(&mut alice, &id, "carol", &["carol is unharmed".to_string()]);
+        alice.stop().await;
+        carol.stop().await;
     })
     .await;
 }

@@ -1377,13 +1377,11 @@ impl Engine {
             });
             return Pumped::Idle;
         }
-        // After a failed build whose reload failed too, the group is held (see `reload`), so
-        // the group in memory is its stored state here.
+        // After a failed build whose reload failed on the storage too, the group is held (see
+        // `reload`) and not pumped until a reload succeeds.
         let built = self.build(group_id, &next);
-        if !matches!(built, Err(CoreError::Unavailable(_)))
-            && self.unbuilt.remove(&next.id).is_some()
-        {
-            self.storage_works();
+        if !matches!(built, Err(CoreError::Unavailable(_))) {
+            self.unbuilt.remove(&next.id);
         }
         match built {
             Ok(Built::Ready(row)) => {
@@ -1417,7 +1415,9 @@ impl Engine {
 
     /// Builds an outbox item again after a back-off; the first failure in a row is reported.
     fn postpone_build(&mut self, group_id: &GroupId, outbox: i64, error: &CoreError) {
-        self.storage_failed();
+        if matches!(error, CoreError::Unavailable(_)) {
+            self.storage_failed();
+        }
         let failures = self.unbuilt.entry(outbox).or_insert(0);
         *failures = failures.saturating_add(1);
         let failures = *failures;
@@ -1967,7 +1967,8 @@ impl Engine {
     }
 
     /// Gives up on an outbox item. The caller pumps the group's next item. Returns false if
-    /// the item could not be settled: it stays, and is tried again after a back-off.
+    /// the item could not be settled: it stays, and is pumped again after a back-off (built
+    /// again, or, if it was built, sent again for the DS to answer once more).
     fn fail_outbox(
         &mut self,
         group_id: &GroupId,
@@ -2033,6 +2034,7 @@ impl Engine {
     /// Remembers that a commit was made without an fsync (see `unsynced_since`).
     fn committed_unsynced(&mut self) {
         self.unsynced_since.get_or_insert_with(Instant::now);
+        self.storage_works();
     }
 
     /// Makes the unsynced commits durable, then sends the acknowledgements held back for them.
@@ -2054,12 +2056,12 @@ impl Engine {
             return;
         }
         self.became_durable();
-        self.storage_works();
     }
 
     /// After an fsync'd commit: it also made every earlier commit durable (one WAL, written
     /// in order), so nothing is left to sync and the held-back acknowledgements can go.
     fn became_durable(&mut self) {
+        self.storage_works();
         if self.unsynced_since.is_none() {
             return;
         }
@@ -2080,20 +2082,29 @@ impl Engine {
     }
 
     /// After a step that did not commit: replaces the group in memory with its stored state.
-    /// If that fails too, the group in memory may be ahead of its storage (a commit staged but
-    /// never stored), so the group is held (see [`Held`]): nothing of it is processed or built
-    /// until a retry has reloaded it.
-    fn reload(&mut self, group_id: &GroupId) {
-        if let Err(error) = self.try_reload(group_id) {
-            let next = self
-                .groups
-                .get(group_id)
-                .map_or(0, |group| group.cursor + 1);
-            if self.hold(group_id, next) == 1 {
-                self.error(format!(
-                    "{}: cannot reload group state: {error}; its messages wait until it can",
-                    self.group_ref(group_id).name
-                ));
+    /// If that fails too because the storage does, the group in memory may be ahead of its
+    /// storage (a commit staged but never stored), so the group is held (see [`Held`]): nothing
+    /// of it is processed or built until a retry has reloaded it.
+    /// Returns false if the reload failed.
+    fn reload(&mut self, group_id: &GroupId) -> bool {
+        match self.try_reload(group_id) {
+            Ok(()) => true,
+            Err(error @ CoreError::Unavailable(_)) => {
+                let next = self
+                    .groups
+                    .get(group_id)
+                    .map_or(0, |group| group.cursor + 1);
+                if self.hold(group_id, next, &error) == 1 {
+                    self.error(format!(
+                        "{}: cannot reload group state: {error}; its messages wait until it can",
+                        self.group_ref(group_id).name
+                    ));
+                }
+                false
+            }
+            Err(error) => {
+                self.error(format!("cannot reload group state: {error}"));
+                false
             }
         }
     }
@@ -2118,8 +2129,10 @@ impl Engine {
 
     /// Holds a group's deliveries from `seq` on, or holds them longer after a retry failed.
     /// Returns the failures in a row; the caller reports the first.
-    fn hold(&mut self, group_id: &GroupId, seq: u64) -> u32 {
-        self.storage_failed();
+    fn hold(&mut self, group_id: &GroupId, seq: u64, error: &CoreError) -> u32 {
+        if matches!(error, CoreError::Unavailable(_)) {
+            self.storage_failed();
+        }
         let held = self.held.entry(group_id.clone()).or_insert(Held {
             retry_at: None,
             failures: 0,
@@ -2134,7 +2147,7 @@ impl Engine {
 
     /// Holds a group's deliveries after `seq` could not be recorded.
     fn hold_delivery(&mut self, group_id: &GroupId, seq: u64, error: &CoreError) {
-        let failures = self.hold(group_id, seq);
+        let failures = self.hold(group_id, seq, error);
         if failures == 1 {
             self.error(format!(
                 "{}: cannot record message {seq}: {error}; the server keeps it and it is tried again",
@@ -2157,7 +2170,9 @@ impl Engine {
         }
     }
 
-    /// A step that had failed on the profile's storage succeeded.
+    /// A step committed: the profile's storage works. Called from `committed_unsynced` and
+    /// `became_durable`, where deliveries, sent messages, queueing, building and syncs end; a
+    /// step that commits elsewhere leaves the short wait in place until the next of those.
     fn storage_works(&mut self) {
         if self.storage_failing {
             self.storage_failing = false;
@@ -2188,7 +2203,7 @@ impl Engine {
                     .groups
                     .get(&group_id)
                     .map_or(0, |group| group.cursor + 1);
-                let failures = self.hold(&group_id, next);
+                let failures = self.hold(&group_id, next, &error);
                 tracing::warn!(group = %group_id, failures, %error, "a held group still cannot be reloaded");
                 continue;
             }
@@ -2245,7 +2260,6 @@ impl Engine {
         }
         self.held.remove(&group_id);
         tracing::info!(group = %group_id, "held deliveries recorded; the group's deliveries flow again");
-        self.storage_works();
         self.pump(&group_id);
     }
 
@@ -2315,9 +2329,10 @@ impl Engine {
                 // Unless the storage turns out to be failing too (openmls does not always say
                 // that a failure was its storage's): then it is held like any delivery that
                 // could not be recorded.
-                self.reload(&group_id);
-                if let Some(held) = self.held.get_mut(&group_id) {
-                    // The reload failed, and held the group.
+                if !self.reload(&group_id)
+                    && let Some(held) = self.held.get_mut(&group_id)
+                {
+                    // The reload failed on the storage, and held the group.
                     held.seen = held.seen.max(seq);
                     return;
                 }
