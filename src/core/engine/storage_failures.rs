@@ -203,7 +203,8 @@ impl Engine {
         }
     }
 
-    /// Asks the DS for a held group's deliveries after the cursor.
+    /// Asks the DS for a held group's deliveries after the cursor, or after the last fetched seq
+    /// done with if that is further on.
     pub(super) fn fetch_held(&mut self, group_id: &GroupId) {
         let Some(held) = self.held.get_mut(group_id) else {
             return;
@@ -239,7 +240,7 @@ impl Engine {
             self.process(delivery);
             match self.held.get_mut(&group_id) {
                 Some(held) if held.retry_at.is_none() => held.done_to = held.done_to.max(seq),
-                // Failed again (and rescheduled).
+                // Failed again, and rescheduled: the rest of the page comes with the next fetch.
                 _ => return,
             }
         }
