@@ -49,8 +49,7 @@ mod storage_failures;
 
 use storage_failures::{
     Held, add_error, commit_error, leave_error, merge_error, merge_pending_error, process_error,
-    remove_error, self_update_error, stage_error, storage_error, storage_retry_delay,
-    welcome_error,
+    remove_error, self_update_error, stage_error, storage_retry_delay, welcome_error,
 };
 
 /// How often the loop wakes without input (auto-update, retries, quit deadline).
@@ -1839,10 +1838,7 @@ impl Engine {
                 && row.intent != Intent::Leave
                 && group.mls.pending_commit().is_some()
             {
-                group
-                    .mls
-                    .clear_pending_commit(storage)
-                    .map_err(storage_error)?;
+                group.mls.clear_pending_commit(storage).map_err(db::sql)?;
             }
             db::reset_outbox(&self.connection, row.id)
         });
@@ -2014,7 +2010,7 @@ impl Engine {
     /// Replaces the group in memory with its stored state, after a step that did not commit.
     fn try_reload(&mut self, group_id: &GroupId) -> Result<(), CoreError> {
         let mls_id = MlsGroupId::from_slice(group_id.as_bytes());
-        match MlsGroup::load(self.provider.storage(), &mls_id).map_err(storage_error)? {
+        match MlsGroup::load(self.provider.storage(), &mls_id).map_err(db::sql)? {
             Some(mls) => {
                 if let Some(group) = self.groups.get_mut(group_id) {
                     group.mls = mls;
@@ -2113,16 +2109,16 @@ impl Engine {
                     )
                     .map(|_| ())
                 });
-                if let Err(storage @ CoreError::Unavailable(_)) = &recorded {
-                    let storage = storage.clone();
-                    self.hold_delivery(&group_id, seq, &storage);
-                    return;
+                match recorded {
+                    Err(storage @ CoreError::Unavailable(_)) => {
+                        self.hold_delivery(&group_id, seq, &storage);
+                        return;
+                    }
+                    Err(error) => self.error(error.to_string()),
+                    Ok(()) => {}
                 }
                 if let Some(group) = self.groups.get_mut(&group_id) {
                     group.cursor = seq;
-                }
-                if let Err(error) = recorded {
-                    self.error(error.to_string());
                 }
                 vec![CoreEvent::Error {
                     message: format!("{}: {note}", self.group_ref(&group_id).name),
@@ -2249,7 +2245,7 @@ impl Engine {
                         group
                             .mls
                             .clear_pending_commit(provider.storage())
-                            .map_err(storage_error)?;
+                            .map_err(db::sql)?;
                     }
                     let processed = group
                         .mls
@@ -2292,7 +2288,7 @@ impl Engine {
                             group
                                 .mls
                                 .store_pending_proposal(provider.storage(), *proposal)
-                                .map_err(storage_error)?;
+                                .map_err(db::sql)?;
                         }
                         ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
                             tracing::info!("ignoring an external join proposal");

@@ -24,12 +24,8 @@ const STORAGE_RETRY_MAX: Duration = Duration::from_secs(30);
 const HELD_FETCH_PAGE: u32 = 200;
 
 // openmls reports failures of the profile's storage inside its own errors. They are classified
-// as the client's own SQL errors are: when the storage rather than the message failed, the
-// message must be tried again, not skipped.
-
-pub(super) fn storage_error(error: rusqlite::Error) -> CoreError {
-    db::sql(error)
-}
+// as the client's own SQL errors are (`db::sql`): when the storage rather than the message
+// failed, the message must be tried again, not skipped.
 
 /// Defines `$name`, which classifies an openmls error type by its `StorageError` variant and,
 /// for the operations that build a commit, the commit builder's storage variant inside it.
@@ -39,9 +35,9 @@ macro_rules! classify_openmls_error {
     ($name:ident: $error:ident $(, $builder:ident)?) => {
         pub(super) fn $name(error: $error<rusqlite::Error>) -> CoreError {
             match error {
-                $error::StorageError(error) => storage_error(error),
+                $error::StorageError(error) => db::sql(error),
                 $($error::$builder(CommitBuilderStageError::KeyStoreError(error)) => {
-                    storage_error(error)
+                    db::sql(error)
                 })?
                 other => mls_error(other),
             }
@@ -67,7 +63,7 @@ pub(super) fn merge_pending_error(error: MergePendingCommitError<rusqlite::Error
 
 pub(super) fn stage_error(error: CommitBuilderStageError<rusqlite::Error>) -> CoreError {
     match error {
-        CommitBuilderStageError::KeyStoreError(error) => storage_error(error),
+        CommitBuilderStageError::KeyStoreError(error) => db::sql(error),
         other => mls_error(other),
     }
 }
