@@ -99,16 +99,27 @@ impl Session {
         let group_fields = |group: &GroupRef| (group.name.clone(), group.id.to_hex());
         Some(match event {
             CoreEvent::Groups { groups } => {
-                for (group, active) in groups {
-                    self.remember(group);
-                    self.active.insert(group.id.clone(), *active);
-                    if *active {
-                        self.current = Some(group.id.clone());
+                for listed in groups {
+                    self.remember(&listed.group);
+                    self.active.insert(listed.group.id.clone(), listed.active);
+                    if listed.active {
+                        self.current = Some(listed.group.id.clone());
                     }
                 }
                 let list: Vec<Value> = groups
                     .iter()
-                    .map(|(group, active)| json!({"group": group.name, "group_id": group.id.to_hex(), "active": active}))
+                    .map(|listed| {
+                        let mut entry = json!({
+                            "group": listed.group.name,
+                            "group_id": listed.group.id.to_hex(),
+                            "active": listed.active,
+                        });
+                        if let Some((epoch, code)) = &listed.epoch {
+                            entry["epoch"] = json!(epoch);
+                            entry["code"] = json!(code);
+                        }
+                        entry
+                    })
                     .collect();
                 json!({"event": "groups", "groups": list})
             }

@@ -1238,3 +1238,126 @@ async fn everyone_leaves_at_once() {
     })
     .await;
 }
+
+/// The epochs (with their verification codes) that `peer` was told of live, for `group`.
+fn live_epoch_codes(peer: &mut Peer, group: &GroupId) -> HashMap<u64, String> {
+    peer.drain();
+    peer.log
+        .iter()
+        .filter_map(|event| match event {
+            CoreEvent::EpochChanged {
+                group: g,
+                epoch,
+                code,
+            } if g.id == *group => Some((*epoch, code.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The timeline keeps who joined and who was removed, and the verification code of every
+/// epoch, for the committer and for the other members alike: after a restart the stored
+/// history says what the live view said, and the group is listed with its current epoch and
+/// code (before, only messages and a few of the client's own notes were stored, and the
+/// epoch showed only after the next commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_and_epoch_codes_survive_a_restart() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let group = create_group(&mut alice, "kept").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        invite(&mut alice, &group, &mut [&mut carol]).await;
+        converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        alice.command(Command::Kick {
+            group: id.clone(),
+            user: user("carol"),
+        });
+        carol
+            .wait_for("left", |event| {
+                matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+            })
+            .await;
+        for peer in [&mut alice, &mut bob] {
+            peer.wait_for("carol removed", |event| {
+                matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
+            })
+            .await;
+        }
+        let (epoch, authenticator, members) = converge(&mut [&mut alice, &mut bob], &id).await;
+        assert_eq!((epoch, members), (3, 2), "add bob, add carol, remove carol");
+        let authenticator = hex::decode(authenticator).expect("hex");
+        let current_code = mlschat::core::trust::verification_code(&authenticator);
+
+        let codes = live_epoch_codes(&mut alice, &id);
+        let code = |epoch: u64| codes.get(&epoch).cloned().expect("alice saw every epoch");
+        assert_eq!(code(3), current_code);
+        for (epoch, seen) in live_epoch_codes(&mut bob, &id) {
+            assert_eq!(seen, code(epoch), "bob and alice saw different codes");
+        }
+        let new_epoch = |epoch: u64| format!("new epoch {epoch} · verification code {}", code(epoch));
+        let added_and_removed = [
+            "alice added carol".to_string(),
+            new_epoch(2),
+            "alice removed carol".to_string(),
+            new_epoch(3),
+        ];
+        let mut expected_alice = vec![
+            "you created kept".to_string(),
+            "alice added bob".to_string(),
+            new_epoch(1),
+        ];
+        expected_alice.extend(added_and_removed.iter().cloned());
+        let mut expected_bob = vec!["alice added you".to_string()];
+        expected_bob.extend(added_and_removed.iter().cloned());
+
+        for (peer, expected) in [(&mut alice, expected_alice), (&mut bob, expected_bob)] {
+            peer.stop().await;
+            peer.restart().await;
+            // The core lists the groups before it says it is ready.
+            peer.drain();
+            let listed = peer
+                .log
+                .iter()
+                .rev()
+                .find_map(|event| match event {
+                    CoreEvent::Groups { groups } => Some(groups.clone()),
+                    _ => None,
+                })
+                .expect("the groups are listed at start");
+            let kept = listed
+                .iter()
+                .find(|listed| listed.group.id == id)
+                .expect("the group is listed");
+            assert_eq!(kept.epoch, Some((3, current_code.clone())), "{}", peer.name);
+
+            peer.command(Command::History {
+                group: id.clone(),
+                limit: 100,
+            });
+            let entries = match peer
+                .wait_for("history", |event| {
+                    matches!(event, CoreEvent::History { group, .. } if group.id == id)
+                })
+                .await
+            {
+                CoreEvent::History { entries, .. } => entries,
+                _ => unreachable!(),
+            };
+            let notes: Vec<String> = entries
+                .iter()
+                .filter(|entry| entry.kind == "system")
+                .map(|entry| entry.text.clone())
+                .collect();
+            assert_eq!(notes, expected, "{}'s stored timeline", peer.name);
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+        carol.stop().await;
+    })
+    .await;
+}

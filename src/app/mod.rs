@@ -11,7 +11,7 @@ use mlschat_ds::protocol::{GroupId, UserName};
 use crate::commands::{self, COMMANDS, SlashCommand};
 use crate::config::Settings;
 use crate::core::db::HistoryEntry;
-use crate::core::{Command, ConnectionState, CoreEvent, GroupRef, MemberInfo};
+use crate::core::{Command, ConnectionState, CoreEvent, GroupRef, MemberInfo, timeline};
 use composer::Composer;
 use keymap::Action;
 
@@ -751,9 +751,14 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
     let mut effects = Vec::new();
     match event {
         CoreEvent::Groups { groups } => {
-            for (group, active) in &groups {
-                if state.group_index(&group.id).is_none() {
-                    state.groups.push(GroupView::new(group, *active));
+            for listed in &groups {
+                if state.group_index(&listed.group.id).is_none() {
+                    let mut view = GroupView::new(&listed.group, listed.active);
+                    if let Some((epoch, code)) = &listed.epoch {
+                        view.epoch = Some(*epoch);
+                        view.code = Some(code.clone());
+                    }
+                    state.groups.push(view);
                 }
             }
             if state.current.is_none()
@@ -800,17 +805,12 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
         }
         CoreEvent::MemberAdded { group, user, by } => {
             let index = state.group_entry(&group);
-            state.system_line(index, format!("{by} added {user}"), false);
+            state.system_line(index, timeline::member_added(&by, &user), false);
             effects.push(Effect::Core(Command::Members { group: group.id }));
         }
         CoreEvent::MemberRemoved { group, user, by } => {
             let index = state.group_entry(&group);
-            let text = if user == by {
-                format!("{user} left")
-            } else {
-                format!("{by} removed {user}")
-            };
-            state.system_line(index, text, false);
+            state.system_line(index, timeline::member_removed(&by, &user), false);
             effects.push(Effect::Core(Command::Members { group: group.id }));
         }
         CoreEvent::Left { group, by } => {
@@ -900,11 +900,7 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             state.groups[index].epoch = Some(epoch);
             state.groups[index].code = Some(code.clone());
             if changed {
-                state.system_line(
-                    index,
-                    format!("new epoch {epoch} · verification code {code}"),
-                    false,
-                );
+                state.system_line(index, timeline::new_epoch(epoch, &code), false);
             }
         }
         CoreEvent::KeyChanged { user, fingerprint } => {

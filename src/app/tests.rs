@@ -4,7 +4,7 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use mlschat_ds::protocol::{GroupId, UserName};
 
 use super::*;
-use crate::core::{CoreEvent, GroupRef, MemberInfo};
+use crate::core::{CoreEvent, GroupRef, ListedGroup, MemberInfo};
 
 fn group(name: &str, byte: u8) -> GroupRef {
     GroupRef {
@@ -438,6 +438,40 @@ fn resizing_clears_and_ticks_redraw_only_on_new_minutes() {
     assert!(!state.dirty);
     update(&mut state, Msg::Tick(60 * 1001));
     assert!(state.dirty);
+}
+
+#[test]
+fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
+    let mut state = state();
+    let team = group("team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Groups {
+            groups: vec![ListedGroup {
+                group: team.clone(),
+                active: true,
+                epoch: Some((4, "123 456".into())),
+            }],
+        }),
+    );
+    assert_eq!(state.current, Some(0));
+    assert_eq!(state.groups[0].epoch, Some(4));
+    assert_eq!(state.groups[0].code.as_deref(), Some("123 456"));
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::EpochChanged {
+            group: team,
+            epoch: 5,
+            code: "654 321".into(),
+        }),
+    );
+    assert!(
+        state.groups[0].entries.iter().any(|entry| matches!(
+            &entry.kind,
+            EntryKind::System { text, .. } if text == "new epoch 5 · verification code 654 321"
+        )),
+        "the first epoch change after a restart gets its line"
+    );
 }
 
 #[test]

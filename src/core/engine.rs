@@ -41,7 +41,7 @@ use super::provider::{ClientProvider, migrate_openmls_tables};
 use super::trust::{fingerprint, verification_code};
 use super::{
     CIPHERSUITE, Command, ConnectionState, CoreConfig, CoreError, CoreEvent, CoreInput,
-    EventSender, GroupRef, MemberInfo,
+    EventSender, GroupRef, ListedGroup, MemberInfo, timeline,
 };
 use crate::net::{NetCommand, NetEvent};
 
@@ -373,20 +373,19 @@ impl Engine {
     }
 
     fn run(&mut self, inputs: Receiver<CoreInput>) {
-        let mut listed: Vec<(i64, GroupRef, bool)> = Vec::new();
+        let mut listed: Vec<ListedGroup> = Vec::new();
         if let Ok(rows) = db::groups(&self.connection) {
-            for (order, row) in rows.into_iter().enumerate() {
+            for row in rows {
                 if let Ok(group_id) = GroupId::new(row.group_id) {
-                    listed.push((order as i64, self.group_ref(&group_id), row.active));
+                    listed.push(ListedGroup {
+                        group: self.group_ref(&group_id),
+                        active: row.active,
+                        epoch: self.epoch_of(&group_id),
+                    });
                 }
             }
         }
-        self.emit(CoreEvent::Groups {
-            groups: listed
-                .into_iter()
-                .map(|(_, group, active)| (group, active))
-                .collect(),
-        });
+        self.emit(CoreEvent::Groups { groups: listed });
         while !self.stop {
             let timeout = self.unsynced_since.map_or(TICK, |since| {
                 (since + self.config.sync_delay)
@@ -1104,13 +1103,20 @@ impl Engine {
     }
 
     fn emit_epoch(&self, group_id: &GroupId) {
-        if let Some(group) = self.groups.get(group_id) {
+        if let Some((epoch, code)) = self.epoch_of(group_id) {
             self.emit(CoreEvent::EpochChanged {
                 group: self.group_ref(group_id),
-                epoch: group.mls.epoch().as_u64(),
-                code: verification_code(group.mls.epoch_authenticator().as_slice()),
+                epoch,
+                code,
             });
         }
+    }
+
+    /// The group's epoch and verification code, if its MLS state is loaded.
+    fn epoch_of(&self, group_id: &GroupId) -> Option<(u64, String)> {
+        self.groups
+            .get(group_id)
+            .map(|group| epoch_and_code(&group.mls))
     }
 
     // ---- ticks ----------------------------------------------------------------------------
@@ -2317,6 +2323,31 @@ impl Engine {
                     )));
                 }
             }
+            // The timeline keeps who changed the group and the codes of its epochs, so that
+            // they are still there after a restart.
+            for event in &events {
+                let note = match event {
+                    CoreEvent::MemberAdded { user, by, .. } => timeline::member_added(by, user),
+                    // Our own removal has its own line (see `deactivate`).
+                    CoreEvent::MemberRemoved { user, by, .. } if *user != me => {
+                        timeline::member_removed(by, user)
+                    }
+                    _ => continue,
+                };
+                db::insert_history(
+                    connection,
+                    group_id.as_bytes(),
+                    NewHistory::system(Some(seq), &note),
+                )?;
+            }
+            if epoch_changed && self_removed_by.is_none() {
+                let (epoch, code) = epoch_and_code(&group.mls);
+                db::insert_history(
+                    connection,
+                    group_id.as_bytes(),
+                    NewHistory::system(Some(seq), &timeline::new_epoch(epoch, &code)),
+                )?;
+            }
             db::set_cursor(connection, group_id.as_bytes(), seq)?;
             Ok(())
         })?;
@@ -2354,11 +2385,11 @@ impl Engine {
             return Ok(events);
         }
         if epoch_changed {
-            if let Some(group) = self.groups.get(group_id) {
+            if let Some((epoch, code)) = self.epoch_of(group_id) {
                 events.push(CoreEvent::EpochChanged {
                     group: self.group_ref(group_id),
-                    epoch: group.mls.epoch().as_u64(),
-                    code: verification_code(group.mls.epoch_authenticator().as_slice()),
+                    epoch,
+                    code,
                 });
             }
             self.after_epoch_change(group_id);
@@ -2602,6 +2633,14 @@ fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, by: &str) -> CommitIn
         updated,
         self_removed: staged.self_removed(),
     }
+}
+
+/// The group's epoch and the verification code its members compare.
+fn epoch_and_code(group: &MlsGroup) -> (u64, String) {
+    (
+        group.epoch().as_u64(),
+        verification_code(group.epoch_authenticator().as_slice()),
+    )
 }
 
 fn apply_inspection(

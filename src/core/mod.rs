@@ -139,6 +139,36 @@ pub struct GroupRef {
     pub name: String,
 }
 
+/// A group in the profile as the core lists it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedGroup {
+    pub group: GroupRef,
+    /// False once we left or were removed.
+    pub active: bool,
+    /// The epoch and its verification code, when the group's MLS state is loaded.
+    pub epoch: Option<(u64, String)>,
+}
+
+/// The timeline's words for a change to a group's membership or keys. The stored history and
+/// the live views say the same thing.
+pub mod timeline {
+    pub fn member_added(by: &str, user: &str) -> String {
+        format!("{by} added {user}")
+    }
+
+    pub fn member_removed(by: &str, user: &str) -> String {
+        if user == by {
+            format!("{user} left")
+        } else {
+            format!("{by} removed {user}")
+        }
+    }
+
+    pub fn new_epoch(epoch: u64, code: &str) -> String {
+        format!("new epoch {epoch} · verification code {code}")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberInfo {
     pub name: String,
@@ -160,7 +190,7 @@ pub enum ConnectionState {
 pub enum CoreEvent {
     /// The groups in the profile, oldest first; sent once at start.
     Groups {
-        groups: Vec<(GroupRef, bool)>,
+        groups: Vec<ListedGroup>,
     },
     Ready {
         name: String,
