@@ -20,6 +20,8 @@ pub const MAX_ENTRIES: usize = 10_000;
 /// History loaded when a group is first shown (the core reads it off the UI task; the views
 /// lay out only what is visible).
 pub const HISTORY_PAGE: u32 = MAX_ENTRIES as u32;
+/// Seconds an informational notice stays in the composer's title before the hint comes back.
+pub const INFO_NOTICE_SECS: i64 = 30;
 /// Lines one mouse-wheel step scrolls.
 const WHEEL_LINES: usize = 3;
 /// Input history kept for Up/Down.
@@ -151,6 +153,9 @@ pub struct State {
     pub current: Option<usize>,
     pub composer: Composer,
     pub status: Option<(String, Severity)>,
+    /// When `status` was set (unix seconds): an informational notice clears itself after
+    /// [`INFO_NOTICE_SECS`].
+    pub status_since: i64,
     pub show_members: bool,
     pub mode: Mode,
     /// Lines the help or search box is scrolled down.
@@ -208,6 +213,7 @@ impl State {
             current: None,
             composer: Composer::default(),
             status: None,
+            status_since: now,
             show_members: true,
             mode: Mode::Normal,
             overlay_scroll: 0,
@@ -249,15 +255,20 @@ impl State {
     }
 
     fn info(&mut self, text: impl Into<String>) {
-        self.status = Some((text.into(), Severity::Info));
+        self.notice(text.into(), Severity::Info);
     }
 
     fn warn(&mut self, text: impl Into<String>) {
-        self.status = Some((text.into(), Severity::Warning));
+        self.notice(text.into(), Severity::Warning);
     }
 
     fn fail(&mut self, text: impl Into<String>) {
-        self.status = Some((text.into(), Severity::Error));
+        self.notice(text.into(), Severity::Error);
+    }
+
+    fn notice(&mut self, text: String, severity: Severity) {
+        self.status = Some((text, severity));
+        self.status_since = self.now;
     }
 
     fn system_line(&mut self, index: usize, text: String, warning: bool) {
@@ -323,9 +334,18 @@ pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
         }
         Msg::Core(event) => on_core(state, event),
         Msg::Tick(now) => {
-            // Redraw only when the minute (shown in timestamps) changes.
+            // Redraw only when the minute (shown in timestamps) changes, or a notice expires.
             state.dirty = now / 60 != state.now / 60;
             state.now = now;
+            // Warnings and errors stay until Esc or the next notice; so does the notice that
+            // says the client is quitting.
+            if matches!(state.status, Some((_, Severity::Info)))
+                && !state.quitting
+                && now.saturating_sub(state.status_since) >= INFO_NOTICE_SECS
+            {
+                state.status = None;
+                state.dirty = true;
+            }
             Vec::new()
         }
         Msg::Terminate => begin_quit(state),

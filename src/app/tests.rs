@@ -441,6 +441,27 @@ fn resizing_clears_and_ticks_redraw_only_on_new_minutes() {
 }
 
 #[test]
+fn information_fades_but_warnings_and_errors_stay() {
+    let mut state = state();
+    let start = state.now;
+    state.info("no DS answered: hosting one here");
+    update(&mut state, Msg::Tick(start + INFO_NOTICE_SECS - 1));
+    assert!(state.status.is_some(), "shown for a while");
+    update(&mut state, Msg::Tick(start + INFO_NOTICE_SECS));
+    assert_eq!(state.status, None);
+    assert!(state.dirty, "the hint is drawn again");
+
+    state.fail("a message to team failed: refused");
+    update(&mut state, Msg::Tick(start + 10 * INFO_NOTICE_SECS));
+    assert!(
+        matches!(state.status, Some((_, Severity::Error))),
+        "an error waits to be seen"
+    );
+    update(&mut state, key(KeyCode::Esc));
+    assert_eq!(state.status, None);
+}
+
+#[test]
 fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
     let mut state = state();
     let team = group("team", 1);
