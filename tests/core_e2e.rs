@@ -1255,8 +1255,24 @@ fn live_epoch_codes(peer: &mut Peer, group: &GroupId) -> HashMap<u64, String> {
         .collect()
 }
 
-/// The timeline keeps who joined and who was removed, and the verification code of every
-/// epoch, for the committer and for the other members alike: after a restart the stored
+/// Timeline notes with the lines of each commit sorted: a commit lists its additions in the
+/// order the inviter's KeyPackage claims were answered.
+fn by_commit(notes: &[String]) -> Vec<String> {
+    let mut sorted = Vec::new();
+    let mut commit = Vec::new();
+    for note in notes {
+        commit.push(note.clone());
+        if note.starts_with("new epoch ") {
+            commit.sort();
+            sorted.append(&mut commit);
+        }
+    }
+    sorted.append(&mut commit);
+    sorted
+}
+
+/// The timeline keeps who joined, who was removed and who left, and the verification code of
+/// every epoch, for the committer and for the other members alike: after a restart the stored
 /// history says what the live view said, and the group is listed with its current epoch and
 /// code (before, only messages and a few of the client's own notes were stored, and the
 /// epoch showed only after the next commit).
@@ -1268,43 +1284,64 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
         let mut alice = Peer::start(&ds, "alice", root.path()).await;
         let mut bob = Peer::start(&ds, "bob", root.path()).await;
         let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let mut dave = Peer::start(&ds, "dave", root.path()).await;
         let group = create_group(&mut alice, "kept").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
-        invite(&mut alice, &group, &mut [&mut carol]).await;
-        converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        invite(&mut alice, &group, &mut [&mut carol, &mut dave]).await;
+        converge(&mut [&mut alice, &mut bob, &mut carol, &mut dave], &id).await;
         alice.command(Command::Kick {
             group: id.clone(),
             user: user("carol"),
         });
         carol
-            .wait_for("left", |event| {
-                matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+            .wait_for("removed by alice", |event| {
+                matches!(event, CoreEvent::Left { group, by } if group.id == id && by == "alice")
             })
             .await;
-        for peer in [&mut alice, &mut bob] {
+        for peer in [&mut alice, &mut bob, &mut dave] {
             peer.wait_for("carol removed", |event| {
-                matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
+                matches!(event, CoreEvent::MemberRemoved { group, user, by } if group.id == id && user == "carol" && by == "alice")
+            })
+            .await;
+        }
+        converge(&mut [&mut alice, &mut bob, &mut dave], &id).await;
+        // Dave proposes his own removal and whoever commits it first, his leaving is his.
+        dave.command(Command::Leave { group: id.clone() });
+        dave.wait_for("left by himself", |event| {
+            matches!(event, CoreEvent::Left { group, by } if group.id == id && by == "dave")
+        })
+        .await;
+        for peer in [&mut alice, &mut bob] {
+            peer.wait_for("dave left", |event| {
+                matches!(event, CoreEvent::MemberRemoved { group, user, by } if group.id == id && user == "dave" && by == "dave")
             })
             .await;
         }
         let (epoch, authenticator, members) = converge(&mut [&mut alice, &mut bob], &id).await;
-        assert_eq!((epoch, members), (3, 2), "add bob, add carol, remove carol");
+        assert_eq!(
+            (epoch, members),
+            (4, 2),
+            "add bob, add carol and dave, remove carol, dave leaves"
+        );
         let authenticator = hex::decode(authenticator).expect("hex");
         let current_code = mlschat::core::trust::verification_code(&authenticator);
 
         let codes = live_epoch_codes(&mut alice, &id);
         let code = |epoch: u64| codes.get(&epoch).cloned().expect("alice saw every epoch");
-        assert_eq!(code(3), current_code);
+        assert_eq!(code(4), current_code);
         for (epoch, seen) in live_epoch_codes(&mut bob, &id) {
             assert_eq!(seen, code(epoch), "bob and alice saw different codes");
         }
         let new_epoch = |epoch: u64| format!("new epoch {epoch} · verification code {}", code(epoch));
         let added_and_removed = [
             "alice added carol".to_string(),
+            "alice added dave".to_string(),
             new_epoch(2),
             "alice removed carol".to_string(),
             new_epoch(3),
+            "dave left".to_string(),
+            new_epoch(4),
         ];
         let mut expected_alice = vec![
             "you created kept".to_string(),
@@ -1333,7 +1370,7 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
                 .iter()
                 .find(|listed| listed.group.id == id)
                 .expect("the group is listed");
-            assert_eq!(kept.epoch, Some((3, current_code.clone())), "{}", peer.name);
+            assert_eq!(kept.epoch, Some((4, current_code.clone())), "{}", peer.name);
 
             peer.command(Command::History {
                 group: id.clone(),
@@ -1353,11 +1390,19 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
                 .filter(|entry| entry.kind == "system")
                 .map(|entry| entry.text.clone())
                 .collect();
-            assert_eq!(notes, expected, "{}'s stored timeline", peer.name);
+            assert_eq!(
+                by_commit(&notes),
+                by_commit(&expected),
+                "{}'s stored timeline",
+                peer.name
+            );
             assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
             peer.stop().await;
         }
-        carol.stop().await;
+        for peer in [&mut carol, &mut dave] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
     })
     .await;
 }

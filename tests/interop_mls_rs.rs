@@ -183,7 +183,7 @@ async fn mlschat_group_with_an_mls_rs_member() {
 
         // mls-rs leaves: its Remove proposal for itself is committed by mlschat.
         peer.propose_leave(&group).await;
-        wait_member_removed(&mut alice, &group, "rs-bob", "alice").await;
+        wait_member_removed(&mut alice, &group, "rs-bob", "rs-bob").await;
         peer.pump_until("our removal", |peer| !peer.is_member(&group))
             .await;
         assert!(

@@ -830,7 +830,10 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
         }
         CoreEvent::MemberRemoved { group, user, by } => {
             let index = state.group_entry(&group);
-            state.system_line(index, timeline::member_removed(&by, &user), false);
+            // Our own removal gets its line from `Left`.
+            if user != state.me {
+                state.system_line(index, timeline::member_removed(&by, &user), false);
+            }
             effects.push(Effect::Core(Command::Members { group: group.id }));
         }
         CoreEvent::Left { group, by } => {

@@ -441,6 +441,39 @@ fn resizing_clears_and_ticks_redraw_only_on_new_minutes() {
 }
 
 #[test]
+fn leaving_is_said_once_and_as_ones_own() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let before = state.groups[0].entries.len();
+    for event in [
+        CoreEvent::MemberRemoved {
+            group: team.clone(),
+            user: "bob".into(),
+            by: "bob".into(),
+        },
+        CoreEvent::MemberRemoved {
+            group: team.clone(),
+            user: "alice".into(),
+            by: "alice".into(),
+        },
+        CoreEvent::Left {
+            group: team,
+            by: "alice".into(),
+        },
+    ] {
+        update(&mut state, Msg::Core(event));
+    }
+    let lines: Vec<&str> = state.groups[0].entries[before..]
+        .iter()
+        .filter_map(|entry| match &entry.kind {
+            EntryKind::System { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines, ["bob left", "you left the group"]);
+}
+
+#[test]
 fn information_fades_but_warnings_and_errors_stay() {
     let mut state = state();
     let start = state.now;

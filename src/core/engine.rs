@@ -2202,8 +2202,8 @@ impl Engine {
                     if let Some(staged) = group.mls.pending_commit() {
                         let inspection = inspect_commit(&group.mls, staged, &me);
                         apply_inspection(&inspection, &group_ref, &mut events, &mut observed);
-                        if inspection.self_removed {
-                            self_removed_by = Some(me.clone());
+                        if let Some(by) = &inspection.self_removed_by {
+                            self_removed_by = Some(by.clone());
                         }
                     }
                     group
@@ -2302,8 +2302,8 @@ impl Engine {
                         ProcessedMessageContent::StagedCommitMessage(staged) => {
                             let inspection = inspect_commit(&group.mls, &staged, &sender);
                             apply_inspection(&inspection, &group_ref, &mut events, &mut observed);
-                            if inspection.self_removed {
-                                self_removed_by = Some(sender.clone());
+                            if let Some(by) = &inspection.self_removed_by {
+                                self_removed_by = Some(by.clone());
                             }
                             group
                                 .mls
@@ -2377,7 +2377,12 @@ impl Engine {
             });
         }
         if let Some(by) = self_removed_by {
-            self.deactivate(group_id, format!("removed by {by}"));
+            let note = if by == self.me.as_str() {
+                "you left".to_string()
+            } else {
+                format!("removed by {by}")
+            };
+            self.deactivate(group_id, note);
             events.push(CoreEvent::Left {
                 group: self.group_ref(group_id),
                 by,
@@ -2594,14 +2599,28 @@ impl Engine {
 
 /// Who a commit adds and removes, and whose keys it shows.
 struct CommitInspection {
-    by: String,
-    added: Vec<(String, Vec<u8>)>,
-    removed: Vec<String>,
+    /// Added users with their signature keys, and who asked for each addition.
+    added: Vec<(String, Vec<u8>, String)>,
+    /// Removed users, and who asked for each removal (the user itself when it left).
+    removed: Vec<(String, String)>,
     updated: Vec<(String, Vec<u8>)>,
-    self_removed: bool,
+    /// Who asked for our own removal, if the commit removes us.
+    self_removed_by: Option<String>,
 }
 
-fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, by: &str) -> CommitInspection {
+/// Who asked for a proposal that a commit carries: the member that proposed it, or the
+/// committer for its own proposals (and for any not sent by a member).
+fn proposer(group: &MlsGroup, sender: &Sender, committer: &str) -> String {
+    match sender {
+        Sender::Member(leaf) => group
+            .member_at(*leaf)
+            .map(|member| identity_of(&member.credential))
+            .unwrap_or_else(|| committer.to_string()),
+        _ => committer.to_string(),
+    }
+}
+
+fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, committer: &str) -> CommitInspection {
     let added = staged
         .add_proposals()
         .map(|proposal| {
@@ -2609,14 +2628,26 @@ fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, by: &str) -> CommitIn
             (
                 identity_of(leaf.credential()),
                 leaf.signature_key().as_slice().to_vec(),
+                proposer(group, proposal.sender(), committer),
             )
         })
         .collect();
-    let removed = staged
-        .remove_proposals()
-        .filter_map(|proposal| group.member_at(proposal.remove_proposal().removed()))
-        .map(|member| identity_of(&member.credential))
-        .collect();
+    let own = group.own_leaf_index();
+    let mut self_removed_by = None;
+    let mut removed = Vec::new();
+    for proposal in staged.remove_proposals() {
+        let leaf = proposal.remove_proposal().removed();
+        let by = proposer(group, proposal.sender(), committer);
+        if leaf == own {
+            self_removed_by = Some(by.clone());
+        }
+        if let Some(member) = group.member_at(leaf) {
+            removed.push((identity_of(&member.credential), by));
+        }
+    }
+    if staged.self_removed() && self_removed_by.is_none() {
+        self_removed_by = Some(committer.to_string());
+    }
     let updated = staged
         .update_path_leaf_node()
         .map(|leaf| {
@@ -2627,11 +2658,10 @@ fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, by: &str) -> CommitIn
         })
         .unwrap_or_default();
     CommitInspection {
-        by: by.to_string(),
         added,
         removed,
         updated,
-        self_removed: staged.self_removed(),
+        self_removed_by,
     }
 }
 
@@ -2649,19 +2679,19 @@ fn apply_inspection(
     events: &mut Vec<CoreEvent>,
     observed: &mut Vec<(String, Vec<u8>)>,
 ) {
-    for (user, key) in &inspection.added {
+    for (user, key, by) in &inspection.added {
         observed.push((user.clone(), key.clone()));
         events.push(CoreEvent::MemberAdded {
             group: group.clone(),
             user: user.clone(),
-            by: inspection.by.clone(),
+            by: by.clone(),
         });
     }
-    for user in &inspection.removed {
+    for (user, by) in &inspection.removed {
         events.push(CoreEvent::MemberRemoved {
             group: group.clone(),
             user: user.clone(),
-            by: inspection.by.clone(),
+            by: by.clone(),
         });
     }
     observed.extend(inspection.updated.iter().cloned());

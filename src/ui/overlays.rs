@@ -147,11 +147,19 @@ fn search(
     }
     let rows = usize::from(box_area.height.saturating_sub(2));
     for entry in results.iter().rev().take(rows).rev() {
+        let stamp = format!(
+            "{} ",
+            super::timeline::date_and_clock(entry.at, state.utc_offset)
+        );
         let line = format!("{}: {}", entry.sender, entry.text.replace('\n', " "));
-        lines.push(Line::from(vec![Span::styled(
-            wrap::truncate(&line, inner_width),
-            Style::default().fg(super::timeline::sender_color(&entry.sender)),
-        )]));
+        let line = wrap::truncate(&line, inner_width.saturating_sub(wrap::width(&stamp)));
+        lines.push(Line::from(vec![
+            Span::styled(stamp, Style::default().fg(theme.system)),
+            Span::styled(
+                line,
+                Style::default().fg(super::timeline::sender_color(&entry.sender)),
+            ),
+        ]));
     }
     frame.render_widget(Clear, box_area);
     frame.render_widget(

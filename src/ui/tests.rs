@@ -198,6 +198,34 @@ fn help_screen_40x12() {
 }
 
 #[test]
+fn search_results_with_their_dates() {
+    let mut state = session(80, 24);
+    let found = |id: i64, sender: &str, text: &str, at: i64| crate::core::db::HistoryEntry {
+        id,
+        seq: Some(id as u64),
+        sender: sender.into(),
+        kind: "message".into(),
+        text: text.into(),
+        at,
+        state: None,
+        outbox_id: None,
+    };
+    state.mode = Mode::Search {
+        text: "deploy".into(),
+        results: vec![
+            found(4, "bob", "the deploy is at nine", EVENING),
+            found(
+                9,
+                "alice",
+                "deploy done,\nall green; a long line that the box cuts off at its right edge",
+                NEXT_MORNING,
+            ),
+        ],
+    };
+    insta::assert_snapshot!(render(&state));
+}
+
+#[test]
 fn verify_dialog() {
     let mut state = session(80, 24);
     state.mode = Mode::Verify {
