@@ -50,3 +50,67 @@ async fn an_invite_of_a_changed_key_waits_for_verification() {
     })
     .await;
 }
+
+/// A changed key can also arrive in a commit someone else made: the warning is recorded with
+/// the commit, in the same transaction, and stays in that group's timeline after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_in_a_commit_is_flagged_and_kept_in_the_timeline() {
+    timed(Duration::from_secs(90), async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        let first = Ds::start().await;
+        let mut alice = Peer::start(&first, "alice", root.path()).await;
+        let mut bob = Peer::start(&first, "bob", root.path()).await;
+        let team = create_group(&mut alice, "team").await;
+        invite(&mut alice, &team, &mut [&mut bob]).await;
+        alice.stop().await;
+        bob.stop().await;
+
+        // On another DS, carol (who never met bob) adds an impostor named "bob" to a group
+        // alice is in.
+        let second = Ds::start().await;
+        let mut alice = Peer::start(&second, "alice", root.path()).await;
+        let mut carol = Peer::start(&second, "carol", elsewhere.path()).await;
+        let mut impostor = Peer::start(&second, "bob", elsewhere.path()).await;
+        let group = create_group(&mut carol, "elsewhere").await;
+        invite(&mut carol, &group, &mut [&mut alice]).await;
+        invite(&mut carol, &group, &mut [&mut impostor]).await;
+        alice
+            .wait_for(
+                "key change warning",
+                |event| matches!(event, CoreEvent::KeyChanged { user, .. } if user == "bob"),
+            )
+            .await;
+
+        alice.stop().await;
+        alice.restart().await;
+        alice.command(Command::History {
+            group: group.id.clone(),
+            limit: 100,
+        });
+        let entries = match alice
+            .wait_for(
+                "history",
+                |event| matches!(event, CoreEvent::History { group: g, .. } if g.id == group.id),
+            )
+            .await
+        {
+            CoreEvent::History { entries, .. } => entries,
+            _ => unreachable!(),
+        };
+        let warnings: Vec<&str> = entries
+            .iter()
+            .filter(|entry| entry.kind == "warning")
+            .map(|entry| entry.text.as_str())
+            .collect();
+        assert_eq!(warnings.len(), 1, "one stored warning: {warnings:?}");
+        assert!(
+            warnings[0].contains("bob's key changed") && warnings[0].contains("/verify bob"),
+            "{warnings:?}"
+        );
+        for peer in [&mut alice, &mut carol, &mut impostor] {
+            peer.stop().await;
+        }
+    })
+    .await;
+}

@@ -757,7 +757,7 @@ fn history_entry(entry: &HistoryEntry, me: &str) -> Entry {
     } else {
         EntryKind::System {
             text: entry.text.clone(),
-            warning: false,
+            warning: entry.kind == "warning",
         }
     };
     Entry {
@@ -927,9 +927,7 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             }
         }
         CoreEvent::KeyChanged { user, fingerprint } => {
-            let text = format!(
-                "WARNING: {user}'s key changed (new fingerprint {fingerprint}); verify it with /verify {user}"
-            );
+            let text = timeline::key_changed(&user, &fingerprint);
             for index in 0..state.groups.len() {
                 if state.groups[index]
                     .members

@@ -529,6 +529,41 @@ fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
 }
 
 #[test]
+fn stored_warnings_stay_warnings() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let stored = |id: i64, kind: &str, text: &str| HistoryEntry {
+        id,
+        seq: Some(id as u64),
+        sender: String::new(),
+        kind: kind.into(),
+        text: text.into(),
+        at: 1_764_400_000,
+        state: None,
+        outbox_id: None,
+    };
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::History {
+            group: team,
+            entries: vec![
+                stored(1, "system", "alice added bob"),
+                stored(2, "warning", "WARNING: bob's key changed"),
+            ],
+        }),
+    );
+    let warnings: Vec<bool> = state.groups[0]
+        .entries
+        .iter()
+        .filter_map(|entry| match &entry.kind {
+            EntryKind::System { warning, .. } => Some(*warning),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings, [false, true]);
+}
+
+#[test]
 fn queued_messages_from_before_a_restart_settle_when_sent() {
     let mut state = state();
     let team = with_group(&mut state, "team", 1);

@@ -671,7 +671,7 @@ fn history_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
 pub struct NewHistory<'a> {
     pub seq: Option<u64>,
     pub sender: &'a str,
-    /// `message` or `system`.
+    /// `message`, `system` or `warning`.
     pub kind: &'a str,
     pub text: &'a str,
     /// For our own messages: the outbox item that will settle the line.
@@ -689,6 +689,14 @@ impl<'a> NewHistory<'a> {
             text,
             outbox_id: None,
             state: None,
+        }
+    }
+
+    /// A system line that the timeline shows as a warning.
+    pub fn warning(seq: Option<u64>, text: &'a str) -> NewHistory<'a> {
+        NewHistory {
+            kind: "warning",
+            ..NewHistory::system(seq, text)
         }
     }
 

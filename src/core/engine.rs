@@ -2029,6 +2029,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Records the keys a step saw, inside the step's transaction: a key change must not be
+    /// lost to a crash between the step and its record. A change gets a warning line in the
+    /// group's timeline; the returned events announce the changes once the step committed.
+    fn observe_in_step(
+        connection: &Connection,
+        group_id: &GroupId,
+        seq: u64,
+        observed: &[(String, Vec<u8>)],
+    ) -> Result<Vec<CoreEvent>, CoreError> {
+        let mut changes = Vec::new();
+        for (user, key) in observed {
+            if db::observe_key(connection, user, key)? == KeyObservation::Changed {
+                let fingerprint = fingerprint(key);
+                db::insert_history(
+                    connection,
+                    group_id.as_bytes(),
+                    NewHistory::warning(Some(seq), &timeline::key_changed(user, &fingerprint)),
+                )?;
+                changes.push(CoreEvent::KeyChanged {
+                    user: user.clone(),
+                    fingerprint,
+                });
+            }
+        }
+        Ok(changes)
+    }
+
     fn observe(&self, user: &str, signature_key: &[u8]) {
         match db::observe_key(&self.connection, user, signature_key) {
             Ok(KeyObservation::Changed) => {
@@ -2160,6 +2187,7 @@ impl Engine {
         };
         let mut events = Vec::new();
         let mut observed: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut key_changes: Vec<CoreEvent> = Vec::new();
         let mut merged_own: Option<OutboxRow> = None;
         let mut settled_own: Option<i64> = None;
         let mut self_removed_by: Option<String> = None;
@@ -2348,6 +2376,7 @@ impl Engine {
                     NewHistory::system(Some(seq), &timeline::new_epoch(epoch, &code)),
                 )?;
             }
+            key_changes = Engine::observe_in_step(connection, group_id, seq, &observed)?;
             db::set_cursor(connection, group_id.as_bytes(), seq)?;
             Ok(())
         })?;
@@ -2368,8 +2397,8 @@ impl Engine {
             // Delivered before its `Accepted`: it is sequenced, so the next item may go.
             self.in_flight.remove(&id);
         }
-        for (user, key) in observed {
-            self.observe(&user, &key);
+        for change in key_changes {
+            self.emit(change);
         }
         if renamed {
             events.push(CoreEvent::GroupRenamed {
@@ -2507,6 +2536,7 @@ impl Engine {
         let payload = delivery.payload.as_slice();
         let provider = &self.provider;
         let connection = &self.connection;
+        let me = self.me.as_str();
         let joined = db::transaction(connection, || {
             let message = MlsMessageIn::tls_deserialize_exact(payload).map_err(mls_error)?;
             let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
@@ -2533,7 +2563,7 @@ impl Engine {
                 .welcome_sender()
                 .map(|leaf| identity_of(leaf.credential()))
                 .unwrap_or_else(|_| delivery.sender.to_string());
-            let members: Vec<(String, Vec<u8>)> = staged
+            let others: Vec<(String, Vec<u8>)> = staged
                 .members()
                 .map(|member| {
                     (
@@ -2541,6 +2571,7 @@ impl Engine {
                         member.signature_key.clone(),
                     )
                 })
+                .filter(|(user, _)| *user != me)
                 .collect();
             let mls = staged.into_group(provider).map_err(welcome_error)?;
             db::insert_group(
@@ -2555,10 +2586,12 @@ impl Engine {
                 group_id.as_bytes(),
                 NewHistory::system(Some(delivery.seq), &format!("{by} added you")),
             )?;
-            Ok((mls, by, members))
+            let key_changes =
+                Engine::observe_in_step(connection, &group_id, delivery.seq, &others)?;
+            Ok((mls, by, key_changes))
         });
         match joined {
-            Ok((mls, by, members)) => {
+            Ok((mls, by, key_changes)) => {
                 self.groups.insert(
                     group_id.clone(),
                     Group {
@@ -2572,10 +2605,8 @@ impl Engine {
                         wait_for_epoch: None,
                     },
                 );
-                for (user, key) in members {
-                    if user != self.me.as_str() {
-                        self.observe(&user, &key);
-                    }
+                for change in key_changes {
+                    self.emit(change);
                 }
                 self.emit(CoreEvent::Joined {
                     group: self.group_ref(&group_id),

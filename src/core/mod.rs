@@ -167,6 +167,12 @@ pub mod timeline {
     pub fn new_epoch(epoch: u64, code: &str) -> String {
         format!("new epoch {epoch} · verification code {code}")
     }
+
+    pub fn key_changed(user: &str, fingerprint: &str) -> String {
+        format!(
+            "WARNING: {user}'s key changed (new fingerprint {fingerprint}); verify it with /verify {user}"
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
