@@ -204,8 +204,19 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "epoch", "group": name, "group_id": id, "epoch": epoch, "code": code})
             }
-            CoreEvent::KeyChanged { user, fingerprint } => {
-                json!({"event": "key_changed", "user": user, "fingerprint": fingerprint})
+            CoreEvent::KeyChanged {
+                user,
+                fingerprint,
+                group,
+            } => {
+                let mut event =
+                    json!({"event": "key_changed", "user": user, "fingerprint": fingerprint});
+                if let Some(group) = group {
+                    let (name, id) = group_fields(group);
+                    event["group"] = json!(name);
+                    event["group_id"] = json!(id);
+                }
+                event
             }
             CoreEvent::Fingerprint {
                 user,

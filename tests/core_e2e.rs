@@ -446,6 +446,29 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
             assert_eq!(errors.len(), 1, "{}: {errors:?}", peer.name);
         }
         assert_eq!(alice.errors(), Vec::<String>::new());
+        // The commits bob processed only once his profile could be written left their lines
+        // in his stored timeline once each.
+        bob.command(Command::History {
+            group: id.clone(),
+            limit: 100,
+        });
+        let entries = match bob
+            .wait_for(
+                "history",
+                |event| matches!(event, CoreEvent::History { group, .. } if group.id == id),
+            )
+            .await
+        {
+            CoreEvent::History { entries, .. } => entries,
+            _ => unreachable!(),
+        };
+        for line in ["alice added carol", "new epoch 2 ", "new epoch 3 "] {
+            let count = entries
+                .iter()
+                .filter(|entry| entry.kind == "system" && entry.text.starts_with(line))
+                .count();
+            assert_eq!(count, 1, "{line:?} in bob's stored timeline");
+        }
         for peer in [&mut alice, &mut bob, &mut carol] {
             peer.stop().await;
         }
@@ -1399,7 +1422,40 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
             assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
             peer.stop().await;
         }
-        for peer in [&mut carol, &mut dave] {
+        // The removed and the leaving user have their own departure stored, once, with the
+        // commit that ended their membership.
+        for (peer, departure) in [
+            (&mut carol, "alice removed you"),
+            (&mut dave, "you left the group"),
+        ] {
+            peer.stop().await;
+            peer.restart().await;
+            peer.command(Command::History {
+                group: id.clone(),
+                limit: 100,
+            });
+            let entries = match peer
+                .wait_for("history", |event| {
+                    matches!(event, CoreEvent::History { group, .. } if group.id == id)
+                })
+                .await
+            {
+                CoreEvent::History { entries, .. } => entries,
+                _ => unreachable!(),
+            };
+            let last = entries.last().expect("a stored timeline");
+            assert_eq!(
+                (last.kind.as_str(), last.text.as_str()),
+                ("warning", departure),
+                "{}",
+                peer.name
+            );
+            assert!(last.seq.is_some(), "stored with the commit's seq");
+            let mentions = entries
+                .iter()
+                .filter(|entry| entry.text.contains(&format!("removed {}", peer.name)))
+                .count();
+            assert_eq!(mentions, 0, "{} sees no line naming itself", peer.name);
             assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
             peer.stop().await;
         }

@@ -839,11 +839,7 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
         CoreEvent::Left { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = false;
-            let text = if by == state.me {
-                "you left the group".to_string()
-            } else {
-                format!("{by} removed you")
-            };
+            let text = timeline::left(&by, &state.me);
             state.system_line(index, text, true);
         }
         CoreEvent::Message {
@@ -926,13 +922,21 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 state.system_line(index, timeline::new_epoch(epoch, &code), false);
             }
         }
-        CoreEvent::KeyChanged { user, fingerprint } => {
+        CoreEvent::KeyChanged {
+            user,
+            fingerprint,
+            group,
+        } => {
             let text = timeline::key_changed(&user, &fingerprint);
+            // The group whose commit showed the key gets the line even though its member list
+            // has not been reloaded yet (the user may have just been added).
+            let seen_in = group.map(|group| state.group_entry(&group));
             for index in 0..state.groups.len() {
-                if state.groups[index]
-                    .members
-                    .iter()
-                    .any(|member| member.name == user)
+                if Some(index) == seen_in
+                    || state.groups[index]
+                        .members
+                        .iter()
+                        .any(|member| member.name == user)
                 {
                     state.system_line(index, text.clone(), true);
                     effects.push(Effect::Core(Command::Members {

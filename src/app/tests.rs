@@ -420,11 +420,25 @@ fn key_changes_are_flagged_loudly() {
         Msg::Core(CoreEvent::KeyChanged {
             user: "bob".into(),
             fingerprint: "55555".into(),
+            group: None,
         }),
     );
     assert!(effects.contains(&Effect::Bell));
     assert!(effects.contains(&Effect::Core(Command::Members { group: team.id })));
     assert!(state.groups[0].entries.iter().any(|entry| matches!(&entry.kind, EntryKind::System { text, warning: true } if text.contains("bob's key changed"))));
+
+    // Shown by a commit of a group whose member list does not list bob yet: that group gets
+    // the line too.
+    let ops = with_group(&mut state, "ops", 2);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::KeyChanged {
+            user: "bob".into(),
+            fingerprint: "66666".into(),
+            group: Some(ops),
+        }),
+    );
+    assert!(state.groups[1].entries.iter().any(|entry| matches!(&entry.kind, EntryKind::System { text, warning: true } if text.contains("66666"))));
 }
 
 #[test]

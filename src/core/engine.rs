@@ -90,7 +90,12 @@ fn decode_envelope(bytes: &[u8]) -> Envelope {
 
 fn identity_of(credential: &openmls::prelude::Credential) -> String {
     match BasicCredential::try_from(credential.clone()) {
-        Ok(basic) => String::from_utf8_lossy(basic.identity()).into_owned(),
+        // A valid user name has no control characters; anyone's leaf may claim any bytes, and
+        // the name goes into the timeline, where a line break or an escape would forge lines.
+        Ok(basic) => String::from_utf8_lossy(basic.identity())
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect(),
         Err(_) => "(unknown credential)".to_string(),
     }
 }
@@ -326,13 +331,16 @@ impl Engine {
             let Ok(group_id) = GroupId::new(row.group_id) else {
                 continue;
             };
+            // A profile written before a removal was stored in the step that processed it
+            // may still list as active a group whose MLS state says we were removed.
+            let active = row.active && mls.is_active();
             groups.insert(
                 group_id,
                 Group {
                     mls,
                     name: row.name,
                     cursor: row.cursor,
-                    active: row.active,
+                    active,
                     announced: row.announced,
                     leaving: row.leaving,
                     last_self_update: row.last_self_update,
@@ -377,9 +385,13 @@ impl Engine {
         if let Ok(rows) = db::groups(&self.connection) {
             for row in rows {
                 if let Ok(group_id) = GroupId::new(row.group_id) {
+                    let active = self
+                        .groups
+                        .get(&group_id)
+                        .map_or(row.active, |group| group.active);
                     listed.push(ListedGroup {
                         group: self.group_ref(&group_id),
-                        active: row.active,
+                        active,
                         epoch: self.epoch_of(&group_id),
                     });
                 }
@@ -1003,7 +1015,10 @@ impl Engine {
         }
         if group.mls.members().count() <= 1 {
             // Nobody is left to commit our removal: just drop the group here.
-            self.deactivate(&group_id, "you left".into());
+            self.deactivate(
+                &group_id,
+                timeline::left(self.me.as_str(), self.me.as_str()),
+            );
             self.emit(CoreEvent::Left {
                 group: self.group_ref(&group_id),
                 by: self.me.to_string(),
@@ -1297,7 +1312,7 @@ impl Engine {
                 .is_some_and(|group| group.mls.members().count() <= 1)
         {
             // Nobody is left to remove us, nor to read anything: leave locally.
-            self.deactivate(group_id, "you left".into());
+            self.deactivate(group_id, timeline::left(self.me.as_str(), self.me.as_str()));
             self.emit(CoreEvent::Left {
                 group: self.group_ref(group_id),
                 by: self.me.to_string(),
@@ -2034,7 +2049,7 @@ impl Engine {
     /// group's timeline; the returned events announce the changes once the step committed.
     fn observe_in_step(
         connection: &Connection,
-        group_id: &GroupId,
+        group: &GroupRef,
         seq: u64,
         observed: &[(String, Vec<u8>)],
     ) -> Result<Vec<CoreEvent>, CoreError> {
@@ -2044,12 +2059,13 @@ impl Engine {
                 let fingerprint = fingerprint(key);
                 db::insert_history(
                     connection,
-                    group_id.as_bytes(),
+                    group.id.as_bytes(),
                     NewHistory::warning(Some(seq), &timeline::key_changed(user, &fingerprint)),
                 )?;
                 changes.push(CoreEvent::KeyChanged {
                     user: user.clone(),
                     fingerprint,
+                    group: Some(group.clone()),
                 });
             }
         }
@@ -2062,6 +2078,7 @@ impl Engine {
                 self.emit(CoreEvent::KeyChanged {
                     user: user.to_string(),
                     fingerprint: fingerprint(signature_key),
+                    group: None,
                 });
             }
             Ok(_) => {}
@@ -2188,6 +2205,7 @@ impl Engine {
         let mut events = Vec::new();
         let mut observed: Vec<(String, Vec<u8>)> = Vec::new();
         let mut key_changes: Vec<CoreEvent> = Vec::new();
+        let mut unsent: Vec<i64> = Vec::new();
         let mut merged_own: Option<OutboxRow> = None;
         let mut settled_own: Option<i64> = None;
         let mut self_removed_by: Option<String> = None;
@@ -2376,7 +2394,15 @@ impl Engine {
                     NewHistory::system(Some(seq), &timeline::new_epoch(epoch, &code)),
                 )?;
             }
-            key_changes = Engine::observe_in_step(connection, group_id, seq, &observed)?;
+            if let Some(by) = &self_removed_by {
+                unsent = Engine::deactivate_in_step(
+                    connection,
+                    group_id,
+                    Some(seq),
+                    &timeline::left(by, &me),
+                )?;
+            }
+            key_changes = Engine::observe_in_step(connection, &group_ref, seq, &observed)?;
             db::set_cursor(connection, group_id.as_bytes(), seq)?;
             Ok(())
         })?;
@@ -2397,25 +2423,19 @@ impl Engine {
             // Delivered before its `Accepted`: it is sequenced, so the next item may go.
             self.in_flight.remove(&id);
         }
-        for change in key_changes {
-            self.emit(change);
-        }
         if renamed {
             events.push(CoreEvent::GroupRenamed {
                 group: self.group_ref(group_id),
             });
         }
         if let Some(by) = self_removed_by {
-            let note = if by == self.me.as_str() {
-                "you left".to_string()
-            } else {
-                format!("removed by {by}")
-            };
-            self.deactivate(group_id, note);
+            self.deactivated(group_id, unsent);
             events.push(CoreEvent::Left {
                 group: self.group_ref(group_id),
                 by,
             });
+            // Announced after the lines they follow in the stored timeline.
+            events.extend(key_changes);
             return Ok(events);
         }
         if epoch_changed {
@@ -2428,6 +2448,7 @@ impl Engine {
             }
             self.after_epoch_change(group_id);
         }
+        events.extend(key_changes);
         Ok(events)
     }
 
@@ -2460,44 +2481,48 @@ impl Engine {
         }
     }
 
+    /// Leaves a group locally, in a transaction of its own (when no commit is involved: we were
+    /// its last member).
     fn deactivate(&mut self, group_id: &GroupId, note: String) {
-        // Messages still queued for the group will never be sent: their lines say so, and the
-        // UI hears it, instead of showing them as "sending" forever.
-        let unsent: Vec<i64> = match db::outbox_of_group(&self.connection, group_id.as_bytes()) {
-            Ok(rows) => rows
-                .into_iter()
-                .filter(|row| matches!(row.intent, Intent::Text { .. }))
-                .map(|row| row.id)
-                .collect(),
-            Err(error) => {
-                // The group is left all the same; its queued lines keep their state.
-                self.error(error.to_string());
-                Vec::new()
-            }
-        };
-        let reason = "you are no longer a member of the group";
         let result = db::transaction(&self.connection, || {
-            db::set_group_flag(
-                &self.connection,
-                group_id.as_bytes(),
-                GroupFlag::Active,
-                false,
-            )?;
-            for id in &unsent {
-                db::settle_history(&self.connection, *id, None, &format!("failed: {reason}"))?;
-            }
-            db::delete_group_outbox(&self.connection, group_id.as_bytes())?;
-            db::insert_history(
-                &self.connection,
-                group_id.as_bytes(),
-                NewHistory::system(None, &note),
-            )
-            .map(|_| ())
+            Engine::deactivate_in_step(&self.connection, group_id, None, &note)
         });
-        if let Err(error) = result {
-            self.error(error.to_string());
-            return;
+        match result {
+            Ok(unsent) => self.deactivated(group_id, unsent),
+            Err(error) => self.error(error.to_string()),
         }
+    }
+
+    /// The stored half of leaving a group, inside the step that ends our membership: marks the
+    /// group inactive, fails the messages still queued for it (their lines say so, instead of
+    /// "sending" forever) and notes why. Returns the failed lines' ids for [`Self::deactivated`].
+    fn deactivate_in_step(
+        connection: &Connection,
+        group_id: &GroupId,
+        seq: Option<u64>,
+        note: &str,
+    ) -> Result<Vec<i64>, CoreError> {
+        let unsent: Vec<i64> = db::outbox_of_group(connection, group_id.as_bytes())?
+            .into_iter()
+            .filter(|row| matches!(row.intent, Intent::Text { .. }))
+            .map(|row| row.id)
+            .collect();
+        db::set_group_flag(connection, group_id.as_bytes(), GroupFlag::Active, false)?;
+        for id in &unsent {
+            db::settle_history(connection, *id, None, &format!("failed: {NOT_A_MEMBER}"))?;
+        }
+        db::delete_group_outbox(connection, group_id.as_bytes())?;
+        // Shown as a warning, as the live view shows it.
+        db::insert_history(
+            connection,
+            group_id.as_bytes(),
+            NewHistory::warning(seq, note),
+        )?;
+        Ok(unsent)
+    }
+
+    /// The in-memory half of leaving a group, once the step that stored it has committed.
+    fn deactivated(&mut self, group_id: &GroupId, unsent: Vec<i64>) {
         if let Some(group) = self.groups.get_mut(group_id) {
             group.active = false;
             group.leaving = false;
@@ -2507,7 +2532,7 @@ impl Engine {
             self.emit(CoreEvent::Failed {
                 group: self.group_ref(group_id),
                 local_id: id,
-                reason: reason.to_string(),
+                reason: NOT_A_MEMBER.to_string(),
             });
         }
     }
@@ -2537,6 +2562,8 @@ impl Engine {
         let provider = &self.provider;
         let connection = &self.connection;
         let me = self.me.as_str();
+        // As events will name the group once it is joined (the name we knew, if any).
+        let group_ref = self.group_ref(&group_id);
         let joined = db::transaction(connection, || {
             let message = MlsMessageIn::tls_deserialize_exact(payload).map_err(mls_error)?;
             let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
@@ -2587,7 +2614,7 @@ impl Engine {
                 NewHistory::system(Some(delivery.seq), &format!("{by} added you")),
             )?;
             let key_changes =
-                Engine::observe_in_step(connection, &group_id, delivery.seq, &others)?;
+                Engine::observe_in_step(connection, &group_ref, delivery.seq, &others)?;
             Ok((mls, by, key_changes))
         });
         match joined {
@@ -2605,14 +2632,15 @@ impl Engine {
                         wait_for_epoch: None,
                     },
                 );
-                for change in key_changes {
-                    self.emit(change);
-                }
                 self.emit(CoreEvent::Joined {
                     group: self.group_ref(&group_id),
                     by,
                 });
                 self.emit_epoch(&group_id);
+                // After the join, as their warnings follow its line in the stored timeline.
+                for change in key_changes {
+                    self.emit(change);
+                }
                 // A KeyPackage was used up: top the stock up if it runs low.
                 self.request(Request::CountKeyPackages, |request_id| {
                     Frame::CountKeyPackages(CountKeyPackages { request_id })
@@ -2695,6 +2723,9 @@ fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, committer: &str) -> C
         self_removed_by,
     }
 }
+
+/// Why the messages still queued for a group we left were not sent.
+const NOT_A_MEMBER: &str = "you are no longer a member of the group";
 
 /// The group's epoch and the verification code its members compare.
 fn epoch_and_code(group: &MlsGroup) -> (u64, String) {

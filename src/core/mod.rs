@@ -168,6 +168,15 @@ pub mod timeline {
         format!("new epoch {epoch} · verification code {code}")
     }
 
+    /// Our own departure, as `me` sees it.
+    pub fn left(by: &str, me: &str) -> String {
+        if by == me {
+            "you left the group".to_string()
+        } else {
+            format!("{by} removed you")
+        }
+    }
+
     pub fn key_changed(user: &str, fingerprint: &str) -> String {
         format!(
             "WARNING: {user}'s key changed (new fingerprint {fingerprint}); verify it with /verify {user}"
@@ -266,6 +275,9 @@ pub enum CoreEvent {
     KeyChanged {
         user: String,
         fingerprint: String,
+        /// The group whose commit or Welcome showed the new key (its timeline stores the
+        /// warning); `None` when a claimed KeyPackage showed it.
+        group: Option<GroupRef>,
     },
     Fingerprint {
         user: String,

@@ -169,6 +169,7 @@ fn member_pane_and_key_change_warning_100x30() {
     feed(
         &mut state,
         vec![CoreEvent::KeyChanged {
+            group: None,
             user: "mallory".into(),
             fingerprint: "66666 13131 00000".into(),
         }],

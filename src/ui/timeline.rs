@@ -51,7 +51,7 @@ fn clock(at: i64, utc_offset: i32) -> String {
 pub(super) fn date_and_clock(at: i64, utc_offset: i32) -> String {
     local(at, utc_offset)
         .map(|time| time.format("%Y-%m-%d %H:%M").to_string())
-        .unwrap_or_else(|| "----------- --:--".into())
+        .unwrap_or_else(|| "---------- --:--".into())
 }
 
 fn separator(date: NaiveDate, columns: usize, theme: &Theme) -> Line<'static> {
