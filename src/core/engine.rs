@@ -2337,6 +2337,9 @@ impl Engine {
                             }
                         }
                         ProcessedMessageContent::ProposalMessage(proposal) => {
+                            if let Proposal::Update(update) = proposal.proposal() {
+                                refuse_rename(&sender, update.leaf_node().credential())?;
+                            }
                             group
                                 .mls
                                 .store_pending_proposal(provider.storage(), *proposal)
@@ -2346,6 +2349,7 @@ impl Engine {
                             tracing::info!("ignoring an external join proposal");
                         }
                         ProcessedMessageContent::StagedCommitMessage(staged) => {
+                            refuse_renames(&group.mls, &staged, &sender)?;
                             let inspection = inspect_commit(&group.mls, &staged, &sender);
                             apply_inspection(&inspection, &group_ref, &mut events, &mut observed);
                             if let Some(by) = &inspection.self_removed_by {
@@ -2724,6 +2728,44 @@ fn inspect_commit(group: &MlsGroup, staged: &StagedCommit, committer: &str) -> C
     }
 }
 
+/// Refuses a leaf of `member` whose credential names someone else. A member may replace its
+/// keys, never its name: openmls accepts such a leaf (RFC 9420 leaves the check to the
+/// application's authentication service), and the name is all this client shows of a sender,
+/// so a renamed leaf would let a member speak as a user the client has never seen.
+fn refuse_rename(member: &str, credential: &openmls::prelude::Credential) -> Result<(), CoreError> {
+    let claimed = identity_of(credential);
+    if claimed == member {
+        Ok(())
+    } else {
+        Err(CoreError::Invalid(format!(
+            "{member} tried to change its name to {claimed}; refused"
+        )))
+    }
+}
+
+/// [`refuse_rename`] for every leaf a commit replaces: the committer's own (its update path)
+/// and those of the Update proposals it carries.
+fn refuse_renames(
+    group: &MlsGroup,
+    staged: &StagedCommit,
+    committer: &str,
+) -> Result<(), CoreError> {
+    if let Some(leaf) = staged.update_path_leaf_node() {
+        refuse_rename(committer, leaf.credential())?;
+    }
+    for update in staged.update_proposals() {
+        if let Sender::Member(index) = update.sender()
+            && let Some(member) = group.member_at(*index)
+        {
+            refuse_rename(
+                &identity_of(&member.credential),
+                update.update_proposal().leaf_node().credential(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Why the messages still queued for a group we left were not sent.
 const NOT_A_MEMBER: &str = "you are no longer a member of the group";
 
@@ -2810,4 +2852,129 @@ fn commit_routing(group: &MlsGroup, staged: &StagedCommit) -> (Vec<String>, Vec<
         .map(|member| identity_of(&member.credential))
         .collect();
     (added, removed)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Checks of what the engine refuses in others' commits, on openmls groups in memory.
+
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::{LeafNodeParameters, MlsGroupCreateConfig};
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    use super::*;
+
+    struct Member {
+        provider: OpenMlsRustCrypto,
+        signer: SignatureKeyPair,
+        credential: CredentialWithKey,
+    }
+
+    fn member(name: &str) -> Member {
+        let provider = OpenMlsRustCrypto::default();
+        let signer = SignatureKeyPair::new(SignatureScheme::ED25519).expect("a key pair");
+        signer
+            .store(provider.storage())
+            .expect("the key pair is stored");
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+        Member {
+            provider,
+            signer,
+            credential,
+        }
+    }
+
+    fn received(message: &MlsMessageOut) -> MlsMessageIn {
+        let bytes = message.tls_serialize_detached().expect("encodes");
+        MlsMessageIn::tls_deserialize_exact(bytes.as_slice()).expect("decodes")
+    }
+
+    /// Alice's group with mallory in it, from both sides.
+    fn alice_and_mallory() -> (Member, MlsGroup, Member, MlsGroup) {
+        let alice = member("alice");
+        let mallory = member("mallory");
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .build();
+        let mut alice_group = MlsGroup::new(
+            &alice.provider,
+            &alice.signer,
+            &config,
+            alice.credential.clone(),
+        )
+        .expect("alice creates the group");
+        let key_package = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &mallory.provider,
+                &mallory.signer,
+                mallory.credential.clone(),
+            )
+            .expect("a KeyPackage");
+        let (_commit, welcome, _info) = alice_group
+            .add_members(
+                &alice.provider,
+                &alice.signer,
+                &[key_package.key_package().clone()],
+            )
+            .expect("alice adds mallory");
+        alice_group
+            .merge_pending_commit(&alice.provider)
+            .expect("alice merges");
+        let MlsMessageBodyIn::Welcome(welcome) = received(&welcome).extract() else {
+            panic!("not a Welcome");
+        };
+        let mallory_group =
+            StagedWelcome::build_from_welcome(&mallory.provider, &join_config(), welcome)
+                .expect("mallory reads the Welcome")
+                .build()
+                .expect("mallory stages the join")
+                .into_group(&mallory.provider)
+                .expect("mallory joins");
+        (alice, alice_group, mallory, mallory_group)
+    }
+
+    /// What alice's check says of mallory's self-update with the leaf parameters `leaf` makes
+    /// from mallory's signer. openmls itself accepts the commit either way.
+    fn check_update(
+        leaf: impl Fn(&SignatureKeyPair) -> LeafNodeParameters,
+    ) -> Result<(), CoreError> {
+        let (alice, mut alice_group, mallory, mut mallory_group) = alice_and_mallory();
+        let bundle = mallory_group
+            .self_update(&mallory.provider, &mallory.signer, leaf(&mallory.signer))
+            .expect("mallory builds the update");
+        let protocol = received(bundle.commit())
+            .try_into_protocol_message()
+            .expect("a protocol message");
+        let processed = alice_group
+            .process_message(&alice.provider, protocol)
+            .expect("openmls accepts the commit");
+        let sender = identity_of(processed.credential());
+        assert_eq!(sender, "mallory");
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            panic!("not a commit");
+        };
+        refuse_renames(&alice_group, &staged, &sender)
+    }
+
+    #[test]
+    fn a_member_may_update_its_keys_but_not_its_name() {
+        assert!(check_update(|_| LeafNodeParameters::default()).is_ok());
+        let refused = check_update(|signer| {
+            LeafNodeParameters::builder()
+                .with_credential_with_key(CredentialWithKey {
+                    credential: BasicCredential::new(b"ceo".to_vec()).into(),
+                    signature_key: signer.public().into(),
+                })
+                .build()
+        });
+        assert!(
+            matches!(&refused, Err(CoreError::Invalid(reason)) if reason.contains("mallory tried to change its name to ceo")),
+            "{refused:?}"
+        );
+    }
 }
