@@ -448,20 +448,7 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
         assert_eq!(alice.errors(), Vec::<String>::new());
         // The commits bob processed only once his profile could be written left their lines
         // in his stored timeline once each.
-        bob.command(Command::History {
-            group: id.clone(),
-            limit: 100,
-        });
-        let entries = match bob
-            .wait_for(
-                "history",
-                |event| matches!(event, CoreEvent::History { group, .. } if group.id == id),
-            )
-            .await
-        {
-            CoreEvent::History { entries, .. } => entries,
-            _ => unreachable!(),
-        };
+        let entries = bob.history(&id).await;
         for line in ["alice added carol", "new epoch 2 ", "new epoch 3 "] {
             let count = entries
                 .iter()
@@ -1395,19 +1382,7 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
                 .expect("the group is listed");
             assert_eq!(kept.epoch, Some((4, current_code.clone())), "{}", peer.name);
 
-            peer.command(Command::History {
-                group: id.clone(),
-                limit: 100,
-            });
-            let entries = match peer
-                .wait_for("history", |event| {
-                    matches!(event, CoreEvent::History { group, .. } if group.id == id)
-                })
-                .await
-            {
-                CoreEvent::History { entries, .. } => entries,
-                _ => unreachable!(),
-            };
+            let entries = peer.history(&id).await;
             let notes: Vec<String> = entries
                 .iter()
                 .filter(|entry| entry.kind == "system")
@@ -1430,19 +1405,7 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
         ] {
             peer.stop().await;
             peer.restart().await;
-            peer.command(Command::History {
-                group: id.clone(),
-                limit: 100,
-            });
-            let entries = match peer
-                .wait_for("history", |event| {
-                    matches!(event, CoreEvent::History { group, .. } if group.id == id)
-                })
-                .await
-            {
-                CoreEvent::History { entries, .. } => entries,
-                _ => unreachable!(),
-            };
+            let entries = peer.history(&id).await;
             let last = entries.last().expect("a stored timeline");
             assert_eq!(
                 (last.kind.as_str(), last.text.as_str()),

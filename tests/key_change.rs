@@ -3,24 +3,29 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{Ds, Peer, create_group, invite, timed, user};
 use mlschat::core::{Command, CoreEvent};
+
+/// Alice (with her profile under `root`) meets bob on a DS of their own and learns his key.
+async fn alice_learns_bobs_key(root: &Path) {
+    let first = Ds::start().await;
+    let mut alice = Peer::start(&first, "alice", root).await;
+    let mut bob = Peer::start(&first, "bob", root).await;
+    let team = create_group(&mut alice, "team").await;
+    invite(&mut alice, &team, &mut [&mut bob]).await;
+    alice.stop().await;
+    bob.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_of_a_changed_key_waits_for_verification() {
     timed(Duration::from_secs(90), async {
         let root = tempfile::tempdir().expect("temp dir");
         let elsewhere = tempfile::tempdir().expect("temp dir");
-        // Alice meets bob on one DS and learns his key.
-        let first = Ds::start().await;
-        let mut alice = Peer::start(&first, "alice", root.path()).await;
-        let mut bob = Peer::start(&first, "bob", root.path()).await;
-        let team = create_group(&mut alice, "team").await;
-        invite(&mut alice, &team, &mut [&mut bob]).await;
-        alice.stop().await;
-        bob.stop().await;
+        alice_learns_bobs_key(root.path()).await;
 
         // On another DS, someone registered "bob" with a different key.
         let second = Ds::start().await;
@@ -58,13 +63,7 @@ async fn a_changed_key_in_a_commit_is_flagged_and_kept_in_the_timeline() {
     timed(Duration::from_secs(90), async {
         let root = tempfile::tempdir().expect("temp dir");
         let elsewhere = tempfile::tempdir().expect("temp dir");
-        let first = Ds::start().await;
-        let mut alice = Peer::start(&first, "alice", root.path()).await;
-        let mut bob = Peer::start(&first, "bob", root.path()).await;
-        let team = create_group(&mut alice, "team").await;
-        invite(&mut alice, &team, &mut [&mut bob]).await;
-        alice.stop().await;
-        bob.stop().await;
+        alice_learns_bobs_key(root.path()).await;
 
         // On another DS, carol (who never met bob) adds an impostor named "bob" to a group
         // alice is in.
@@ -84,20 +83,7 @@ async fn a_changed_key_in_a_commit_is_flagged_and_kept_in_the_timeline() {
 
         alice.stop().await;
         alice.restart().await;
-        alice.command(Command::History {
-            group: group.id.clone(),
-            limit: 100,
-        });
-        let entries = match alice
-            .wait_for(
-                "history",
-                |event| matches!(event, CoreEvent::History { group: g, .. } if g.id == group.id),
-            )
-            .await
-        {
-            CoreEvent::History { entries, .. } => entries,
-            _ => unreachable!(),
-        };
+        let entries = alice.history(&group.id).await;
         let warnings: Vec<&str> = entries
             .iter()
             .filter(|entry| entry.kind == "warning")

@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mlschat::client::{Client, ClientOptions};
+use mlschat::core::db::HistoryEntry;
 use mlschat::core::provider::ClientProvider;
 use mlschat::core::{Command, CoreEvent, CoreInput, GroupRef};
 use mlschat_ds::LocalServer;
@@ -393,6 +394,24 @@ impl Peer {
                 _ => None,
             })
             .collect()
+    }
+
+    /// `Command::History`: the group's stored timeline, oldest first (up to 1,000 lines).
+    pub async fn history(&mut self, group: &GroupId) -> Vec<HistoryEntry> {
+        self.command(Command::History {
+            group: group.clone(),
+            limit: 1_000,
+        });
+        match self
+            .wait_for(
+                "history",
+                |event| matches!(event, CoreEvent::History { group: g, .. } if g.id == *group),
+            )
+            .await
+        {
+            CoreEvent::History { entries, .. } => entries,
+            _ => unreachable!(),
+        }
     }
 
     /// `Command::Status`: (epoch, epoch authenticator in hex, member count).
