@@ -812,6 +812,10 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
         CoreEvent::Joined { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = true;
+            // Joined again after leaving: the epoch we knew is history, and the one the
+            // Welcome brings is not a change this member saw (nor one the timeline stores).
+            state.groups[index].epoch = None;
+            state.groups[index].code = None;
             state.system_line(index, format!("{by} added you to the group"), false);
             if state.current.is_none() {
                 effects.extend(state.switch_to(index));

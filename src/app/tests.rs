@@ -543,6 +543,43 @@ fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
 }
 
 #[test]
+fn joining_again_notes_no_epoch_change() {
+    let mut state = state();
+    let team = group("team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Groups {
+            groups: vec![ListedGroup {
+                group: team.clone(),
+                active: false,
+                epoch: Some((7, "111 111".into())),
+            }],
+        }),
+    );
+    for event in [
+        CoreEvent::Joined {
+            group: team.clone(),
+            by: "bob".into(),
+        },
+        CoreEvent::EpochChanged {
+            group: team,
+            epoch: 12,
+            code: "222 222".into(),
+        },
+    ] {
+        update(&mut state, Msg::Core(event));
+    }
+    assert_eq!(state.groups[0].epoch, Some(12));
+    assert!(
+        !state.groups[0].entries.iter().any(|entry| matches!(
+            &entry.kind,
+            EntryKind::System { text, .. } if text.starts_with("new epoch")
+        )),
+        "the join's epoch is not a change"
+    );
+}
+
+#[test]
 fn stored_warnings_stay_warnings() {
     let mut state = state();
     let team = with_group(&mut state, "team", 1);
