@@ -109,11 +109,9 @@ impl Session {
                 let list: Vec<Value> = groups
                     .iter()
                     .map(|listed| {
-                        let mut entry = json!({
-                            "group": listed.group.name,
-                            "group_id": listed.group.id.to_hex(),
-                            "active": listed.active,
-                        });
+                        let (name, id) = group_fields(&listed.group);
+                        let mut entry =
+                            json!({"group": name, "group_id": id, "active": listed.active});
                         if let Some((epoch, code)) = &listed.epoch {
                             entry["epoch"] = json!(epoch);
                             entry["code"] = json!(code);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{
-    Ds, Peer, STEP, agreed_status, converge, create_group, invite, raw_login, timed, user,
+    Ds, Peer, STEP, agreed_status, converge, create_group, invite, kick, raw_login, timed, user,
 };
 use mlschat::core::{Command, ConnectionState, CoreEvent};
 use mlschat_ds::protocol::{DeliveryKind, ErrorCode, Fetch, Frame, GroupId, Send};
@@ -98,21 +98,7 @@ async fn three_users_chat_kick_and_leave() {
         }
 
         // Alice kicks Carol.
-        alice.command(Command::Kick {
-            group: id.clone(),
-            user: user("carol"),
-        });
-        carol
-            .wait_for("left", |event| {
-                matches!(event, CoreEvent::Left { group, by } if group.id == id && by == "alice")
-            })
-            .await;
-        for peer in [&mut alice, &mut bob] {
-            peer.wait_for("carol removed", |event| {
-                matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
-            })
-            .await;
-        }
+        kick(&mut alice, &mut carol, &mut [&mut bob], &id).await;
         let (_, _, members) = converge(&mut [&mut alice, &mut bob], &id).await;
         assert_eq!(members, 2);
 
@@ -1300,21 +1286,7 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
         invite(&mut alice, &group, &mut [&mut bob]).await;
         invite(&mut alice, &group, &mut [&mut carol, &mut dave]).await;
         converge(&mut [&mut alice, &mut bob, &mut carol, &mut dave], &id).await;
-        alice.command(Command::Kick {
-            group: id.clone(),
-            user: user("carol"),
-        });
-        carol
-            .wait_for("removed by alice", |event| {
-                matches!(event, CoreEvent::Left { group, by } if group.id == id && by == "alice")
-            })
-            .await;
-        for peer in [&mut alice, &mut bob, &mut dave] {
-            peer.wait_for("carol removed", |event| {
-                matches!(event, CoreEvent::MemberRemoved { group, user, by } if group.id == id && user == "carol" && by == "alice")
-            })
-            .await;
-        }
+        kick(&mut alice, &mut carol, &mut [&mut bob, &mut dave], &id).await;
         converge(&mut [&mut alice, &mut bob, &mut dave], &id).await;
         // Dave proposes his own removal and whoever commits it first, his leaving is his.
         dave.command(Command::Leave { group: id.clone() });

@@ -73,6 +73,32 @@ fn message(group: &GroupRef, from: &str, text: &str, seq: u64) -> Msg {
     })
 }
 
+/// The core's start-up listing of one group, as after a restart.
+fn listed(state: &mut State, group: &GroupRef, active: bool, epoch: (u64, &str)) {
+    update(
+        state,
+        Msg::Core(CoreEvent::Groups {
+            groups: vec![ListedGroup {
+                group: group.clone(),
+                active,
+                epoch: Some((epoch.0, epoch.1.into())),
+            }],
+        }),
+    );
+}
+
+/// The system lines of the group at `index`, with whether each is a warning.
+fn system_lines(state: &State, index: usize) -> Vec<(&str, bool)> {
+    state.groups[index]
+        .entries
+        .iter()
+        .filter_map(|entry| match &entry.kind {
+            EntryKind::System { text, warning } => Some((text.as_str(), *warning)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn enter_sends_to_the_current_group_and_clears_the_composer() {
     let mut state = state();
@@ -438,7 +464,11 @@ fn key_changes_are_flagged_loudly() {
             group: Some(ops),
         }),
     );
-    assert!(state.groups[1].entries.iter().any(|entry| matches!(&entry.kind, EntryKind::System { text, warning: true } if text.contains("66666"))));
+    assert!(
+        system_lines(&state, 1)
+            .iter()
+            .any(|(text, warning)| *warning && text.contains("66666"))
+    );
 }
 
 #[test]
@@ -458,7 +488,7 @@ fn resizing_clears_and_ticks_redraw_only_on_new_minutes() {
 fn leaving_is_said_once_and_as_ones_own() {
     let mut state = state();
     let team = with_group(&mut state, "team", 1);
-    let before = state.groups[0].entries.len();
+    let before = system_lines(&state, 0).len();
     for event in [
         CoreEvent::MemberRemoved {
             group: team.clone(),
@@ -477,14 +507,10 @@ fn leaving_is_said_once_and_as_ones_own() {
     ] {
         update(&mut state, Msg::Core(event));
     }
-    let lines: Vec<&str> = state.groups[0].entries[before..]
-        .iter()
-        .filter_map(|entry| match &entry.kind {
-            EntryKind::System { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(lines, ["bob left", "you left the group"]);
+    assert_eq!(
+        system_lines(&state, 0)[before..],
+        [("bob left", false), ("you left the group", true)]
+    );
 }
 
 #[test]
@@ -512,16 +538,7 @@ fn information_fades_but_warnings_and_errors_stay() {
 fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
     let mut state = state();
     let team = group("team", 1);
-    update(
-        &mut state,
-        Msg::Core(CoreEvent::Groups {
-            groups: vec![ListedGroup {
-                group: team.clone(),
-                active: true,
-                epoch: Some((4, "123 456".into())),
-            }],
-        }),
-    );
+    listed(&mut state, &team, true, (4, "123 456"));
     assert_eq!(state.current, Some(0));
     assert_eq!(state.groups[0].epoch, Some(4));
     assert_eq!(state.groups[0].code.as_deref(), Some("123 456"));
@@ -533,11 +550,9 @@ fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
             code: "654 321".into(),
         }),
     );
-    assert!(
-        state.groups[0].entries.iter().any(|entry| matches!(
-            &entry.kind,
-            EntryKind::System { text, .. } if text == "new epoch 5 · verification code 654 321"
-        )),
+    assert_eq!(
+        system_lines(&state, 0),
+        [("new epoch 5 · verification code 654 321", false)],
         "the first epoch change after a restart gets its line"
     );
 }
@@ -546,16 +561,7 @@ fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
 fn joining_again_notes_no_epoch_change() {
     let mut state = state();
     let team = group("team", 1);
-    update(
-        &mut state,
-        Msg::Core(CoreEvent::Groups {
-            groups: vec![ListedGroup {
-                group: team.clone(),
-                active: false,
-                epoch: Some((7, "111 111".into())),
-            }],
-        }),
-    );
+    listed(&mut state, &team, false, (7, "111 111"));
     for event in [
         CoreEvent::Joined {
             group: team.clone(),
@@ -571,10 +577,9 @@ fn joining_again_notes_no_epoch_change() {
     }
     assert_eq!(state.groups[0].epoch, Some(12));
     assert!(
-        !state.groups[0].entries.iter().any(|entry| matches!(
-            &entry.kind,
-            EntryKind::System { text, .. } if text.starts_with("new epoch")
-        )),
+        !system_lines(&state, 0)
+            .iter()
+            .any(|(text, _)| text.starts_with("new epoch")),
         "the join's epoch is not a change"
     );
 }
@@ -603,15 +608,13 @@ fn stored_warnings_stay_warnings() {
             ],
         }),
     );
-    let warnings: Vec<bool> = state.groups[0]
-        .entries
-        .iter()
-        .filter_map(|entry| match &entry.kind {
-            EntryKind::System { warning, .. } => Some(*warning),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(warnings, [false, true]);
+    assert_eq!(
+        system_lines(&state, 0),
+        [
+            ("alice added bob", false),
+            ("WARNING: bob's key changed", true)
+        ]
+    );
 }
 
 #[test]

@@ -547,6 +547,28 @@ pub async fn invite(inviter: &mut Peer, group: &GroupRef, invitees: &mut [&mut P
     }
 }
 
+/// `kicker` removes `kicked` from `group`; waits until `kicked` heard it was removed by
+/// `kicker`, and the kicker and each of `others` saw the removal.
+pub async fn kick(kicker: &mut Peer, kicked: &mut Peer, others: &mut [&mut Peer], group: &GroupId) {
+    kicker.command(Command::Kick {
+        group: group.clone(),
+        user: user(&kicked.name),
+    });
+    let by = kicker.name.clone();
+    kicked
+        .wait_for("removed", |event| {
+            matches!(event, CoreEvent::Left { group: g, by: b } if g.id == *group && *b == by)
+        })
+        .await;
+    let removed = kicked.name.clone();
+    for peer in std::iter::once(kicker).chain(others.iter_mut().map(|peer| &mut **peer)) {
+        peer.wait_for(&format!("{removed} removed"), |event| {
+            matches!(event, CoreEvent::MemberRemoved { group: g, user, by: b } if g.id == *group && *user == removed && *b == by)
+        })
+        .await;
+    }
+}
+
 /// Asks every peer for its `Status` once: the common (epoch, authenticator, members) if all
 /// agree, else every peer's answer.
 pub async fn agreed_status(
