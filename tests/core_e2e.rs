@@ -1331,23 +1331,13 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
             new_epoch(1),
         ];
         expected_alice.extend(added_and_removed.iter().cloned());
-        let mut expected_bob = vec!["alice added you".to_string()];
+        let mut expected_bob = vec!["alice added you to the group".to_string(), new_epoch(1)];
         expected_bob.extend(added_and_removed.iter().cloned());
 
         for (peer, expected) in [(&mut alice, expected_alice), (&mut bob, expected_bob)] {
             peer.stop().await;
             peer.restart().await;
-            // The core lists the groups before it says it is ready.
-            peer.drain();
-            let listed = peer
-                .log
-                .iter()
-                .rev()
-                .find_map(|event| match event {
-                    CoreEvent::Groups { groups } => Some(groups.clone()),
-                    _ => None,
-                })
-                .expect("the groups are listed at start");
+            let listed = peer.listing();
             let kept = listed
                 .iter()
                 .find(|listed| listed.group.id == id)
@@ -1391,6 +1381,80 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
                 .filter(|entry| entry.text.contains(&format!("removed {}", peer.name)))
                 .count();
             assert_eq!(mentions, 0, "{} sees no line naming itself", peer.name);
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+/// What the user has read survives a restart: the start-up listing counts only the messages
+/// from others after what was marked read (mentions flagged), and says which group was looked
+/// at last; a mark never moves back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_and_the_last_viewed_group_survive_a_restart() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let team = create_group(&mut alice, "team").await;
+        let other = create_group(&mut alice, "other").await;
+        invite(&mut alice, &team, &mut [&mut bob]).await;
+        invite(&mut alice, &other, &mut [&mut bob]).await;
+        let mut seqs = Vec::new();
+        for text in ["one", "look here @bob", "three"] {
+            alice.send_text(&team.id, text);
+            seqs.push(bob.wait_message(&team.id, text).await.1);
+        }
+        alice.send_text(&other.id, "elsewhere");
+        bob.wait_message(&other.id, "elsewhere").await;
+        bob.send_text(&other.id, "my own");
+        bob.wait_sent(&other.id, "my own").await;
+
+        let unread = |listing: &[mlschat::core::ListedGroup], id: &GroupId| {
+            let listed = listing
+                .iter()
+                .find(|listed| listed.group.id == *id)
+                .expect("the group is listed");
+            (listed.unread, listed.mentioned, listed.viewed_at > 0)
+        };
+        bob.stop().await;
+        bob.restart().await;
+        let listing = bob.listing();
+        assert_eq!(unread(&listing, &team.id), (3, true, false));
+        assert_eq!(
+            unread(&listing, &other.id),
+            (1, false, false),
+            "our own message is not unread"
+        );
+
+        // Bob reads the team's first message only, then all of it; a later, lower mark
+        // changes nothing.
+        let mark_read = |bob: &Peer, seq: u64| {
+            bob.command(Command::MarkRead {
+                group: team.id.clone(),
+                seq,
+            })
+        };
+        mark_read(&bob, seqs[0]);
+        bob.stop().await;
+        bob.restart().await;
+        assert_eq!(unread(&bob.listing(), &team.id), (2, true, true));
+        mark_read(&bob, seqs[2]);
+        mark_read(&bob, 1);
+        bob.stop().await;
+        bob.restart().await;
+        let listing = bob.listing();
+        assert_eq!(unread(&listing, &team.id), (0, false, true));
+        assert_eq!(unread(&listing, &other.id), (1, false, false));
+
+        alice.send_text(&team.id, "four");
+        bob.wait_message(&team.id, "four").await;
+        bob.stop().await;
+        bob.restart().await;
+        assert_eq!(unread(&bob.listing(), &team.id), (1, false, true));
+        for peer in [&mut alice, &mut bob] {
             assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
             peer.stop().await;
         }

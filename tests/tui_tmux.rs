@@ -1,6 +1,7 @@
 //! The TUI in a real terminal: two `mlschat` processes in tmux against a real DS on
 //! 127.0.0.1:0. They create a group, invite, exchange messages (each sees the other's text on
-//! screen), one resizes, both quit, and the terminal is restored (alternate screen off).
+//! screen), one resizes, both quit, and the terminal is restored (alternate screen off); one
+//! comes back to the group it was reading, with the other group's unread message counted.
 
 use std::path::Path;
 use std::process::Command;
@@ -186,22 +187,26 @@ async fn two_people_chat_in_real_terminals() {
             "the TUI uses the alternate screen"
         );
 
-        tmux.type_line("alice", "/create team");
-        tmux.wait_for("alice", "you created team", patience);
-        // Bob may still be uploading KeyPackages right after connecting: retry the invite.
-        let deadline = Instant::now() + patience;
-        loop {
-            tmux.type_line("alice", "/invite bob");
-            std::thread::sleep(Duration::from_millis(700));
-            if tmux.screen("alice").contains("alice added bob") {
-                break;
+        // Alice creates a group (and looks at it) and adds bob.
+        let create_and_invite_bob = |group: &str| {
+            tmux.type_line("alice", &format!("/create {group}"));
+            tmux.wait_for("alice", &format!("you created {group}"), patience);
+            // Bob may still be uploading KeyPackages right after connecting: retry the invite.
+            let deadline = Instant::now() + patience;
+            loop {
+                tmux.type_line("alice", "/invite bob");
+                std::thread::sleep(Duration::from_millis(700));
+                if tmux.screen("alice").contains("alice added bob") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the invite never went through:\n{}",
+                    tmux.screen("alice")
+                );
             }
-            assert!(
-                Instant::now() < deadline,
-                "the invite never went through:\n{}",
-                tmux.screen("alice")
-            );
-        }
+        };
+        create_and_invite_bob("team");
         tmux.wait_for("bob", "alice added you", patience);
 
         tmux.type_line("alice", "hello from alice, 漢字も");
@@ -242,11 +247,40 @@ async fn two_people_chat_in_real_terminals() {
         tmux.type_line("bob", "still here after resizing");
         tmux.wait_for("alice", "still here after resizing", patience);
 
+        // A message in a group bob has not looked at yet waits for him there.
+        create_and_invite_bob("later");
+        tmux.type_line("alice", "something new in later");
+        tmux.wait_for("alice", "something new in later ✓", patience);
+
         // Quitting restores the terminal: no alternate screen, exit status 0.
         tmux.type_line("alice", "/quit");
         tmux.assert_exited_cleanly("alice", patience);
         tmux.keys("bob", "C-c");
         tmux.assert_exited_cleanly("bob", patience);
+
+        // Bob comes back to the group he was reading, not to the one he joined last, and the
+        // other still counts its unread message.
+        tmux.start("bob-again", 80, 24, &bob_command);
+        let screen = tmux.wait_for("bob-again", "● connected", patience);
+        assert!(
+            screen.contains("┌ team ·"),
+            "bob reopens on the group he read last:\n{screen}"
+        );
+        let later = screen
+            .lines()
+            .find(|line| line.contains("later"))
+            .unwrap_or_else(|| panic!("the group list shows later:\n{screen}"));
+        let badge = later
+            .split('│')
+            .nth(1)
+            .map(str::trim_end)
+            .unwrap_or_default();
+        assert!(
+            badge.ends_with(" 1"),
+            "later shows one unread message: {badge:?}\n{screen}"
+        );
+        tmux.keys("bob-again", "C-c");
+        tmux.assert_exited_cleanly("bob-again", patience);
     })
     .await;
     server.shutdown().await;

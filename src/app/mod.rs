@@ -76,6 +76,9 @@ pub struct GroupView {
     /// Entries that arrived below the view while scrolled up.
     pub new_below: usize,
     pub history_requested: bool,
+    /// Joined from a Welcome: the epoch it brings gets its line (the core stores one too),
+    /// though no earlier epoch is known here.
+    pub announce_epoch: bool,
 }
 
 impl GroupView {
@@ -93,7 +96,18 @@ impl GroupView {
             scroll: 0,
             new_below: 0,
             history_requested: false,
+            announce_epoch: false,
         }
+    }
+
+    /// The highest delivery seq among the entries on hand: what a user looking at the group
+    /// has seen.
+    fn seen_seq(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter_map(|entry| entry.seq)
+            .max()
+            .unwrap_or(0)
     }
 
     fn push(&mut self, entry: Entry) {
@@ -284,15 +298,23 @@ impl State {
 
     /// Makes a group current; returns the effects that loading it needs.
     fn switch_to(&mut self, index: usize) -> Vec<Effect> {
-        let Some(group) = self.groups.get_mut(index) else {
+        if index >= self.groups.len() {
             return Vec::new();
-        };
+        }
+        // Everything in the group we leave was on screen while it was current.
+        let mut effects: Vec<Effect> = self
+            .current
+            .filter(|&previous| previous != index)
+            .and_then(|_| self.mark_read())
+            .into_iter()
+            .collect();
         self.current = Some(index);
+        let group = &mut self.groups[index];
         group.unread = 0;
         group.mentioned = false;
-        let mut effects = vec![Effect::Core(Command::Members {
+        effects.push(Effect::Core(Command::Members {
             group: group.id.clone(),
-        })];
+        }));
         if !group.history_requested {
             group.history_requested = true;
             effects.push(Effect::Core(Command::History {
@@ -303,12 +325,18 @@ impl State {
         effects
     }
 
+    /// Tells the core that the current group has been seen up to its newest entry.
+    fn mark_read(&self) -> Option<Effect> {
+        let group = self.current_group()?;
+        Some(Effect::Core(Command::MarkRead {
+            group: group.id.clone(),
+            seq: group.seen_seq(),
+        }))
+    }
+
     /// Whether `text` mentions us (our name as a word, with or without '@').
     fn mentions_me(&self, text: &str) -> bool {
-        !self.me.is_empty()
-            && text
-                .split(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')))
-                .any(|word| word.trim_start_matches('@').trim_end_matches('.') == self.me)
+        timeline::mentions(&self.me, text)
     }
 }
 
@@ -358,7 +386,9 @@ fn begin_quit(state: &mut State) -> Vec<Effect> {
     }
     state.quitting = true;
     state.info("sending queued messages, then quitting (Ctrl+C again to quit now)");
-    vec![Effect::Core(Command::Quit)]
+    let mut effects: Vec<Effect> = state.mark_read().into_iter().collect();
+    effects.push(Effect::Core(Command::Quit));
+    effects
 }
 
 fn on_mouse(state: &mut State, mouse: MouseEvent) -> Vec<Effect> {
@@ -778,11 +808,20 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                         view.epoch = Some(*epoch);
                         view.code = Some(code.clone());
                     }
+                    view.unread = listed.unread;
+                    view.mentioned = listed.mentioned;
                     state.groups.push(view);
                 }
             }
+            // Open on the group looked at last, else on the newest one.
+            let last_viewed = groups
+                .iter()
+                .filter(|listed| listed.active && listed.viewed_at > 0)
+                .max_by_key(|listed| listed.viewed_at)
+                .and_then(|listed| state.group_index(&listed.group.id));
             if state.current.is_none()
-                && let Some(index) = state.groups.iter().rposition(|group| group.active)
+                && let Some(index) =
+                    last_viewed.or_else(|| state.groups.iter().rposition(|group| group.active))
             {
                 effects.extend(state.switch_to(index));
             }
@@ -816,7 +855,8 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             // Welcome brings is not a change this member saw (nor one the timeline stores).
             state.groups[index].epoch = None;
             state.groups[index].code = None;
-            state.system_line(index, format!("{by} added you to the group"), false);
+            state.groups[index].announce_epoch = true;
+            state.system_line(index, timeline::added_you(&by), false);
             if state.current.is_none() {
                 effects.extend(state.switch_to(index));
             } else if state.current != Some(index) {
@@ -917,9 +957,10 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
         }
         CoreEvent::EpochChanged { group, epoch, code } => {
             let index = state.group_entry(&group);
-            let changed = state.groups[index]
-                .epoch
-                .is_some_and(|previous| previous != epoch);
+            let changed = std::mem::take(&mut state.groups[index].announce_epoch)
+                || state.groups[index]
+                    .epoch
+                    .is_some_and(|previous| previous != epoch);
             state.groups[index].epoch = Some(epoch);
             state.groups[index].code = Some(code.clone());
             if changed {

@@ -82,6 +82,9 @@ fn listed(state: &mut State, group: &GroupRef, active: bool, epoch: (u64, &str))
                 group: group.clone(),
                 active,
                 epoch: Some((epoch.0, epoch.1.into())),
+                unread: 0,
+                mentioned: false,
+                viewed_at: 0,
             }],
         }),
     );
@@ -415,6 +418,68 @@ fn quitting_flushes_first_and_a_second_ctrl_c_leaves_at_once() {
     );
 }
 
+/// A restart opens on the group looked at last (not the newest), with the unread counts and
+/// mentions the core kept; leaving a group, or quitting, marks it read up to what was shown.
+#[test]
+fn a_restart_opens_on_the_last_viewed_group_and_leaving_a_group_marks_it_read() {
+    let mut state = state();
+    let (old, viewed, newest) = (group("old", 1), group("viewed", 2), group("newest", 3));
+    let listing = |group: &GroupRef, unread: usize, mentioned: bool, viewed_at: i64| ListedGroup {
+        group: group.clone(),
+        active: true,
+        epoch: Some((1, "111 111".into())),
+        unread,
+        mentioned,
+        viewed_at,
+    };
+    let effects = update(
+        &mut state,
+        Msg::Core(CoreEvent::Groups {
+            groups: vec![
+                listing(&old, 0, false, 1_764_000_000),
+                listing(&viewed, 4, false, 1_764_300_000),
+                listing(&newest, 2, true, 0),
+            ],
+        }),
+    );
+    assert_eq!(state.current, Some(1));
+    assert!(
+        !effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Core(Command::MarkRead { .. }))),
+        "nothing was shown before"
+    );
+    let counts: Vec<(usize, bool)> = state
+        .groups
+        .iter()
+        .map(|group| (group.unread, group.mentioned))
+        .collect();
+    assert_eq!(counts, [(0, false), (0, false), (2, true)]);
+
+    update(&mut state, message(&viewed, "bob", "hi", 41));
+    update(&mut state, message(&viewed, "bob", "there", 42));
+    let effects = update(&mut state, alt(KeyCode::Down));
+    assert_eq!(state.current, Some(2));
+    assert_eq!(
+        effects.first(),
+        Some(&Effect::Core(Command::MarkRead {
+            group: viewed.id.clone(),
+            seq: 42,
+        }))
+    );
+    update(&mut state, message(&newest, "carol", "yo", 7));
+    assert_eq!(
+        update(&mut state, ctrl('c')),
+        vec![
+            Effect::Core(Command::MarkRead {
+                group: newest.id.clone(),
+                seq: 7,
+            }),
+            Effect::Core(Command::Quit)
+        ]
+    );
+}
+
 #[test]
 fn first_run_asks_for_a_name() {
     let mut state = State::new(Settings::default(), (80, 24), 0, 0);
@@ -558,29 +623,33 @@ fn a_restarted_client_shows_the_epoch_at_once_and_notes_the_next_one() {
 }
 
 #[test]
-fn joining_again_notes_no_epoch_change() {
+fn joining_again_shows_the_welcomes_epoch_once_and_not_as_a_change() {
     let mut state = state();
     let team = group("team", 1);
     listed(&mut state, &team, false, (7, "111 111"));
+    let epoch = CoreEvent::EpochChanged {
+        group: team.clone(),
+        epoch: 12,
+        code: "222 222".into(),
+    };
     for event in [
         CoreEvent::Joined {
             group: team.clone(),
             by: "bob".into(),
         },
-        CoreEvent::EpochChanged {
-            group: team,
-            epoch: 12,
-            code: "222 222".into(),
-        },
+        epoch.clone(),
+        epoch,
     ] {
         update(&mut state, Msg::Core(event));
     }
     assert_eq!(state.groups[0].epoch, Some(12));
-    assert!(
-        !system_lines(&state, 0)
-            .iter()
-            .any(|(text, _)| text.starts_with("new epoch")),
-        "the join's epoch is not a change"
+    // The same lines as the core stores for a Welcome.
+    assert_eq!(
+        system_lines(&state, 0),
+        [
+            ("bob added you to the group", false),
+            ("new epoch 12 · verification code 222 222", false)
+        ]
     );
 }
 

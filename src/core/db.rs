@@ -149,12 +149,27 @@ CREATE TABLE synced (
 );
 ";
 
+/// V4: what the user has read of each group, so that unread counts and the group on screen
+/// survive a restart. `read_seq` is the highest delivery seq the user has seen in the group;
+/// an existing profile counts everything it has received as read. `viewed_at` is when the
+/// user last looked at the group (unix seconds, 0 for never).
+const SCHEMA_V4: &str = "
+ALTER TABLE groups ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE groups ADD COLUMN viewed_at INTEGER NOT NULL DEFAULT 0;
+UPDATE groups SET read_seq = cursor;
+";
+
 pub fn migrate(connection: &Connection) -> Result<(), CoreError> {
     let version: i64 = connection
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(sql)?;
-    let steps: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
-    if version > 3 {
+    let steps: &[(i64, &str)] = &[
+        (1, SCHEMA_V1),
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+    ];
+    if version > 4 {
         return Err(CoreError::Database(format!(
             "the profile database has schema version {version}, newer than this mlschat understands"
         )));
@@ -332,11 +347,18 @@ pub struct GroupRow {
     pub announced: bool,
     pub leaving: bool,
     pub last_self_update: i64,
+    /// The highest delivery seq the user has seen in the group.
+    pub read_seq: u64,
+    /// When the user last looked at the group (unix seconds, 0 for never).
+    pub viewed_at: i64,
 }
 
 pub fn groups(connection: &Connection) -> Result<Vec<GroupRow>, CoreError> {
     let mut statement = connection
-        .prepare("SELECT group_id, name, cursor, active, announced, leaving, last_self_update FROM groups ORDER BY joined_at")
+        .prepare(
+            "SELECT group_id, name, cursor, active, announced, leaving, last_self_update, read_seq, viewed_at
+             FROM groups ORDER BY joined_at",
+        )
         .map_err(sql)?;
     let rows = statement
         .query_map([], |row| {
@@ -348,8 +370,58 @@ pub fn groups(connection: &Connection) -> Result<Vec<GroupRow>, CoreError> {
                 announced: row.get::<_, i64>(4)? != 0,
                 leaving: row.get::<_, i64>(5)? != 0,
                 last_self_update: row.get(6)?,
+                read_seq: u64::try_from(row.get::<_, i64>(7)?).unwrap_or(0),
+                viewed_at: row.get(8)?,
             })
         })
+        .map_err(sql)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+}
+
+/// Records that the user has seen the group up to delivery `seq` (never moving back) and is
+/// looking at it now.
+pub fn mark_read(connection: &Connection, group_id: &[u8], seq: u64) -> Result<(), CoreError> {
+    connection
+        .execute(
+            "UPDATE groups SET read_seq = MAX(read_seq, ?2), viewed_at = ?3 WHERE group_id = ?1",
+            params![
+                group_id,
+                i64::try_from(seq).unwrap_or(i64::MAX),
+                now_unix_secs()
+            ],
+        )
+        .map(|_| ())
+        .map_err(sql)
+}
+
+/// The texts of the messages from others after delivery `after_seq`, newest first, at most
+/// `limit` of them: what the user has not read yet.
+pub fn unread_texts(
+    connection: &Connection,
+    group_id: &[u8],
+    after_seq: u64,
+    me: &str,
+    limit: u32,
+) -> Result<Vec<String>, CoreError> {
+    // Walks the group's newest rows only: history is in delivery order, so once a row is at or
+    // below the mark, so is nearly everything older.
+    let mut statement = connection
+        .prepare_cached(
+            "SELECT text FROM (SELECT seq, kind, sender, text FROM history
+                               WHERE group_id = ?1 ORDER BY id DESC LIMIT ?4)
+             WHERE seq > ?2 AND kind = 'message' AND sender != ?3",
+        )
+        .map_err(sql)?;
+    let rows = statement
+        .query_map(
+            params![
+                group_id,
+                i64::try_from(after_seq).unwrap_or(i64::MAX),
+                me,
+                limit
+            ],
+            |row| row.get(0),
+        )
         .map_err(sql)?;
     rows.collect::<Result<Vec<_>, _>>().map_err(sql)
 }
@@ -364,8 +436,9 @@ pub fn insert_group(
     let now = now_unix_secs();
     connection
         .execute(
-            "INSERT OR REPLACE INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at)
-             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5)",
+            // Joining again from a Welcome: what came before it is read.
+            "INSERT OR REPLACE INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at, read_seq)
+             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5, ?3)",
             params![group_id, name, i64::try_from(cursor).unwrap_or(i64::MAX), i64::from(announced), now],
         )
         .map(|_| ())
@@ -930,6 +1003,50 @@ mod tests {
         let second = insert_outbox(&connection, b"group", &Intent::Text { text: "two".into() })
             .expect("insert");
         assert!(second > first, "id {first} was handed out again");
+    }
+
+    #[test]
+    fn a_migrated_profile_counts_what_it_had_received_as_read() {
+        let connection = Connection::open_in_memory().expect("in-memory database");
+        connection
+            .execute_batch(&format!(
+                "{SCHEMA_V1} {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = 3;"
+            ))
+            .expect("a version 3 profile");
+        connection
+            .execute(
+                "INSERT INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at)
+                 VALUES (x'67', 'team', 5, 1, 1, 0, 0, 0)",
+                [],
+            )
+            .expect("a group");
+        let store = |seq: u64, sender: &str, text: &str| {
+            insert_history(
+                &connection,
+                b"g",
+                NewHistory::message(Some(seq), sender, text),
+            )
+            .expect("a history line");
+        };
+        for seq in 4..=5 {
+            store(seq, "bob", "received before the upgrade");
+        }
+        migrate(&connection).expect("migrate to the current schema");
+        store(6, "bob", "new");
+        store(7, "alice", "our own");
+        store(8, "bob", "newer");
+        let rows = groups(&connection).expect("groups");
+        assert_eq!((rows[0].read_seq, rows[0].viewed_at), (5, 0));
+        let unread =
+            |after: u64| unread_texts(&connection, b"g", after, "alice", 1000).expect("count");
+        assert_eq!(unread(5), ["newer", "new"]);
+
+        mark_read(&connection, b"g", 6).expect("mark");
+        mark_read(&connection, b"g", 2).expect("a lower mark");
+        let rows = groups(&connection).expect("groups");
+        assert_eq!(rows[0].read_seq, 6, "a mark never moves back");
+        assert!(rows[0].viewed_at > 0);
+        assert_eq!(unread(rows[0].read_seq), ["newer"]);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use super::provider::{ClientProvider, migrate_openmls_tables};
 use super::trust::{fingerprint, verification_code};
 use super::{
     CIPHERSUITE, Command, ConnectionState, CoreConfig, CoreError, CoreEvent, CoreInput,
-    EventSender, GroupRef, ListedGroup, MemberInfo, timeline,
+    EventSender, GroupRef, ListedGroup, MemberInfo, UNREAD_SCAN, timeline,
 };
 use crate::net::{NetCommand, NetEvent};
 
@@ -389,10 +389,24 @@ impl Engine {
                         .groups
                         .get(&group_id)
                         .map_or(row.active, |group| group.active);
+                    // A count that cannot be read is no reason to hide the group.
+                    let unread = db::unread_texts(
+                        &self.connection,
+                        group_id.as_bytes(),
+                        row.read_seq,
+                        self.me.as_str(),
+                        UNREAD_SCAN,
+                    )
+                    .unwrap_or_default();
                     listed.push(ListedGroup {
                         group: self.group_ref(&group_id),
                         active,
                         epoch: self.epoch_of(&group_id),
+                        unread: unread.len(),
+                        mentioned: unread
+                            .iter()
+                            .any(|text| timeline::mentions(self.me.as_str(), text)),
+                        viewed_at: row.viewed_at,
                     });
                 }
             }
@@ -873,6 +887,10 @@ impl Engine {
                     }
                     Err(error) => Err(error.to_string()),
                 }
+            }
+            Command::MarkRead { group, seq } => {
+                db::mark_read(&self.connection, group.as_bytes(), seq)
+                    .map_err(|error| format!("cannot remember what you have read: {error}"))
             }
             Command::Quit => {
                 // Offline after a failed attempt: the outbox is kept for the next start. While
@@ -2605,6 +2623,7 @@ impl Engine {
                 .filter(|(user, _)| *user != me)
                 .collect();
             let mls = staged.into_group(provider).map_err(welcome_error)?;
+            let (epoch, code) = epoch_and_code(&mls);
             db::insert_group(
                 connection,
                 group_id.as_bytes(),
@@ -2612,11 +2631,13 @@ impl Engine {
                 delivery.seq,
                 true,
             )?;
-            db::insert_history(
-                connection,
-                group_id.as_bytes(),
-                NewHistory::system(Some(delivery.seq), &format!("{by} added you")),
-            )?;
+            for line in [timeline::added_you(&by), timeline::new_epoch(epoch, &code)] {
+                db::insert_history(
+                    connection,
+                    group_id.as_bytes(),
+                    NewHistory::system(Some(delivery.seq), &line),
+                )?;
+            }
             let key_changes =
                 Engine::observe_in_step(connection, &group_ref, delivery.seq, &others)?;
             Ok((mls, by, key_changes))

@@ -122,6 +122,12 @@ pub enum Command {
         group: GroupId,
         text: String,
     },
+    /// The user has seen the group up to delivery `seq` (the next start counts only later
+    /// messages as unread, and opens on the group looked at last).
+    MarkRead {
+        group: GroupId,
+        seq: u64,
+    },
     Quit,
 }
 
@@ -147,7 +153,17 @@ pub struct ListedGroup {
     pub active: bool,
     /// The epoch and its verification code, when the group's MLS state is loaded.
     pub epoch: Option<(u64, String)>,
+    /// Messages from others after what the user has read (counted over the group's newest
+    /// [`UNREAD_SCAN`] timeline lines).
+    pub unread: usize,
+    /// Whether one of those mentions us.
+    pub mentioned: bool,
+    /// When the user last looked at the group (unix seconds, 0 for never).
+    pub viewed_at: i64,
 }
+
+/// How many of a group's newest timeline lines the start-up unread count looks at.
+pub const UNREAD_SCAN: u32 = 1000;
 
 /// The timeline's words for a change to a group's membership or keys. The stored history and
 /// the live views say the same thing.
@@ -164,6 +180,10 @@ pub mod timeline {
         }
     }
 
+    pub fn added_you(by: &str) -> String {
+        format!("{by} added you to the group")
+    }
+
     pub fn new_epoch(epoch: u64, code: &str) -> String {
         format!("new epoch {epoch} · verification code {code}")
     }
@@ -175,6 +195,14 @@ pub mod timeline {
         } else {
             format!("{by} removed you")
         }
+    }
+
+    /// Whether `text` mentions `me` (the name as a word, with or without '@').
+    pub fn mentions(me: &str, text: &str) -> bool {
+        !me.is_empty()
+            && text
+                .split(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')))
+                .any(|word| word.trim_start_matches('@').trim_end_matches('.') == me)
     }
 
     pub fn key_changed(user: &str, fingerprint: &str) -> String {

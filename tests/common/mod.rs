@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mlschat::client::{Client, ClientOptions};
 use mlschat::core::db::HistoryEntry;
 use mlschat::core::provider::ClientProvider;
-use mlschat::core::{Command, CoreEvent, CoreInput, GroupRef};
+use mlschat::core::{Command, CoreEvent, CoreInput, GroupRef, ListedGroup};
 use mlschat_ds::LocalServer;
 use mlschat_ds::client::{ChallengeSigner, RawConnection};
 use mlschat_ds::config::Limits;
@@ -241,6 +241,19 @@ impl Peer {
         for event in received {
             self.record(event);
         }
+    }
+
+    /// The groups as the core listed them at its latest start (it lists them before `Ready`).
+    pub fn listing(&mut self) -> Vec<ListedGroup> {
+        self.drain();
+        self.log
+            .iter()
+            .rev()
+            .find_map(|event| match event {
+                CoreEvent::Groups { groups } => Some(groups.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{} listed no groups at start", self.name))
     }
 
     /// Collects events for `duration`.
