@@ -9,6 +9,7 @@ pub enum SlashCommand {
     Invite(Vec<UserName>),
     Kick(UserName),
     Leave,
+    Rename(String),
     Switch(String),
     Members,
     Update,
@@ -28,6 +29,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/invite USER...", "add users to the current group"),
     ("/kick USER", "remove a user from the current group"),
     ("/leave", "leave the current group"),
+    ("/rename NAME", "rename the current group for everyone"),
     ("/switch NAME", "make another group the current one"),
     ("/members", "list members with fingerprints"),
     (
@@ -78,6 +80,8 @@ pub fn parse(line: &str) -> Result<SlashCommand, String> {
         "invite" => Err("usage: /invite USER...".into()),
         "kick" => one_user("/kick USER").map(SlashCommand::Kick),
         "leave" => Ok(SlashCommand::Leave),
+        "rename" if !argument.is_empty() => Ok(SlashCommand::Rename(argument.to_string())),
+        "rename" => Err("usage: /rename NAME".into()),
         "switch" if !argument.is_empty() => Ok(SlashCommand::Switch(argument.to_string())),
         "switch" => Err("usage: /switch NAME".into()),
         "members" => Ok(SlashCommand::Members),
@@ -123,6 +127,10 @@ mod tests {
             Ok(SlashCommand::Invite(vec![name("bob"), name("carol")]))
         );
         assert_eq!(parse("/kick bob"), Ok(SlashCommand::Kick(name("bob"))));
+        assert_eq!(
+            parse("/rename the crew"),
+            Ok(SlashCommand::Rename("the crew".into()))
+        );
         assert_eq!(parse("/fingerprint"), Ok(SlashCommand::Fingerprint(None)));
         assert_eq!(parse("/quit"), Ok(SlashCommand::Quit));
     }
@@ -142,5 +150,6 @@ mod tests {
         );
         assert!(parse("/invite Bob").expect_err("bad name").contains("Bob"));
         assert!(parse("/create").is_err());
+        assert!(parse("/rename").expect_err("usage").contains("usage"));
     }
 }

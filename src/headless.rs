@@ -63,6 +63,10 @@ impl Session {
             SlashCommand::Leave => Reaction::Core(Command::Leave {
                 group: self.current()?,
             }),
+            SlashCommand::Rename(name) => Reaction::Core(Command::Rename {
+                group: self.current()?,
+                name,
+            }),
             SlashCommand::Switch(name) => {
                 let group = self.find(&name)?;
                 self.current = Some(group.clone());
@@ -144,10 +148,10 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "joined", "group": name, "group_id": id, "by": by})
             }
-            CoreEvent::GroupRenamed { group } => {
+            CoreEvent::GroupRenamed { group, by } => {
                 self.remember(group);
                 let (name, id) = group_fields(group);
-                json!({"event": "group_renamed", "group": name, "group_id": id})
+                json!({"event": "group_renamed", "group": name, "group_id": id, "by": by})
             }
             CoreEvent::MemberAdded { group, user, by } => {
                 let (name, id) = group_fields(group);

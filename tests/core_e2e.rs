@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{
     Ds, Peer, STEP, agreed_status, converge, create_group, invite, kick, raw_login, timed, user,
 };
-use mlschat::core::{Command, ConnectionState, CoreEvent};
+use mlschat::core::{Command, ConnectionState, CoreEvent, GroupRef};
 use mlschat_ds::protocol::{DeliveryKind, ErrorCode, Fetch, Frame, GroupId, Send};
 
 /// Asserts that every text in `texts` (sent by `from`) arrived exactly once at `peer`, with the
@@ -752,7 +752,7 @@ async fn restart_after_every_step() {
         alice.restart().await;
         bob.restart().await;
         bob.wait_for("group name", |event| {
-            matches!(event, CoreEvent::GroupRenamed { group } if group.id == id && group.name == "restarts")
+            matches!(event, CoreEvent::GroupRenamed { group, by: None } if group.id == id && group.name == "restarts")
         })
         .await;
         converge(&mut [&mut alice, &mut bob], &id).await;
@@ -1458,6 +1458,90 @@ async fn unread_counts_and_the_last_viewed_group_survive_a_restart() {
             assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
             peer.stop().await;
         }
+    })
+    .await;
+}
+
+/// `/rename`: every member sees the new name and who chose it, in the live view and in the
+/// stored timeline; a member added afterwards learns the new name; renaming to the same name
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_renames_the_group_for_everyone() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let group = create_group(&mut alice, "team").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+
+        bob.command(Command::Rename {
+            group: id.clone(),
+            name: "  crew ".into(),
+        });
+        for (peer, by) in [(&mut bob, "bob"), (&mut alice, "bob")] {
+            peer.wait_for("renamed by bob", |event| {
+                matches!(event, CoreEvent::GroupRenamed { group, by: Some(b) } if group.id == id && group.name == "crew" && b == by)
+            })
+            .await;
+        }
+        // The message goes out like any other: alice has it once bob's client got it sequenced.
+        alice.send_text(&id, "after the rename");
+        bob.wait_message(&id, "after the rename").await;
+
+        let renamed = GroupRef {
+            id: id.clone(),
+            name: "crew".into(),
+        };
+        invite(&mut alice, &renamed, &mut [&mut carol]).await;
+        assert_eq!(carol.group_name(&id).as_deref(), Some("crew"));
+
+        bob.command(Command::Rename {
+            group: id.clone(),
+            name: "crew".into(),
+        });
+        let refused = bob
+            .wait_for("refused", |event| matches!(event, CoreEvent::Error { .. }))
+            .await;
+        assert!(
+            matches!(&refused, CoreEvent::Error { message } if message.contains("already called crew")),
+            "{refused:?}"
+        );
+
+        for (peer, line) in [
+            (&mut alice, "bob renamed the group to crew"),
+            (&mut bob, "you renamed the group to crew"),
+        ] {
+            peer.stop().await;
+            peer.restart().await;
+            let listing = peer.listing();
+            let listed = listing
+                .iter()
+                .find(|listed| listed.group.id == id)
+                .expect("listed");
+            assert_eq!(listed.group.name, "crew", "{}", peer.name);
+            let lines: Vec<String> = peer
+                .history(&id)
+                .await
+                .into_iter()
+                .filter(|entry| entry.text.contains("renamed"))
+                .map(|entry| entry.text)
+                .collect();
+            assert_eq!(lines, [line], "{}'s stored timeline", peer.name);
+        }
+        let renames = carol
+            .log
+            .iter()
+            .filter(|event| matches!(event, CoreEvent::GroupRenamed { by: Some(_), .. }))
+            .count();
+        assert_eq!(renames, 0, "carol only learned the name");
+        for peer in [&mut alice, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+        bob.stop().await;
     })
     .await;
 }

@@ -1,7 +1,8 @@
 //! The TUI in a real terminal: two `mlschat` processes in tmux against a real DS on
 //! 127.0.0.1:0. They create a group, invite, exchange messages (each sees the other's text on
-//! screen), one resizes, both quit, and the terminal is restored (alternate screen off); one
-//! comes back to the group it was reading, with the other group's unread message counted.
+//! screen), one renames the group, one resizes, both quit, and the terminal is restored
+//! (alternate screen off); one comes back to the group it was reading, with the other group's
+//! unread message counted.
 
 use std::path::Path;
 use std::process::Command;
@@ -234,6 +235,14 @@ async fn two_people_chat_in_real_terminals() {
         tmux.keys("bob", "Enter");
         tmux.wait_for("alice", "second pasted line", patience);
 
+        // A rename reaches the other member, who is told who did it.
+        tmux.type_line("bob", "/rename team two");
+        let alice_screen = tmux.wait_for("alice", "bob renamed the group to team two", patience);
+        assert!(
+            alice_screen.contains("┌ team two ·"),
+            "alice's title shows the new name:\n{alice_screen}"
+        );
+
         // Resizing redraws cleanly at the new size.
         tmux.run(&["resize-window", "-t", "bob", "-x", "50", "-y", "15"]);
         std::thread::sleep(Duration::from_millis(500));
@@ -263,7 +272,7 @@ async fn two_people_chat_in_real_terminals() {
         tmux.start("bob-again", 80, 24, &bob_command);
         let screen = tmux.wait_for("bob-again", "● connected", patience);
         assert!(
-            screen.contains("┌ team ·"),
+            screen.contains("┌ team two ·"),
             "bob reopens on the group he read last:\n{screen}"
         );
         let later = screen

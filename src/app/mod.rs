@@ -743,6 +743,7 @@ fn submit(state: &mut State) -> Vec<Effect> {
                 SlashCommand::Invite(users) => Command::Invite { group, users },
                 SlashCommand::Kick(user) => Command::Kick { group, user },
                 SlashCommand::Leave => Command::Leave { group },
+                SlashCommand::Rename(name) => Command::Rename { group, name },
                 SlashCommand::Members => {
                     state.show_members = true;
                     Command::Members { group }
@@ -864,8 +865,12 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 state.info(format!("{by} added you to {}", group.name));
             }
         }
-        CoreEvent::GroupRenamed { group } => {
-            state.group_entry(&group);
+        CoreEvent::GroupRenamed { group, by } => {
+            let index = state.group_entry(&group);
+            if let Some(by) = by {
+                let text = timeline::renamed(&by, &state.me, &group.name);
+                state.system_line(index, text, false);
+            }
         }
         CoreEvent::MemberAdded { group, user, by } => {
             let index = state.group_entry(&group);

@@ -654,6 +654,41 @@ fn joining_again_shows_the_welcomes_epoch_once_and_not_as_a_change() {
 }
 
 #[test]
+fn a_rename_shows_who_renamed_the_group_and_learning_a_name_shows_nothing() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let renamed = |name: &str, by: Option<&str>| {
+        Msg::Core(CoreEvent::GroupRenamed {
+            group: GroupRef {
+                id: team.id.clone(),
+                name: name.into(),
+            },
+            by: by.map(String::from),
+        })
+    };
+    update(&mut state, renamed("crew", Some("bob")));
+    update(&mut state, renamed("crew two", Some("alice")));
+    update(&mut state, renamed("learned", None));
+    assert_eq!(state.groups[0].name, "learned");
+    assert_eq!(
+        system_lines(&state, 0),
+        [
+            ("you created team", false),
+            ("bob renamed the group to crew", false),
+            ("you renamed the group to crew two", false)
+        ]
+    );
+    type_text(&mut state, "/rename  new name");
+    assert_eq!(
+        update(&mut state, key(KeyCode::Enter)),
+        vec![Effect::Core(Command::Rename {
+            group: team.id.clone(),
+            name: "new name".into(),
+        })]
+    );
+}
+
+#[test]
 fn stored_warnings_stay_warnings() {
     let mut state = state();
     let team = with_group(&mut state, "team", 1);

@@ -152,10 +152,12 @@ CREATE TABLE synced (
 /// V4: what the user has read of each group, so that unread counts and the group on screen
 /// survive a restart. `read_seq` is the highest delivery seq the user has seen in the group;
 /// an existing profile counts everything it has received as read. `viewed_at` is when the
-/// user last looked at the group (unix seconds, 0 for never).
+/// user last looked at the group (unix seconds, 0 for never). `joined_epoch` is the epoch of
+/// the Welcome (or creation) that made us a member, unknown for groups joined before.
 const SCHEMA_V4: &str = "
 ALTER TABLE groups ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE groups ADD COLUMN viewed_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE groups ADD COLUMN joined_epoch INTEGER;
 UPDATE groups SET read_seq = cursor;
 ";
 
@@ -351,12 +353,15 @@ pub struct GroupRow {
     pub read_seq: u64,
     /// When the user last looked at the group (unix seconds, 0 for never).
     pub viewed_at: i64,
+    /// The epoch we joined in, if known.
+    pub joined_epoch: Option<u64>,
 }
 
 pub fn groups(connection: &Connection) -> Result<Vec<GroupRow>, CoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT group_id, name, cursor, active, announced, leaving, last_self_update, read_seq, viewed_at
+            "SELECT group_id, name, cursor, active, announced, leaving, last_self_update, read_seq,
+                    viewed_at, joined_epoch
              FROM groups ORDER BY joined_at",
         )
         .map_err(sql)?;
@@ -372,6 +377,9 @@ pub fn groups(connection: &Connection) -> Result<Vec<GroupRow>, CoreError> {
                 last_self_update: row.get(6)?,
                 read_seq: u64::try_from(row.get::<_, i64>(7)?).unwrap_or(0),
                 viewed_at: row.get(8)?,
+                joined_epoch: row
+                    .get::<_, Option<i64>>(9)?
+                    .and_then(|epoch| u64::try_from(epoch).ok()),
             })
         })
         .map_err(sql)?;
@@ -442,14 +450,22 @@ pub fn insert_group(
     name: Option<&str>,
     cursor: u64,
     announced: bool,
+    joined_epoch: u64,
 ) -> Result<(), CoreError> {
     let now = now_unix_secs();
     connection
         .execute(
             // Joining again from a Welcome: what came before it is read.
-            "INSERT OR REPLACE INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at, read_seq)
-             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5, ?3)",
-            params![group_id, name, i64::try_from(cursor).unwrap_or(i64::MAX), i64::from(announced), now],
+            "INSERT OR REPLACE INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at, read_seq, joined_epoch)
+             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5, ?3, ?6)",
+            params![
+                group_id,
+                name,
+                i64::try_from(cursor).unwrap_or(i64::MAX),
+                i64::from(announced),
+                now,
+                i64::try_from(joined_epoch).unwrap_or(i64::MAX)
+            ],
         )
         .map(|_| ())
         .map_err(sql)
@@ -521,10 +537,23 @@ pub fn set_last_self_update(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Intent {
-    Text { text: String },
-    GroupName { name: String },
-    Invite { users: Vec<String> },
-    Kick { user: String },
+    Text {
+        text: String,
+    },
+    /// The group's name, for members who joined in this epoch.
+    GroupName {
+        name: String,
+    },
+    /// A new name for the group, for every member.
+    Rename {
+        name: String,
+    },
+    Invite {
+        users: Vec<String>,
+    },
+    Kick {
+        user: String,
+    },
     Update,
     CommitProposals,
     Leave,
@@ -534,7 +563,10 @@ impl Intent {
     /// Application messages can be pipelined; everything else is a handshake message that
     /// must be alone in flight.
     pub fn is_application(&self) -> bool {
-        matches!(self, Intent::Text { .. } | Intent::GroupName { .. })
+        matches!(
+            self,
+            Intent::Text { .. } | Intent::GroupName { .. } | Intent::Rename { .. }
+        )
     }
 
     /// What kind of intent this is, for logs (never the text itself).
@@ -542,6 +574,7 @@ impl Intent {
         match self {
             Intent::Text { .. } => "text",
             Intent::GroupName { .. } => "group_name",
+            Intent::Rename { .. } => "rename",
             Intent::Invite { .. } => "invite",
             Intent::Kick { .. } => "kick",
             Intent::Update => "update",

@@ -70,8 +70,18 @@ fn mls_error(error: impl std::fmt::Display) -> CoreError {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Envelope {
-    Text { text: String },
-    GroupName { name: String },
+    Text {
+        text: String,
+    },
+    /// The group's name, sent by an inviter right after its commit: for the members who
+    /// joined in that epoch. Everyone else knows the name (and may know a newer one).
+    GroupName {
+        name: String,
+    },
+    /// A member renamed the group.
+    Rename {
+        name: String,
+    },
 }
 
 fn decode_envelope(bytes: &[u8]) -> Envelope {
@@ -86,6 +96,28 @@ fn decode_envelope(bytes: &[u8]) -> Envelope {
             text: format!("[{} bytes that are not text]", bytes.len()),
         },
     }
+}
+
+/// A group name as typed, trimmed, or why it cannot be one.
+fn valid_group_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.is_empty()
+        || name.chars().count() > MAX_GROUP_NAME
+        || name.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "group names are 1 to {MAX_GROUP_NAME} printable characters"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// A group name as received: without control characters, at most [`MAX_GROUP_NAME`] long.
+fn clean_group_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_GROUP_NAME)
+        .collect()
 }
 
 fn identity_of(credential: &openmls::prelude::Credential) -> String {
@@ -131,6 +163,9 @@ struct Group {
     last_self_update: i64,
     /// After a StaleEpoch answer: do not rebuild until the group reaches this epoch.
     wait_for_epoch: Option<u64>,
+    /// The epoch we joined in (unknown for groups joined before it was stored): an inviter's
+    /// [`Envelope::GroupName`] from that epoch is for us.
+    joined_epoch: Option<u64>,
 }
 
 enum Link {
@@ -345,6 +380,7 @@ impl Engine {
                     leaving: row.leaving,
                     last_self_update: row.last_self_update,
                     wait_for_epoch: None,
+                    joined_epoch: row.joined_epoch,
                 },
             );
         }
@@ -850,6 +886,7 @@ impl Engine {
             ),
             Command::Update { group } => self.queue_handshake(group, Intent::Update),
             Command::Leave { group } => self.queue_leave(group),
+            Command::Rename { group, name } => self.queue_rename(group, name),
             Command::Members { group } => self.members(&group),
             Command::Fingerprint { user } => self.fingerprint_of(user),
             Command::Verify { user } => match db::set_verified(&self.connection, user.as_str()) {
@@ -911,15 +948,7 @@ impl Engine {
     }
 
     fn create_group(&mut self, name: String) -> Result<(), String> {
-        let name = name.trim().to_string();
-        if name.is_empty()
-            || name.chars().count() > MAX_GROUP_NAME
-            || name.chars().any(char::is_control)
-        {
-            return Err(format!(
-                "group names are 1 to {MAX_GROUP_NAME} printable characters"
-            ));
-        }
+        let name = valid_group_name(&name)?;
         let raw_id: [u8; 16] = rand::random();
         let group_id = GroupId::new(raw_id.to_vec()).map_err(|error| error.to_string())?;
         let mls = db::transaction(&self.connection, || {
@@ -930,7 +959,7 @@ impl Engine {
                 .with_wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
                 .build(&self.provider, &self.signer, self.credential.clone())
                 .map_err(mls_error)?;
-            db::insert_group(&self.connection, &raw_id, Some(&name), 0, false)?;
+            db::insert_group(&self.connection, &raw_id, Some(&name), 0, false, 0)?;
             db::insert_history(
                 &self.connection,
                 &raw_id,
@@ -950,6 +979,7 @@ impl Engine {
                 leaving: false,
                 last_self_update: db::now_unix_secs(),
                 wait_for_epoch: None,
+                joined_epoch: Some(0),
             },
         );
         self.emit(CoreEvent::GroupCreated {
@@ -996,6 +1026,44 @@ impl Engine {
             group: self.group_ref(&group_id),
             local_id: outbox_id,
             text,
+        });
+        self.pump(&group_id);
+        Ok(())
+    }
+
+    /// Renames the group here at once, and for the others with a message.
+    fn queue_rename(&mut self, group_id: GroupId, name: String) -> Result<(), String> {
+        let group = self.active_group(&group_id)?;
+        if group.leaving {
+            return Err("you are leaving this group".into());
+        }
+        let name = valid_group_name(&name)?;
+        if group.name.as_deref() == Some(name.as_str()) {
+            return Err(format!("the group is already called {name}"));
+        }
+        let me = self.me.to_string();
+        db::transaction_unsynced(&self.connection, || {
+            db::insert_outbox(
+                &self.connection,
+                group_id.as_bytes(),
+                &Intent::Rename { name: name.clone() },
+            )?;
+            db::set_group_name(&self.connection, group_id.as_bytes(), &name)?;
+            db::insert_history(
+                &self.connection,
+                group_id.as_bytes(),
+                NewHistory::system(None, &timeline::renamed(&me, &me, &name)),
+            )?;
+            Ok(())
+        })
+        .map_err(|error| format!("cannot rename the group: {error}"))?;
+        self.committed_unsynced();
+        if let Some(group) = self.groups.get_mut(&group_id) {
+            group.name = Some(name);
+        }
+        self.emit(CoreEvent::GroupRenamed {
+            group: self.group_ref(&group_id),
+            by: Some(me),
         });
         self.pump(&group_id);
         Ok(())
@@ -1483,8 +1551,13 @@ impl Engine {
                         .map_err(mls_error)?;
                     (to_bytes(&message)?, None)
                 }
-                Intent::GroupName { name } => {
-                    let envelope = serde_json::to_vec(&Envelope::GroupName { name: name.clone() })
+                Intent::GroupName { name } | Intent::Rename { name } => {
+                    let envelope = if matches!(row.intent, Intent::Rename { .. }) {
+                        Envelope::Rename { name: name.clone() }
+                    } else {
+                        Envelope::GroupName { name: name.clone() }
+                    };
+                    let envelope = serde_json::to_vec(&envelope)
                         .map_err(|error| CoreError::Invalid(error.to_string()))?;
                     let message = group
                         .mls
@@ -2228,8 +2301,9 @@ impl Engine {
         let mut settled_own: Option<i64> = None;
         let mut self_removed_by: Option<String> = None;
         let mut epoch_changed = false;
-        // Applied to the group in memory only once the transaction has committed.
-        let mut renamed_to: Option<String> = None;
+        // Applied to the group in memory only once the transaction has committed: the new
+        // name, and who renamed the group (`None` when we only learned its name).
+        let mut renamed_to: Option<(String, Option<String>)> = None;
         let mut self_updated_at: Option<i64> = None;
         let me = self.me.to_string();
         let Some(group) = self.groups.get_mut(group_id) else {
@@ -2340,16 +2414,34 @@ impl Engine {
                                     });
                                 }
                                 Envelope::GroupName { name } => {
-                                    let name: String = name
-                                        .chars()
-                                        .filter(|c| !c.is_control())
-                                        .take(MAX_GROUP_NAME)
-                                        .collect();
+                                    // An inviter's announcement is for the members it added;
+                                    // the others may know a newer name already.
+                                    let for_us = group.name.is_none()
+                                        || group.joined_epoch == Some(group.mls.epoch().as_u64());
+                                    let name = clean_group_name(&name);
+                                    if for_us
+                                        && !name.is_empty()
+                                        && group.name.as_deref() != Some(name.as_str())
+                                    {
+                                        db::set_group_name(connection, group_id.as_bytes(), &name)?;
+                                        renamed_to = Some((name, None));
+                                    }
+                                }
+                                Envelope::Rename { name } => {
+                                    let name = clean_group_name(&name);
                                     if !name.is_empty()
                                         && group.name.as_deref() != Some(name.as_str())
                                     {
                                         db::set_group_name(connection, group_id.as_bytes(), &name)?;
-                                        renamed_to = Some(name);
+                                        db::insert_history(
+                                            connection,
+                                            group_id.as_bytes(),
+                                            NewHistory::system(
+                                                Some(seq),
+                                                &timeline::renamed(&sender, &me, &name),
+                                            ),
+                                        )?;
+                                        renamed_to = Some((name, Some(sender)));
                                     }
                                 }
                             }
@@ -2432,10 +2524,10 @@ impl Engine {
         if let Some(at) = self_updated_at {
             group.last_self_update = at;
         }
-        let renamed = renamed_to.is_some();
-        if let Some(name) = renamed_to {
+        let renamed_by = renamed_to.map(|(name, by)| {
             group.name = Some(name);
-        }
+            by
+        });
         self.committed_unsynced();
         if let Some(row) = merged_own {
             self.in_flight.remove(&row.id);
@@ -2445,9 +2537,10 @@ impl Engine {
             // Delivered before its `Accepted`: it is sequenced, so the next item may go.
             self.in_flight.remove(&id);
         }
-        if renamed {
+        if let Some(by) = renamed_by {
             events.push(CoreEvent::GroupRenamed {
                 group: self.group_ref(group_id),
+                by,
             });
         }
         if let Some(by) = self_removed_by {
@@ -2630,6 +2723,7 @@ impl Engine {
                 known_name.as_deref(),
                 delivery.seq,
                 true,
+                epoch,
             )?;
             for line in [timeline::added_you(&by), timeline::new_epoch(epoch, &code)] {
                 db::insert_history(
@@ -2640,10 +2734,10 @@ impl Engine {
             }
             let key_changes =
                 Engine::observe_in_step(connection, &group_ref, delivery.seq, &others)?;
-            Ok((mls, by, key_changes))
+            Ok((mls, by, key_changes, epoch))
         });
         match joined {
-            Ok((mls, by, key_changes)) => {
+            Ok((mls, by, key_changes, epoch)) => {
                 self.groups.insert(
                     group_id.clone(),
                     Group {
@@ -2655,6 +2749,7 @@ impl Engine {
                         leaving: false,
                         last_self_update: db::now_unix_secs(),
                         wait_for_epoch: None,
+                        joined_epoch: Some(epoch),
                     },
                 );
                 self.emit(CoreEvent::Joined {

@@ -94,6 +94,11 @@ pub enum Command {
     Leave {
         group: GroupId,
     },
+    /// Gives the group a new name, for every member.
+    Rename {
+        group: GroupId,
+        name: String,
+    },
     Send {
         group: GroupId,
         text: String,
@@ -184,6 +189,15 @@ pub mod timeline {
         format!("{by} added you to the group")
     }
 
+    /// A member (`by`, possibly `me`) renamed the group to `name`.
+    pub fn renamed(by: &str, me: &str, name: &str) -> String {
+        if by == me {
+            format!("you renamed the group to {name}")
+        } else {
+            format!("{by} renamed the group to {name}")
+        }
+    }
+
     pub fn new_epoch(epoch: u64, code: &str) -> String {
         format!("new epoch {epoch} · verification code {code}")
     }
@@ -250,8 +264,11 @@ pub enum CoreEvent {
         group: GroupRef,
         by: String,
     },
+    /// The group's name became known (`by` is `None`: a new member learned it) or a member
+    /// renamed it (`by`, possibly us).
     GroupRenamed {
         group: GroupRef,
+        by: Option<String>,
     },
     MemberAdded {
         group: GroupRef,

@@ -492,7 +492,7 @@ impl Peer {
         self.log.iter().rev().find_map(|event| match event {
             CoreEvent::GroupCreated { group: g }
             | CoreEvent::Joined { group: g, .. }
-            | CoreEvent::GroupRenamed { group: g }
+            | CoreEvent::GroupRenamed { group: g, .. }
                 if g.id == *group =>
             {
                 Some(g.name.clone())
@@ -553,7 +553,7 @@ pub async fn invite(inviter: &mut Peer, group: &GroupRef, invitees: &mut [&mut P
         if !matches!(&joined, CoreEvent::Joined { group: g, .. } if g.name == group.name) {
             invitee
                 .wait_for("group name", |event| {
-                    matches!(event, CoreEvent::GroupRenamed { group: g } if g.id == group.id && g.name == group.name)
+                    matches!(event, CoreEvent::GroupRenamed { group: g, by: None } if g.id == group.id && g.name == group.name)
                 })
                 .await;
         }
