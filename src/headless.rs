@@ -171,10 +171,10 @@ impl Session {
                 from,
                 text,
                 seq,
-                ..
+                at,
             } => {
                 let (name, id) = group_fields(group);
-                json!({"event": "message", "group": name, "group_id": id, "from": from, "text": text, "seq": seq})
+                json!({"event": "message", "group": name, "group_id": id, "from": from, "text": text, "seq": seq, "at": at})
             }
             CoreEvent::Queued { .. }
             | CoreEvent::History { .. }

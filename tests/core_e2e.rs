@@ -1545,3 +1545,117 @@ async fn a_member_renames_the_group_for_everyone() {
     })
     .await;
 }
+
+/// A message that waited on the DS while its reader was offline shows when it was written
+/// (the sender's time, carried inside the encrypted message), live and in the stored timeline,
+/// not when it arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waited_shows_when_it_was_written() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let group = create_group(&mut alice, "team").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        bob.stop().await;
+
+        let now = mlschat::core::db::now_unix_secs;
+        let before = now();
+        alice.send_text(&id, "written while bob was away");
+        alice.wait_sent(&id, "written while bob was away").await;
+        let after = now();
+        // Seconds are what is stored: make the arrival a later second than the writing.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let arrival = now();
+        bob.restart().await;
+        bob.wait_message(&id, "written while bob was away").await;
+        let live = bob
+            .log
+            .iter()
+            .find_map(|event| match event {
+                CoreEvent::Message { text, at, .. } if text == "written while bob was away" => {
+                    Some(*at)
+                }
+                _ => None,
+            })
+            .expect("the message event");
+        assert!(
+            (before..=after).contains(&live),
+            "shown at {live}, written in {before}..={after}, arrived after {arrival}"
+        );
+        let stored = bob
+            .history(&id)
+            .await
+            .into_iter()
+            .find(|entry| entry.text == "written while bob was away")
+            .expect("stored");
+        assert_eq!(stored.at, live);
+        for peer in [&mut alice, &mut bob] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+/// Two members rename the group at the same moment: whatever order the DS puts the renames
+/// in, every member ends with the same name, the one sequenced last (each renamer applies its
+/// own rename only when the DS has sequenced it, in its place among the others').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_renames_leave_every_member_with_the_same_name() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let group = create_group(&mut alice, "team").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+
+        for (peer, name) in [(&alice, "alpha"), (&bob, "bravo")] {
+            peer.command(Command::Rename {
+                group: id.clone(),
+                name: name.into(),
+            });
+        }
+        // Each renamer's next message is sequenced after its rename: once every member has
+        // both, every rename has been processed everywhere.
+        alice.send_text(&id, "alice is done");
+        bob.send_text(&id, "bob is done");
+        alice.wait_sent(&id, "alice is done").await;
+        bob.wait_sent(&id, "bob is done").await;
+        alice.wait_message(&id, "bob is done").await;
+        bob.wait_message(&id, "alice is done").await;
+        carol.wait_message(&id, "alice is done").await;
+        carol.wait_message(&id, "bob is done").await;
+
+        let names: Vec<Option<String>> = [&alice, &bob, &carol]
+            .iter()
+            .map(|peer| peer.group_name(&id))
+            .collect();
+        assert!(
+            names[0].as_deref() == Some("alpha") || names[0].as_deref() == Some("bravo"),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().all(|name| *name == names[0]),
+            "members disagree on the name: {names:?}"
+        );
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+            peer.restart().await;
+            let listing = peer.listing();
+            let listed = listing
+                .iter()
+                .find(|listed| listed.group.id == id)
+                .expect("listed");
+            assert_eq!(Some(&listed.group.name), names[0].as_ref(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}

@@ -22,6 +22,8 @@ pub const MAX_ENTRIES: usize = 10_000;
 pub const HISTORY_PAGE: u32 = MAX_ENTRIES as u32;
 /// Seconds an informational notice stays in the composer's title before the hint comes back.
 pub const INFO_NOTICE_SECS: i64 = 30;
+/// How often the group on screen is marked read while new messages arrive in it.
+pub const READ_MARK_SECS: i64 = 10;
 /// Lines one mouse-wheel step scrolls.
 const WHEEL_LINES: usize = 3;
 /// Input history kept for Up/Down.
@@ -79,6 +81,8 @@ pub struct GroupView {
     /// Joined from a Welcome: the epoch it brings gets its line (the core stores one too),
     /// though no earlier epoch is known here.
     pub announce_epoch: bool,
+    /// The seq last sent to the core as read.
+    pub marked_seq: u64,
 }
 
 impl GroupView {
@@ -97,6 +101,7 @@ impl GroupView {
             new_below: 0,
             history_requested: false,
             announce_epoch: false,
+            marked_seq: 0,
         }
     }
 
@@ -186,6 +191,8 @@ pub struct State {
     pub dirty: bool,
     /// Switch to the next group we create.
     switch_to_created: bool,
+    /// When the current group was last marked read (unix seconds).
+    read_marked_at: i64,
 }
 
 /// Inputs of [`update`].
@@ -240,6 +247,7 @@ impl State {
             now,
             dirty: true,
             switch_to_created: false,
+            read_marked_at: now,
         }
     }
 
@@ -326,12 +334,13 @@ impl State {
     }
 
     /// Tells the core that the current group has been seen up to its newest entry.
-    fn mark_read(&self) -> Option<Effect> {
-        let group = self.current_group()?;
-        Some(Effect::Core(Command::MarkRead {
-            group: group.id.clone(),
-            seq: group.seen_seq(),
-        }))
+    fn mark_read(&mut self) -> Option<Effect> {
+        let group = self.current_group_mut()?;
+        let seq = group.seen_seq();
+        group.marked_seq = seq;
+        let group = group.id.clone();
+        self.read_marked_at = self.now;
+        Some(Effect::Core(Command::MarkRead { group, seq }))
     }
 
     /// Whether `text` mentions us (our name as a word, with or without '@').
@@ -373,6 +382,14 @@ pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
             {
                 state.status = None;
                 state.dirty = true;
+            }
+            // What arrives in the group on screen is read: say so now and then, so that a
+            // client that never quits properly (a closed terminal, a crash) loses little.
+            let unmarked = state
+                .current_group()
+                .is_some_and(|group| group.seen_seq() > group.marked_seq);
+            if unmarked && now.saturating_sub(state.read_marked_at) >= READ_MARK_SECS {
+                return state.mark_read().into_iter().collect();
             }
             Vec::new()
         }
@@ -743,7 +760,11 @@ fn submit(state: &mut State) -> Vec<Effect> {
                 SlashCommand::Invite(users) => Command::Invite { group, users },
                 SlashCommand::Kick(user) => Command::Kick { group, user },
                 SlashCommand::Leave => Command::Leave { group },
-                SlashCommand::Rename(name) => Command::Rename { group, name },
+                SlashCommand::Rename(name) => {
+                    // The name changes once the DS has put the rename in the group's order.
+                    state.info(format!("renaming the group to {}…", name.trim()));
+                    Command::Rename { group, name }
+                }
                 SlashCommand::Members => {
                     state.show_members = true;
                     Command::Members { group }

@@ -480,6 +480,42 @@ fn a_restart_opens_on_the_last_viewed_group_and_leaving_a_group_marks_it_read() 
     );
 }
 
+/// While messages arrive in the group on screen, it is marked read every few seconds, so a
+/// client that never quits properly loses little; without new messages nothing is sent.
+#[test]
+fn the_group_on_screen_is_marked_read_as_messages_arrive() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let start = state.now;
+    assert_eq!(update(&mut state, Msg::Tick(start + 60)), Vec::new());
+    update(&mut state, message(&team, "bob", "hi", 5));
+    assert_eq!(
+        update(&mut state, Msg::Tick(start + 61)),
+        vec![Effect::Core(Command::MarkRead {
+            group: team.id.clone(),
+            seq: 5,
+        })]
+    );
+    update(&mut state, message(&team, "bob", "again", 6));
+    assert_eq!(
+        update(&mut state, Msg::Tick(start + 62)),
+        Vec::new(),
+        "not more often than every READ_MARK_SECS"
+    );
+    assert_eq!(
+        update(&mut state, Msg::Tick(start + 61 + super::READ_MARK_SECS)),
+        vec![Effect::Core(Command::MarkRead {
+            group: team.id.clone(),
+            seq: 6,
+        })]
+    );
+    assert_eq!(
+        update(&mut state, Msg::Tick(start + 200)),
+        Vec::new(),
+        "nothing new"
+    );
+}
+
 #[test]
 fn first_run_asks_for_a_name() {
     let mut state = State::new(Settings::default(), (80, 24), 0, 0);

@@ -72,16 +72,17 @@ fn mls_error(error: impl std::fmt::Display) -> CoreError {
 enum Envelope {
     Text {
         text: String,
+        /// When the sender wrote it (unix seconds, the sender's clock): a message that waited
+        /// in an outbox or on the DS shows when it was written, not when it arrived. Absent
+        /// from other clients' payloads.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent_at: Option<i64>,
     },
     /// The group's name, sent by an inviter right after its commit: for the members who
     /// joined in that epoch. Everyone else knows the name (and may know a newer one).
-    GroupName {
-        name: String,
-    },
+    GroupName { name: String },
     /// A member renamed the group.
-    Rename {
-        name: String,
-    },
+    Rename { name: String },
 }
 
 fn decode_envelope(bytes: &[u8]) -> Envelope {
@@ -91,11 +92,19 @@ fn decode_envelope(bytes: &[u8]) -> Envelope {
     match std::str::from_utf8(bytes) {
         Ok(text) => Envelope::Text {
             text: text.to_string(),
+            sent_at: None,
         },
         Err(_) => Envelope::Text {
             text: format!("[{} bytes that are not text]", bytes.len()),
+            sent_at: None,
         },
     }
+}
+
+/// The time to show for a received message: the sender's, unless it is missing or in the
+/// future: a sender whose clock is ahead of ours would date it after the messages that follow.
+fn message_time(sent_at: Option<i64>, now: i64) -> i64 {
+    sent_at.filter(|&at| at > 0).map_or(now, |at| at.min(now))
 }
 
 /// A group name as typed, trimmed, or why it cannot be one.
@@ -103,7 +112,9 @@ fn valid_group_name(name: &str) -> Result<String, String> {
     let name = name.trim();
     if name.is_empty()
         || name.chars().count() > MAX_GROUP_NAME
-        || name.chars().any(char::is_control)
+        || name
+            .chars()
+            .any(|c| c.is_control() || is_invisible_format(c))
     {
         return Err(format!(
             "group names are 1 to {MAX_GROUP_NAME} printable characters"
@@ -112,12 +123,41 @@ fn valid_group_name(name: &str) -> Result<String, String> {
     Ok(name.to_string())
 }
 
-/// A group name as received: without control characters, at most [`MAX_GROUP_NAME`] long.
+/// A group name as received: without control or invisible formatting characters, at most
+/// [`MAX_GROUP_NAME`] long.
 fn clean_group_name(name: &str) -> String {
     name.chars()
-        .filter(|c| !c.is_control())
+        .filter(|&c| !c.is_control() && !is_invisible_format(c))
         .take(MAX_GROUP_NAME)
         .collect()
+}
+
+/// Characters that change how the text around them is shown without showing themselves
+/// (direction overrides and isolates, zero-width characters, the byte order mark): in a name
+/// they would let a group or a user look like another, or reorder a timeline line.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// Whether an inviter's [`Envelope::GroupName`] names the group for us: when we know no name,
+/// or when we joined in the epoch it was sent in and no rename has named the group since
+/// (a rename sequenced between the inviter's commit and its name message is newer).
+fn takes_announced_name(
+    known: Option<&str>,
+    joined_epoch: Option<u64>,
+    name_seq: u64,
+    epoch: u64,
+) -> bool {
+    known.is_none() || (joined_epoch == Some(epoch) && name_seq == 0)
 }
 
 fn identity_of(credential: &openmls::prelude::Credential) -> String {
@@ -126,7 +166,13 @@ fn identity_of(credential: &openmls::prelude::Credential) -> String {
         // the name goes into the timeline, where a line break or an escape would forge lines.
         Ok(basic) => String::from_utf8_lossy(basic.identity())
             .chars()
-            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .map(|c| {
+                if c.is_control() || is_invisible_format(c) {
+                    '\u{fffd}'
+                } else {
+                    c
+                }
+            })
             .collect(),
         Err(_) => "(unknown credential)".to_string(),
     }
@@ -166,6 +212,10 @@ struct Group {
     /// The epoch we joined in (unknown for groups joined before it was stored): an inviter's
     /// [`Envelope::GroupName`] from that epoch is for us.
     joined_epoch: Option<u64>,
+    /// The seq of the rename that gave the group its name (0: none since we joined). Renames
+    /// apply in seq order whatever order they are processed in: our own applies when the DS
+    /// sequences it, which may be before we process an earlier one from someone else.
+    name_seq: u64,
 }
 
 enum Link {
@@ -381,6 +431,7 @@ impl Engine {
                     last_self_update: row.last_self_update,
                     wait_for_epoch: None,
                     joined_epoch: row.joined_epoch,
+                    name_seq: row.name_seq,
                 },
             );
         }
@@ -433,7 +484,10 @@ impl Engine {
                         self.me.as_str(),
                         UNREAD_SCAN,
                     )
-                    .unwrap_or_default();
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(%error, "cannot count a group's unread messages");
+                        Vec::new()
+                    });
                     listed.push(ListedGroup {
                         group: self.group_ref(&group_id),
                         active,
@@ -980,6 +1034,7 @@ impl Engine {
                 last_self_update: db::now_unix_secs(),
                 wait_for_epoch: None,
                 joined_epoch: Some(0),
+                name_seq: 0,
             },
         );
         self.emit(CoreEvent::GroupCreated {
@@ -1031,7 +1086,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Renames the group here at once, and for the others with a message.
+    /// Sends a rename. It applies here too only once the DS has sequenced it
+    /// ([`Engine::settle_own_rename`]), in its place among the other members' renames, so that
+    /// every member ends with the same name.
     fn queue_rename(&mut self, group_id: GroupId, name: String) -> Result<(), String> {
         let group = self.active_group(&group_id)?;
         if group.leaving {
@@ -1041,32 +1098,51 @@ impl Engine {
         if group.name.as_deref() == Some(name.as_str()) {
             return Err(format!("the group is already called {name}"));
         }
-        let me = self.me.to_string();
         db::transaction_unsynced(&self.connection, || {
             db::insert_outbox(
                 &self.connection,
                 group_id.as_bytes(),
                 &Intent::Rename { name: name.clone() },
-            )?;
-            db::set_group_name(&self.connection, group_id.as_bytes(), &name)?;
-            db::insert_history(
-                &self.connection,
-                group_id.as_bytes(),
-                NewHistory::system(None, &timeline::renamed(&me, &me, &name)),
-            )?;
-            Ok(())
+            )
         })
         .map_err(|error| format!("cannot rename the group: {error}"))?;
         self.committed_unsynced();
-        if let Some(group) = self.groups.get_mut(&group_id) {
-            group.name = Some(name);
-        }
-        self.emit(CoreEvent::GroupRenamed {
-            group: self.group_ref(&group_id),
-            by: Some(me),
-        });
         self.pump(&group_id);
         Ok(())
+    }
+
+    /// Our rename, sequenced as `seq`: the group's name from now on unless a later rename was
+    /// applied already. Part of the step that settles it. Returns whether it applied.
+    fn settle_own_rename(
+        connection: &rusqlite::Connection,
+        group_id: &GroupId,
+        name_seq: u64,
+        name: &str,
+        seq: u64,
+        me: &str,
+    ) -> Result<bool, CoreError> {
+        if seq <= name_seq {
+            return Ok(false);
+        }
+        db::rename_group(connection, group_id.as_bytes(), name, seq)?;
+        db::insert_history(
+            connection,
+            group_id.as_bytes(),
+            NewHistory::system(Some(seq), &timeline::renamed(me, me, name)),
+        )?;
+        Ok(true)
+    }
+
+    /// Applies a rename that a committed step stored, and tells the UI.
+    fn renamed(&mut self, group_id: &GroupId, name: &str, seq: u64, by: Option<String>) {
+        if let Some(group) = self.groups.get_mut(group_id) {
+            group.name = Some(name.to_string());
+            group.name_seq = seq;
+        }
+        self.emit(CoreEvent::GroupRenamed {
+            group: self.group_ref(group_id),
+            by,
+        });
     }
 
     fn queue_invite(&mut self, group_id: GroupId, users: Vec<UserName>) -> Result<(), String> {
@@ -1543,8 +1619,11 @@ impl Engine {
         let built = db::transaction(connection, || {
             let (payload, welcome) = match &row.intent {
                 Intent::Text { text } => {
-                    let envelope = serde_json::to_vec(&Envelope::Text { text: text.clone() })
-                        .map_err(|error| CoreError::Invalid(error.to_string()))?;
+                    let envelope = serde_json::to_vec(&Envelope::Text {
+                        text: text.clone(),
+                        sent_at: Some(row.created_at),
+                    })
+                    .map_err(|error| CoreError::Invalid(error.to_string()))?;
                     let message = group
                         .mls
                         .create_message(provider, signer, &envelope)
@@ -1862,13 +1941,24 @@ impl Engine {
     }
 
     fn settle_application(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, seq: u64) {
+        let name_seq = self.groups.get(group_id).map_or(0, |group| group.name_seq);
+        let me = self.me.as_str();
         let settled = db::transaction_unsynced(&self.connection, || {
             db::settle_history(&self.connection, outbox, Some(seq), "sent")?;
-            db::delete_outbox(&self.connection, outbox)
+            db::delete_outbox(&self.connection, outbox)?;
+            match intent {
+                Intent::Rename { name } => {
+                    Engine::settle_own_rename(&self.connection, group_id, name_seq, name, seq, me)
+                }
+                _ => Ok(false),
+            }
         });
         match settled {
-            Ok(()) => {
+            Ok(renamed) => {
                 self.committed_unsynced();
+                if let (true, Intent::Rename { name }) = (renamed, intent) {
+                    self.renamed(group_id, name, seq, Some(self.me.to_string()));
+                }
                 if matches!(intent, Intent::Text { .. }) {
                     self.emit(CoreEvent::Sent {
                         group: self.group_ref(group_id),
@@ -2302,8 +2392,9 @@ impl Engine {
         let mut self_removed_by: Option<String> = None;
         let mut epoch_changed = false;
         // Applied to the group in memory only once the transaction has committed: the new
-        // name, and who renamed the group (`None` when we only learned its name).
-        let mut renamed_to: Option<(String, Option<String>)> = None;
+        // name, who renamed the group (`None` when we only learned its name) and the rename's
+        // seq (`None` for a name we learned).
+        let mut renamed_to: Option<(String, Option<String>, Option<u64>)> = None;
         let mut self_updated_at: Option<i64> = None;
         let me = self.me.to_string();
         let Some(group) = self.groups.get_mut(group_id) else {
@@ -2321,6 +2412,18 @@ impl Engine {
                         db::settle_history(connection, row.id, Some(seq), "sent")?;
                         db::delete_outbox(connection, row.id)?;
                         settled_own = Some(row.id);
+                        if let Intent::Rename { name } = &row.intent
+                            && Engine::settle_own_rename(
+                                connection,
+                                group_id,
+                                group.name_seq,
+                                name,
+                                seq,
+                                &me,
+                            )?
+                        {
+                            renamed_to = Some((name.clone(), Some(me.clone()), Some(seq)));
+                        }
                         if matches!(row.intent, Intent::Text { .. }) {
                             events.push(CoreEvent::Sent {
                                 group: group_ref.clone(),
@@ -2399,40 +2502,49 @@ impl Engine {
                     match processed.into_content() {
                         ProcessedMessageContent::ApplicationMessage(message) => {
                             match decode_envelope(&message.into_bytes()) {
-                                Envelope::Text { text } => {
+                                Envelope::Text { text, sent_at } => {
+                                    let at = message_time(sent_at, db::now_unix_secs());
                                     db::insert_history(
                                         connection,
                                         group_id.as_bytes(),
-                                        NewHistory::message(Some(seq), &sender, &text),
+                                        NewHistory {
+                                            at: Some(at),
+                                            ..NewHistory::message(Some(seq), &sender, &text)
+                                        },
                                     )?;
                                     events.push(CoreEvent::Message {
                                         group: group_ref.clone(),
                                         from: sender,
                                         text,
                                         seq,
-                                        at: db::now_unix_secs(),
+                                        at,
                                     });
                                 }
                                 Envelope::GroupName { name } => {
-                                    // An inviter's announcement is for the members it added;
-                                    // the others may know a newer name already.
-                                    let for_us = group.name.is_none()
-                                        || group.joined_epoch == Some(group.mls.epoch().as_u64());
                                     let name = clean_group_name(&name);
-                                    if for_us
-                                        && !name.is_empty()
+                                    if takes_announced_name(
+                                        group.name.as_deref(),
+                                        group.joined_epoch,
+                                        group.name_seq,
+                                        group.mls.epoch().as_u64(),
+                                    ) && !name.is_empty()
                                         && group.name.as_deref() != Some(name.as_str())
                                     {
                                         db::set_group_name(connection, group_id.as_bytes(), &name)?;
-                                        renamed_to = Some((name, None));
+                                        renamed_to = Some((name, None, None));
                                     }
                                 }
                                 Envelope::Rename { name } => {
                                     let name = clean_group_name(&name);
-                                    if !name.is_empty()
-                                        && group.name.as_deref() != Some(name.as_str())
-                                    {
-                                        db::set_group_name(connection, group_id.as_bytes(), &name)?;
+                                    // A rename sequenced before the one that named the group
+                                    // (our own, applied when the DS sequenced it) is stale.
+                                    if !name.is_empty() && seq > group.name_seq {
+                                        db::rename_group(
+                                            connection,
+                                            group_id.as_bytes(),
+                                            &name,
+                                            seq,
+                                        )?;
                                         db::insert_history(
                                             connection,
                                             group_id.as_bytes(),
@@ -2441,7 +2553,7 @@ impl Engine {
                                                 &timeline::renamed(&sender, &me, &name),
                                             ),
                                         )?;
-                                        renamed_to = Some((name, Some(sender)));
+                                        renamed_to = Some((name, Some(sender), Some(seq)));
                                     }
                                 }
                             }
@@ -2524,8 +2636,11 @@ impl Engine {
         if let Some(at) = self_updated_at {
             group.last_self_update = at;
         }
-        let renamed_by = renamed_to.map(|(name, by)| {
+        let renamed_by = renamed_to.map(|(name, by, name_seq)| {
             group.name = Some(name);
+            if let Some(name_seq) = name_seq {
+                group.name_seq = name_seq;
+            }
             by
         });
         self.committed_unsynced();
@@ -2750,6 +2865,7 @@ impl Engine {
                         last_self_update: db::now_unix_secs(),
                         wait_for_epoch: None,
                         joined_epoch: Some(epoch),
+                        name_seq: 0,
                     },
                 );
                 self.emit(CoreEvent::Joined {
@@ -3075,6 +3191,36 @@ mod tests {
             panic!("not a commit");
         };
         refuse_renames(&alice_group, &staged, &sender)
+    }
+
+    #[test]
+    fn an_inviters_name_message_names_the_group_only_for_those_it_added() {
+        // A member that knows no name takes it, whenever it comes.
+        assert!(takes_announced_name(None, Some(3), 0, 7));
+        // Added in this epoch, and no rename since: the inviter's name is the first we get.
+        assert!(takes_announced_name(Some("old"), Some(7), 0, 7));
+        // A rename sequenced after the inviter's commit but before its name message is newer.
+        assert!(!takes_announced_name(Some("renamed"), Some(7), 12, 7));
+        // Everyone else knows the name, and perhaps a newer one than the inviter's.
+        assert!(!takes_announced_name(Some("team"), Some(2), 0, 7));
+        assert!(!takes_announced_name(Some("team"), None, 0, 7));
+    }
+
+    #[test]
+    fn names_lose_invisible_formatting_and_control_characters() {
+        assert_eq!(clean_group_name("te\u{202E}am\u{200B}\n"), "team");
+        assert!(valid_group_name("te\u{2067}am").is_err());
+        assert_eq!(valid_group_name("  crew "), Ok("crew".to_string()));
+        assert_eq!(clean_group_name(&"x".repeat(100)).len(), MAX_GROUP_NAME);
+    }
+
+    #[test]
+    fn a_message_shows_its_senders_time_unless_that_is_missing_or_ahead_of_ours() {
+        let now = 1_764_400_000;
+        assert_eq!(message_time(Some(now - 3600), now), now - 3600);
+        assert_eq!(message_time(Some(now + 60), now), now);
+        assert_eq!(message_time(None, now), now);
+        assert_eq!(message_time(Some(-5), now), now);
     }
 
     #[test]
