@@ -73,7 +73,9 @@ pub fn memory_member(name: &str) -> Result<Member<OpenMlsRustCrypto>> {
 
 impl<P: OpenMlsProvider> Member<P> {
     /// Runs `step` in one fsync'd transaction for a SQLite-backed member, as the client's
-    /// engine builds a message or a commit (`db::transaction`).
+    /// engine builds a commit (`db::transaction`). It builds an application message without an
+    /// fsync and syncs right after handing it to the network: the same work on its thread,
+    /// with the fsync off the message's path.
     pub fn step<T>(&self, step: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
         self.step_with(true, step)
     }

@@ -873,8 +873,8 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
         CoreEvent::Joined { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = true;
-            // Joined again after leaving: the epoch we knew is history, and the one the
-            // Welcome brings is not a change this member saw (nor one the timeline stores).
+            // The Welcome's epoch gets its line, as in the stored timeline; joined again after
+            // leaving, the epoch we knew is history and the new one is no change from it.
             state.groups[index].epoch = None;
             state.groups[index].code = None;
             state.groups[index].announce_epoch = true;

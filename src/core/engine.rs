@@ -309,8 +309,10 @@ struct Engine {
     /// Since when some commit has not been fsync'd. Steps whose loss a crash of the machine
     /// could not make harmful commit unsynced (processing a delivery, which the DS redelivers
     /// until acknowledged; settling a sent message, which a retry with the same client message
-    /// id settles again; queueing a message, which its building commits durably right after)
-    /// and a sync follows within `config.sync_delay`. Every fsync'd commit syncs them too.
+    /// id settles again; queueing a message, which is synced with its building) and a sync
+    /// follows within `config.sync_delay`. Building an application message is synced as soon
+    /// as the message is handed to the network (see `pump_once`). Every fsync'd commit syncs
+    /// them too.
     unsynced_since: Option<Instant>,
     /// Whether the last sync failed (reported once, retried every `SYNC_RETRY`).
     sync_failing: bool,
@@ -1054,10 +1056,9 @@ impl Engine {
             return Err("nothing to send".into());
         }
         let me = self.me.to_string();
-        // Not fsync'd: when the group can send, building the message right after commits with
-        // an fsync, which makes this durable too, so one fsync comes before the message leaves
-        // instead of two. Otherwise (offline, another item in flight) the sync within
-        // `sync_delay` does.
+        // Not fsync'd: when the group can send, the fsync that follows the message's building
+        // (once the message is on its way) makes this durable too, so the message waits for no
+        // fsync. Otherwise (offline, another item in flight) the sync within `sync_delay` does.
         let outbox_id = db::transaction_unsynced(&self.connection, || {
             let id = db::insert_outbox(
                 &self.connection,
@@ -1488,6 +1489,20 @@ impl Engine {
             self.unbuilt.remove(&next.id);
         }
         match built {
+            Ok(Built::Ready(row)) if row.intent.is_application() => {
+                // Built without an fsync: the message goes to the network task first and the
+                // fsync runs while it travels, instead of before (figure 1 of
+                // docs/benchmarks.md). A crash of the process loses nothing committed. Only a
+                // power loss within that fsync can forget a message the DS then delivers:
+                // building its intent again reuses its ratchet generation, which the members
+                // refuse (RFC 9420 §9.2), and the reuse guard keeps the two nonces apart
+                // (RFC 9420 §6.3.1). A commit could not be merged after such a loss, so
+                // handshake messages keep their fsync before sending.
+                self.committed_unsynced();
+                self.transmit(&row);
+                self.sync();
+                Pumped::Sent
+            }
             Ok(Built::Ready(row)) => {
                 // Building commits with an fsync: no separate sync is needed for what came
                 // before it, such as queueing this very message.
@@ -1616,7 +1631,14 @@ impl Engine {
         let provider = &self.provider;
         let signer = &self.signer;
         let connection = &self.connection;
-        let built = db::transaction(connection, || {
+        // An application message is committed without an fsync, which the pump runs once the
+        // message is on its way (see `pump_once`); a handshake message waits for it.
+        let commit_step = if row.intent.is_application() {
+            db::transaction_unsynced
+        } else {
+            db::transaction
+        };
+        let built = commit_step(connection, || {
             let (payload, welcome) = match &row.intent {
                 Intent::Text { text } => {
                     let envelope = serde_json::to_vec(&Envelope::Text {
@@ -2107,6 +2129,10 @@ impl Engine {
                 local_id: outbox,
                 reason: reason.to_string(),
             }),
+            Intent::Rename { name } => self.error(format!(
+                "cannot rename {} to {name}: {reason}",
+                self.group_ref(group_id).name
+            )),
             _ => self.error(format!("{}: {reason}", self.group_ref(group_id).name)),
         }
         true
