@@ -1509,11 +1509,24 @@ async fn a_member_renames_the_group_for_everyone() {
             matches!(&refused, CoreEvent::Error { message } if message.contains("already called crew")),
             "{refused:?}"
         );
+        // Back to the name it has now, behind a rename still queued: that is a change.
+        for name in ["interim", "crew"] {
+            bob.command(Command::Rename {
+                group: id.clone(),
+                name: name.into(),
+            });
+        }
+        for name in ["interim", "crew"] {
+            alice
+                .wait_for(&format!("renamed to {name}"), |event| {
+                    matches!(event, CoreEvent::GroupRenamed { group, by: Some(_) } if group.id == id && group.name == name)
+                })
+                .await;
+        }
 
-        for (peer, line) in [
-            (&mut alice, "bob renamed the group to crew"),
-            (&mut bob, "you renamed the group to crew"),
-        ] {
+        for (peer, by) in [(&mut alice, "bob"), (&mut bob, "you")] {
+            let lines = ["crew", "interim", "crew"]
+                .map(|name| format!("{by} renamed the group to {name}"));
             peer.stop().await;
             peer.restart().await;
             let listing = peer.listing();
@@ -1522,14 +1535,14 @@ async fn a_member_renames_the_group_for_everyone() {
                 .find(|listed| listed.group.id == id)
                 .expect("listed");
             assert_eq!(listed.group.name, "crew", "{}", peer.name);
-            let lines: Vec<String> = peer
+            let stored: Vec<String> = peer
                 .history(&id)
                 .await
                 .into_iter()
                 .filter(|entry| entry.text.contains("renamed"))
                 .map(|entry| entry.text)
                 .collect();
-            assert_eq!(lines, [line], "{}'s stored timeline", peer.name);
+            assert_eq!(stored, lines, "{}'s stored timeline", peer.name);
         }
         let renames = carol
             .log

@@ -385,9 +385,10 @@ pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
             }
             // What arrives in the group on screen is read: say so now and then, so that a
             // client that never quits properly (a closed terminal, a crash) loses little.
+            // Not while scrolled up with new messages below.
             let unmarked = state
                 .current_group()
-                .is_some_and(|group| group.seen_seq() > group.marked_seq);
+                .is_some_and(|group| group.new_below == 0 && group.seen_seq() > group.marked_seq);
             if unmarked && now.saturating_sub(state.read_marked_at) >= READ_MARK_SECS {
                 return state.mark_read().into_iter().collect();
             }

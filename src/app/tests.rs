@@ -502,6 +502,13 @@ fn the_group_on_screen_is_marked_read_as_messages_arrive() {
         Vec::new(),
         "not more often than every READ_MARK_SECS"
     );
+    state.groups[0].new_below = 1;
+    assert_eq!(
+        update(&mut state, Msg::Tick(start + 61 + super::READ_MARK_SECS)),
+        Vec::new(),
+        "not while the new message is below the view"
+    );
+    state.groups[0].new_below = 0;
     assert_eq!(
         update(&mut state, Msg::Tick(start + 61 + super::READ_MARK_SECS)),
         vec![Effect::Core(Command::MarkRead {

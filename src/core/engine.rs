@@ -132,19 +132,28 @@ fn clean_group_name(name: &str) -> String {
         .collect()
 }
 
-/// Characters that change how the text around them is shown without showing themselves
-/// (direction overrides and isolates, zero-width characters, the byte order mark): in a name
-/// they would let a group or a user look like another, or reorder a timeline line.
+/// Characters that change how the text around them is shown, or show as nothing (direction
+/// marks, overrides and isolates, zero-width spaces, fillers, tags, the byte order mark): in a
+/// name they would let a group or a user look like another, or reorder a timeline line. The
+/// zero-width (non-)joiners stay: emoji sequences and several scripts need them.
 fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
-        '\u{061C}'
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
             | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
+            | '\u{200B}'
+            | '\u{200E}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}'
+            | '\u{3164}'
             | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
     )
 }
 
@@ -982,8 +991,16 @@ impl Engine {
                 }
             }
             Command::MarkRead { group, seq } => {
-                db::mark_read(&self.connection, group.as_bytes(), seq)
-                    .map_err(|error| format!("cannot remember what you have read: {error}"))
+                // Not worth an fsync of its own: the next sync covers it.
+                match db::transaction_unsynced(&self.connection, || {
+                    db::mark_read(&self.connection, group.as_bytes(), seq)
+                }) {
+                    Ok(()) => {
+                        self.committed_unsynced();
+                        Ok(())
+                    }
+                    Err(error) => Err(format!("cannot remember what you have read: {error}")),
+                }
             }
             Command::Quit => {
                 // Offline after a failed attempt: the outbox is kept for the next start. While
@@ -1096,7 +1113,16 @@ impl Engine {
             return Err("you are leaving this group".into());
         }
         let name = valid_group_name(&name)?;
-        if group.name.as_deref() == Some(name.as_str()) {
+        // The name the group will have once what is queued is sequenced.
+        let pending = db::outbox_of_group(&self.connection, group_id.as_bytes())
+            .map_err(|error| error.to_string())?
+            .into_iter()
+            .rev()
+            .find_map(|row| match row.intent {
+                Intent::Rename { name } => Some(name),
+                _ => None,
+            });
+        if pending.as_deref().or(group.name.as_deref()) == Some(name.as_str()) {
             return Err(format!("the group is already called {name}"));
         }
         db::transaction_unsynced(&self.connection, || {
@@ -1484,12 +1510,15 @@ impl Engine {
         }
         // After a failed build whose reload failed on the storage too, the group is held (see
         // `reload`) and not pumped until a reload succeeds.
-        let built = self.build(group_id, &next);
+        // An application message waits for no fsync, unless syncing is failing: then nothing
+        // may leave whose state is not durable, and the build's own fsync decides.
+        let unsynced = next.intent.is_application() && !self.sync_failing && !self.storage_failing;
+        let built = self.build(group_id, &next, unsynced);
         if !matches!(built, Err(CoreError::Unavailable(_))) {
             self.unbuilt.remove(&next.id);
         }
         match built {
-            Ok(Built::Ready(row)) if row.intent.is_application() => {
+            Ok(Built::Ready(row)) if unsynced => {
                 // Built without an fsync: the message goes to the network task first and the
                 // fsync runs while it travels, instead of before (figure 1 of
                 // docs/benchmarks.md). A crash of the process loses nothing committed. Only a
@@ -1615,7 +1644,12 @@ impl Engine {
     }
 
     /// Turns an intent into an MLS message (one transaction).
-    fn build(&mut self, group_id: &GroupId, row: &OutboxRow) -> Result<Built, CoreError> {
+    fn build(
+        &mut self,
+        group_id: &GroupId,
+        row: &OutboxRow,
+        unsynced: bool,
+    ) -> Result<Built, CoreError> {
         if matches!(row.intent, Intent::Invite { .. }) && !self.claimed.contains_key(&row.id) {
             let Intent::Invite { users } = &row.intent else {
                 return Ok(Built::Waiting);
@@ -1631,9 +1665,9 @@ impl Engine {
         let provider = &self.provider;
         let signer = &self.signer;
         let connection = &self.connection;
-        // An application message is committed without an fsync, which the pump runs once the
-        // message is on its way (see `pump_once`); a handshake message waits for it.
-        let commit_step = if row.intent.is_application() {
+        // Without an fsync when the pump runs it once the message is on its way (see
+        // `pump_once`).
+        let commit_step = if unsynced {
             db::transaction_unsynced
         } else {
             db::transaction
@@ -2177,7 +2211,9 @@ impl Engine {
             self.unsynced_since = Some(Instant::now() + SYNC_RETRY);
             if !self.sync_failing {
                 self.sync_failing = true;
-                self.error(format!("cannot make received messages durable: {error}"));
+                self.error(format!(
+                    "cannot make the profile's latest changes durable: {error}"
+                ));
             }
             return;
         }
@@ -3234,7 +3270,9 @@ mod tests {
 
     #[test]
     fn names_lose_invisible_formatting_and_control_characters() {
-        assert_eq!(clean_group_name("te\u{202E}am\u{200B}\n"), "team");
+        assert_eq!(clean_group_name("te\u{202E}am\u{200B}\u{3164}\n"), "team");
+        // Joiners stay: an emoji sequence keeps its meaning.
+        assert_eq!(clean_group_name("👩\u{200D}💻 team"), "👩\u{200D}💻 team");
         assert!(valid_group_name("te\u{2067}am").is_err());
         assert_eq!(valid_group_name("  crew "), Ok("crew".to_string()));
         assert_eq!(clean_group_name(&"x".repeat(100)).len(), MAX_GROUP_NAME);
