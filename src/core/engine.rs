@@ -1984,9 +1984,13 @@ impl Engine {
             return;
         };
         if row.intent.is_application() {
-            self.settle_application(&group_id, outbox, &row.intent, seq);
-            self.in_flight.remove(&outbox);
-            self.pump(&group_id);
+            // Unsettled (the storage failed), the item stays in flight rather than being sent
+            // again, which the DS would answer the same way: its echo settles it, or the
+            // answer to its re-sending after a reconnect.
+            if self.settle_application(&group_id, outbox, &row.intent, seq) {
+                self.in_flight.remove(&outbox);
+                self.pump(&group_id);
+            }
         } else if row.intent == Intent::Leave {
             self.awaiting_commit.insert(client_message_id);
             // If everyone else is leaving too, we are the one to commit.
@@ -1996,7 +2000,14 @@ impl Engine {
         // the item stays in flight.
     }
 
-    fn settle_application(&mut self, group_id: &GroupId, outbox: i64, intent: &Intent, seq: u64) {
+    /// Settles our application message sequenced as `seq`. Returns whether that was stored.
+    fn settle_application(
+        &mut self,
+        group_id: &GroupId,
+        outbox: i64,
+        intent: &Intent,
+        seq: u64,
+    ) -> bool {
         let name_seq = self.groups.get(group_id).map_or(0, |group| group.name_seq);
         let me = self.me.as_str();
         let settled = db::transaction_unsynced(&self.connection, || {
@@ -2022,8 +2033,15 @@ impl Engine {
                         seq,
                     });
                 }
+                true
             }
-            Err(error) => self.error(error.to_string()),
+            Err(error) => {
+                if matches!(error, CoreError::Unavailable(_)) {
+                    self.storage_failed();
+                }
+                self.error(format!("cannot record a sent message: {error}"));
+                false
+            }
         }
     }
 
