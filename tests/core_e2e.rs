@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{
-    Ds, Peer, STEP, agreed_status, converge, create_group, invite, kick, raw_login, timed, user,
+    Ds, Peer, STEP, agreed_status, converge, create_group, invite, kick, raw_login, start_peers,
+    timed, user,
 };
 use mlschat::core::{Command, ConnectionState, CoreEvent, GroupRef};
 use mlschat_ds::protocol::{DeliveryKind, ErrorCode, Fetch, Frame, GroupId, Send};
@@ -46,11 +47,7 @@ fn assert_in_order(peer: &mut Peer, group: &GroupId) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_users_chat_kick_and_leave() {
     timed(Duration::from_secs(90), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (ds, _root, [mut alice, mut bob, mut carol]) = start_peers(["alice", "bob", "carol"]).await;
 
         let group = create_group(&mut alice, "team").await;
         let id = group.id.clone();
@@ -192,12 +189,8 @@ async fn three_users_chat_kick_and_leave() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_member_catches_up() {
     timed(Duration::from_secs(120), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
-        let mut dave = Peer::start(&ds, "dave", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol, mut dave]) =
+            start_peers(["alice", "bob", "carol", "dave"]).await;
         let group = create_group(&mut alice, "catch-up").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
@@ -276,10 +269,7 @@ async fn offline_member_catches_up() {
 async fn acknowledgements_follow_received_messages_once_durable() {
     const SYNC_DELAY: Duration = Duration::from_secs(3);
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
         bob.stop().await;
         bob.sync_delay = Some(SYNC_DELAY);
         bob.restart().await;
@@ -369,11 +359,8 @@ fn ds_cursor(ds: &Ds, group: &GroupId, user: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_wait_while_the_profile_cannot_be_written() {
     timed(Duration::from_secs(120), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (ds, _root, [mut alice, mut bob, mut carol]) =
+            start_peers(["alice", "bob", "carol"]).await;
         let group = create_group(&mut alice, "stuck disk").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
@@ -455,10 +442,7 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_welcome_that_cannot_be_opened_is_passed_over() {
     timed(Duration::from_secs(90), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (ds, _root, [mut alice, mut carol]) = start_peers(["alice", "carol"]).await;
         let group = create_group(&mut alice, "lost key").await;
         let id = group.id.clone();
 
@@ -500,10 +484,7 @@ async fn a_held_welcome_that_cannot_be_opened_is_passed_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_building_fails_on_storage_is_sent_later() {
     timed(Duration::from_secs(90), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
         let group = create_group(&mut alice, "offline queue").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
@@ -570,11 +551,8 @@ async fn raw_send(raw: &mut mlschat_ds::client::RawConnection, request_id: u32, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_and_tampered_messages_are_skipped_live_and_while_held() {
     timed(Duration::from_secs(120), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
-        let mut mallory = Peer::start(&ds, "mallory", root.path()).await;
+        let (ds, _root, [mut alice, mut carol, mut mallory]) =
+            start_peers(["alice", "carol", "mallory"]).await;
         let group = create_group(&mut alice, "forgeries").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut carol, &mut mallory]).await;
@@ -726,11 +704,7 @@ async fn five_way_update_races_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_after_every_step() {
     timed(Duration::from_secs(150), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol]) = start_peers(["alice", "bob", "carol"]).await;
         carol.stop().await;
 
         let group = create_group(&mut alice, "restarts").await;
@@ -847,12 +821,7 @@ async fn restart_after_every_step() {
 async fn leave_races_with_commits() {
     const ROUNDS: usize = 6;
     timed(Duration::from_secs(120), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
-        let mut dave = Peer::start(&ds, "dave", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol, mut dave]) = start_peers(["alice", "bob", "carol", "dave"]).await;
         let group = create_group(&mut alice, "leavers").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut carol, &mut dave]).await;
@@ -897,11 +866,8 @@ async fn leave_races_with_commits() {
 async fn connections_replaced_mid_traffic() {
     const ROUNDS: usize = 5;
     timed(Duration::from_secs(120), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (ds, _root, [mut alice, mut bob, mut carol]) =
+            start_peers(["alice", "bob", "carol"]).await;
         let group = create_group(&mut alice, "flaky").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
@@ -1219,11 +1185,8 @@ async fn all_leave(peers: &mut [&mut Peer]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everyone_leaves_at_once() {
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol]) =
+            start_peers(["alice", "bob", "carol"]).await;
         // Nobody is left to commit the others' Remove proposals unless a leaver does it.
         all_leave(&mut [&mut alice, &mut bob]).await;
         all_leave(&mut [&mut alice, &mut bob, &mut carol]).await;
@@ -1275,12 +1238,7 @@ fn by_commit(notes: &[String]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_and_epoch_codes_survive_a_restart() {
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
-        let mut dave = Peer::start(&ds, "dave", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol, mut dave]) = start_peers(["alice", "bob", "carol", "dave"]).await;
         let group = create_group(&mut alice, "kept").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
@@ -1394,10 +1352,7 @@ async fn membership_changes_and_epoch_codes_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_counts_and_the_last_viewed_group_survive_a_restart() {
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
         let team = create_group(&mut alice, "team").await;
         let other = create_group(&mut alice, "other").await;
         invite(&mut alice, &team, &mut [&mut bob]).await;
@@ -1468,11 +1423,7 @@ async fn unread_counts_and_the_last_viewed_group_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_renames_the_group_for_everyone() {
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol]) = start_peers(["alice", "bob", "carol"]).await;
         let group = create_group(&mut alice, "team").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
@@ -1565,10 +1516,7 @@ async fn a_member_renames_the_group_for_everyone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_waited_shows_when_it_was_written() {
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
         let group = create_group(&mut alice, "team").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob]).await;
@@ -1619,11 +1567,8 @@ async fn a_message_that_waited_shows_when_it_was_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_renames_leave_every_member_with_the_same_name() {
     timed(Duration::from_secs(60), async {
-        let ds = Ds::start().await;
-        let root = tempfile::tempdir().expect("temporary directory");
-        let mut alice = Peer::start(&ds, "alice", root.path()).await;
-        let mut bob = Peer::start(&ds, "bob", root.path()).await;
-        let mut carol = Peer::start(&ds, "carol", root.path()).await;
+        let (_ds, _root, [mut alice, mut bob, mut carol]) =
+            start_peers(["alice", "bob", "carol"]).await;
         let group = create_group(&mut alice, "team").await;
         let id = group.id.clone();
         invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;

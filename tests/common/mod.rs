@@ -511,6 +511,21 @@ impl Drop for Peer {
     }
 }
 
+/// A DS on loopback, a temporary directory for the profiles, and one started peer per name,
+/// each ready: the set-up most tests begin with. Keep the first two alive for the test.
+pub async fn start_peers<const N: usize>(names: [&str; N]) -> (Ds, tempfile::TempDir, [Peer; N]) {
+    let ds = Ds::start().await;
+    let root = tempfile::tempdir().expect("temporary directory");
+    let mut peers = Vec::with_capacity(N);
+    for name in names {
+        peers.push(Peer::start(&ds, name, root.path()).await);
+    }
+    let peers: [Peer; N] = peers
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one peer per name"));
+    (ds, root, peers)
+}
+
 /// `alice` creates a group named `name`; returns its reference.
 pub async fn create_group(creator: &mut Peer, name: &str) -> GroupRef {
     creator.command(Command::CreateGroup {
