@@ -1508,11 +1508,11 @@ impl Engine {
             });
             return Pumped::Idle;
         }
-        // After a failed build whose reload failed on the storage too, the group is held (see
-        // `reload`) and not pumped until a reload succeeds.
         // An application message waits for no fsync, unless syncing is failing: then nothing
         // may leave whose state is not durable, and the build's own fsync decides.
         let unsynced = next.intent.is_application() && !self.sync_failing && !self.storage_failing;
+        // After a failed build whose reload failed on the storage too, the group is held (see
+        // `reload`) and not pumped until a reload succeeds.
         let built = self.build(group_id, &next, unsynced);
         if !matches!(built, Err(CoreError::Unavailable(_))) {
             self.unbuilt.remove(&next.id);
