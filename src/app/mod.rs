@@ -892,6 +892,10 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             if let Some(by) = by {
                 let text = timeline::renamed(&by, &state.me, &group.name);
                 state.system_line(index, text, false);
+                // Our rename is done: the "renaming…" notice has said all it had to.
+                if by == state.me && matches!(state.status, Some((_, Severity::Info))) {
+                    state.status = None;
+                }
             }
         }
         CoreEvent::MemberAdded { group, user, by } => {

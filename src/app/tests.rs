@@ -710,7 +710,18 @@ fn a_rename_shows_who_renamed_the_group_and_learning_a_name_shows_nothing() {
         })
     };
     update(&mut state, renamed("crew", Some("bob")));
+    type_text(&mut state, "/rename crew two");
+    update(&mut state, key(KeyCode::Enter));
+    assert!(
+        matches!(&state.status, Some((text, Severity::Info)) if text.contains("renaming")),
+        "{:?}",
+        state.status
+    );
     update(&mut state, renamed("crew two", Some("alice")));
+    assert_eq!(
+        state.status, None,
+        "the notice goes once the rename is done"
+    );
     update(&mut state, renamed("learned", None));
     assert_eq!(state.groups[0].name, "learned");
     assert_eq!(
