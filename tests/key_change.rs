@@ -6,6 +6,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use tempfile::TempDir;
+
 use common::{Ds, Peer, create_group, invite, timed, user};
 use mlschat::core::{Command, CoreEvent};
 
@@ -20,16 +22,22 @@ async fn alice_learns_bobs_key(root: &Path) {
     bob.stop().await;
 }
 
+/// After alice learned bob's key: alice's profile directory, another for strangers, and a
+/// second DS with alice started on it, where anyone may register as "bob".
+async fn alice_on_a_second_ds() -> (TempDir, TempDir, Ds, Peer) {
+    let root = tempfile::tempdir().expect("temp dir");
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    alice_learns_bobs_key(root.path()).await;
+    let second = Ds::start().await;
+    let alice = Peer::start(&second, "alice", root.path()).await;
+    (root, elsewhere, second, alice)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_of_a_changed_key_waits_for_verification() {
     timed(Duration::from_secs(90), async {
-        let root = tempfile::tempdir().expect("temp dir");
-        let elsewhere = tempfile::tempdir().expect("temp dir");
-        alice_learns_bobs_key(root.path()).await;
-
         // On another DS, someone registered "bob" with a different key.
-        let second = Ds::start().await;
-        let mut alice = Peer::start(&second, "alice", root.path()).await;
+        let (_root, elsewhere, second, mut alice) = alice_on_a_second_ds().await;
         let mut impostor = Peer::start(&second, "bob", elsewhere.path()).await;
         let other = create_group(&mut alice, "other").await;
         alice.command(Command::Invite { group: other.id.clone(), users: vec![user("bob")] });
@@ -61,14 +69,9 @@ async fn an_invite_of_a_changed_key_waits_for_verification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_key_in_a_commit_is_flagged_and_kept_in_the_timeline() {
     timed(Duration::from_secs(90), async {
-        let root = tempfile::tempdir().expect("temp dir");
-        let elsewhere = tempfile::tempdir().expect("temp dir");
-        alice_learns_bobs_key(root.path()).await;
-
         // On another DS, carol (who never met bob) adds an impostor named "bob" to a group
         // alice is in.
-        let second = Ds::start().await;
-        let mut alice = Peer::start(&second, "alice", root.path()).await;
+        let (_root, elsewhere, second, mut alice) = alice_on_a_second_ds().await;
         let mut carol = Peer::start(&second, "carol", elsewhere.path()).await;
         let mut impostor = Peer::start(&second, "bob", elsewhere.path()).await;
         let group = create_group(&mut carol, "elsewhere").await;

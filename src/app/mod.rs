@@ -342,11 +342,6 @@ impl State {
         self.read_marked_at = self.now;
         Some(Effect::Core(Command::MarkRead { group, seq }))
     }
-
-    /// Whether `text` mentions us (our name as a word, with or without '@').
-    fn mentions_me(&self, text: &str) -> bool {
-        timeline::mentions(&self.me, text)
-    }
 }
 
 /// Applies one input to the state.
@@ -925,7 +920,7 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             at,
         } => {
             let index = state.group_entry(&group);
-            let mention = from != state.me && state.mentions_me(&text);
+            let mention = from != state.me && timeline::mentions(&state.me, &text);
             let is_current = state.current == Some(index);
             let view = &mut state.groups[index];
             view.push(Entry {

@@ -518,31 +518,22 @@ pub enum GroupFlag {
     Leaving,
 }
 
+/// The group's name; `rename_seq` is the seq of the rename that gave it, `None` for a name
+/// learned from an inviter (which leaves the last rename's seq as it is).
 pub fn set_group_name(
     connection: &Connection,
     group_id: &[u8],
     name: &str,
+    rename_seq: Option<u64>,
 ) -> Result<(), CoreError> {
     connection
         .execute(
-            "UPDATE groups SET name = ?2 WHERE group_id = ?1",
-            params![group_id, name],
-        )
-        .map(|_| ())
-        .map_err(sql)
-}
-
-/// The group's name after the rename sequenced at `seq`.
-pub fn rename_group(
-    connection: &Connection,
-    group_id: &[u8],
-    name: &str,
-    seq: u64,
-) -> Result<(), CoreError> {
-    connection
-        .execute(
-            "UPDATE groups SET name = ?2, name_seq = ?3 WHERE group_id = ?1",
-            params![group_id, name, i64::try_from(seq).unwrap_or(i64::MAX)],
+            "UPDATE groups SET name = ?2, name_seq = COALESCE(?3, name_seq) WHERE group_id = ?1",
+            params![
+                group_id,
+                name,
+                rename_seq.map(|seq| i64::try_from(seq).unwrap_or(i64::MAX))
+            ],
         )
         .map(|_| ())
         .map_err(sql)

@@ -101,6 +101,21 @@ fn decode_envelope(bytes: &[u8]) -> Envelope {
     }
 }
 
+/// An application message carrying `envelope`, encrypted for the group.
+fn seal(
+    mls: &mut MlsGroup,
+    provider: &ClientProvider,
+    signer: &SignatureKeyPair,
+    envelope: &Envelope,
+) -> Result<Vec<u8>, CoreError> {
+    let envelope =
+        serde_json::to_vec(envelope).map_err(|error| CoreError::Invalid(error.to_string()))?;
+    let message = mls
+        .create_message(provider, signer, &envelope)
+        .map_err(mls_error)?;
+    to_bytes(&message)
+}
+
 /// The time to show for a received message: the sender's, unless it is missing or in the
 /// future: a sender whose clock is ahead of ours would date it after the messages that follow.
 fn message_time(sent_at: Option<i64>, now: i64) -> i64 {
@@ -110,12 +125,7 @@ fn message_time(sent_at: Option<i64>, now: i64) -> i64 {
 /// A group name as typed, trimmed, or why it cannot be one.
 fn valid_group_name(name: &str) -> Result<String, String> {
     let name = name.trim();
-    if name.is_empty()
-        || name.chars().count() > MAX_GROUP_NAME
-        || name
-            .chars()
-            .any(|c| c.is_control() || is_invisible_format(c))
-    {
+    if name.is_empty() || name.chars().count() > MAX_GROUP_NAME || name.chars().any(misleads) {
         return Err(format!(
             "group names are 1 to {MAX_GROUP_NAME} printable characters"
         ));
@@ -127,34 +137,36 @@ fn valid_group_name(name: &str) -> Result<String, String> {
 /// [`MAX_GROUP_NAME`] long.
 fn clean_group_name(name: &str) -> String {
     name.chars()
-        .filter(|&c| !c.is_control() && !is_invisible_format(c))
+        .filter(|&c| !misleads(c))
         .take(MAX_GROUP_NAME)
         .collect()
 }
 
-/// Characters that change how the text around them is shown, or show as nothing (direction
-/// marks, overrides and isolates, zero-width spaces, fillers, tags, the byte order mark): in a
-/// name they would let a group or a user look like another, or reorder a timeline line. The
-/// zero-width (non-)joiners stay: emoji sequences and several scripts need them.
-fn is_invisible_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{061C}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{180E}'
-            | '\u{200B}'
-            | '\u{200E}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{3164}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{E0000}'..='\u{E007F}'
-    )
+/// Characters a name must not hold: control characters (a line break or an escape would forge
+/// timeline lines), and those that change how the text around them is shown, or show as
+/// nothing (direction marks, overrides and isolates, zero-width spaces, fillers, tags, the byte
+/// order mark), which would let a group or a user look like another. The zero-width
+/// (non-)joiners stay: emoji sequences and several scripts need them.
+fn misleads(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{180E}'
+                | '\u{200B}'
+                | '\u{200E}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{3164}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{E0000}'..='\u{E007F}'
+        )
 }
 
 /// Whether an inviter's [`Envelope::GroupName`] names the group for us: when we know no name,
@@ -171,17 +183,10 @@ fn takes_announced_name(
 
 fn identity_of(credential: &openmls::prelude::Credential) -> String {
     match BasicCredential::try_from(credential.clone()) {
-        // A valid user name has no control characters; anyone's leaf may claim any bytes, and
-        // the name goes into the timeline, where a line break or an escape would forge lines.
+        // A valid user name has none of them, but anyone's leaf may claim any bytes.
         Ok(basic) => String::from_utf8_lossy(basic.identity())
             .chars()
-            .map(|c| {
-                if c.is_control() || is_invisible_format(c) {
-                    '\u{fffd}'
-                } else {
-                    c
-                }
-            })
+            .map(|c| if misleads(c) { '\u{fffd}' } else { c })
             .collect(),
         Err(_) => "(unknown credential)".to_string(),
     }
@@ -1105,7 +1110,7 @@ impl Engine {
     }
 
     /// Sends a rename. It applies here too only once the DS has sequenced it
-    /// ([`Engine::settle_own_rename`]), in its place among the other members' renames, so that
+    /// ([`Engine::apply_rename`]), in its place among the other members' renames, so that
     /// every member ends with the same name.
     fn queue_rename(&mut self, group_id: GroupId, name: String) -> Result<(), String> {
         let group = self.active_group(&group_id)?;
@@ -1138,24 +1143,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Our rename, sequenced as `seq`: the group's name from now on unless a later rename was
-    /// applied already. Part of the step that settles it. Returns whether it applied.
-    fn settle_own_rename(
-        connection: &rusqlite::Connection,
+    /// A rename by `by` (possibly us) sequenced as `seq`, inside the step that processes or
+    /// settles it: the group's name from now on, with its timeline line, unless a later rename
+    /// (`name_seq`) was applied already. Returns whether it applied.
+    fn apply_rename(
+        connection: &Connection,
         group_id: &GroupId,
         name_seq: u64,
         name: &str,
         seq: u64,
+        by: &str,
         me: &str,
     ) -> Result<bool, CoreError> {
-        if seq <= name_seq {
+        if name.is_empty() || seq <= name_seq {
             return Ok(false);
         }
-        db::rename_group(connection, group_id.as_bytes(), name, seq)?;
+        db::set_group_name(connection, group_id.as_bytes(), name, Some(seq))?;
         db::insert_history(
             connection,
             group_id.as_bytes(),
-            NewHistory::system(Some(seq), &timeline::renamed(me, me, name)),
+            NewHistory::system(Some(seq), &timeline::renamed(by, me, name)),
         )?;
         Ok(true)
     }
@@ -1675,30 +1682,19 @@ impl Engine {
         let built = commit_step(connection, || {
             let (payload, welcome) = match &row.intent {
                 Intent::Text { text } => {
-                    let envelope = serde_json::to_vec(&Envelope::Text {
+                    let envelope = Envelope::Text {
                         text: text.clone(),
                         sent_at: Some(row.created_at),
-                    })
-                    .map_err(|error| CoreError::Invalid(error.to_string()))?;
-                    let message = group
-                        .mls
-                        .create_message(provider, signer, &envelope)
-                        .map_err(mls_error)?;
-                    (to_bytes(&message)?, None)
-                }
-                Intent::GroupName { name } | Intent::Rename { name } => {
-                    let envelope = if matches!(row.intent, Intent::Rename { .. }) {
-                        Envelope::Rename { name: name.clone() }
-                    } else {
-                        Envelope::GroupName { name: name.clone() }
                     };
-                    let envelope = serde_json::to_vec(&envelope)
-                        .map_err(|error| CoreError::Invalid(error.to_string()))?;
-                    let message = group
-                        .mls
-                        .create_message(provider, signer, &envelope)
-                        .map_err(mls_error)?;
-                    (to_bytes(&message)?, None)
+                    (seal(&mut group.mls, provider, signer, &envelope)?, None)
+                }
+                Intent::GroupName { name } => {
+                    let envelope = Envelope::GroupName { name: name.clone() };
+                    (seal(&mut group.mls, provider, signer, &envelope)?, None)
+                }
+                Intent::Rename { name } => {
+                    let envelope = Envelope::Rename { name: name.clone() };
+                    (seal(&mut group.mls, provider, signer, &envelope)?, None)
                 }
                 Intent::Invite { .. } => {
                     // Someone else may have added a user while we were claiming or retrying.
@@ -2015,7 +2011,7 @@ impl Engine {
             db::delete_outbox(&self.connection, outbox)?;
             match intent {
                 Intent::Rename { name } => {
-                    Engine::settle_own_rename(&self.connection, group_id, name_seq, name, seq, me)
+                    Engine::apply_rename(&self.connection, group_id, name_seq, name, seq, me, me)
                 }
                 _ => Ok(false),
             }
@@ -2493,12 +2489,13 @@ impl Engine {
                         db::delete_outbox(connection, row.id)?;
                         settled_own = Some(row.id);
                         if let Intent::Rename { name } = &row.intent
-                            && Engine::settle_own_rename(
+                            && Engine::apply_rename(
                                 connection,
                                 group_id,
                                 group.name_seq,
                                 name,
                                 seq,
+                                &me,
                                 &me,
                             )?
                         {
@@ -2610,29 +2607,28 @@ impl Engine {
                                     ) && !name.is_empty()
                                         && group.name.as_deref() != Some(name.as_str())
                                     {
-                                        db::set_group_name(connection, group_id.as_bytes(), &name)?;
+                                        db::set_group_name(
+                                            connection,
+                                            group_id.as_bytes(),
+                                            &name,
+                                            None,
+                                        )?;
                                         renamed_to = Some((name, None, None));
                                     }
                                 }
                                 Envelope::Rename { name } => {
-                                    let name = clean_group_name(&name);
                                     // A rename sequenced before the one that named the group
                                     // (our own, applied when the DS sequenced it) is stale.
-                                    if !name.is_empty() && seq > group.name_seq {
-                                        db::rename_group(
-                                            connection,
-                                            group_id.as_bytes(),
-                                            &name,
-                                            seq,
-                                        )?;
-                                        db::insert_history(
-                                            connection,
-                                            group_id.as_bytes(),
-                                            NewHistory::system(
-                                                Some(seq),
-                                                &timeline::renamed(&sender, &me, &name),
-                                            ),
-                                        )?;
+                                    let name = clean_group_name(&name);
+                                    if Engine::apply_rename(
+                                        connection,
+                                        group_id,
+                                        group.name_seq,
+                                        &name,
+                                        seq,
+                                        &sender,
+                                        &me,
+                                    )? {
                                         renamed_to = Some((name, Some(sender), Some(seq)));
                                     }
                                 }
