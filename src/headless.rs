@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use crate::client::Client;
 use crate::commands::{self, COMMANDS, SlashCommand};
 use crate::core::{Command, CoreEvent, CoreInput, GroupRef, MemberInfo};
+use crate::signals::QuitSignals;
 
 /// The headless session's view: which groups exist and which one is current.
 #[derive(Debug, Default)]
@@ -273,12 +274,13 @@ fn stopped_by_itself() -> std::io::Error {
     std::io::Error::other("the client stopped; the last error event says why")
 }
 
-/// Runs the headless session until `/quit` or EOF (after the outbox is flushed). Fails if the
-/// client stops by itself.
+/// Runs the headless session until `/quit`, EOF or a quit signal (after the outbox is
+/// flushed; a second signal stops at once). Fails if the client stops by itself.
 pub async fn run(
     mut client: Client,
     input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
+    mut signals: QuitSignals,
 ) -> std::io::Result<()> {
     let mut session = Session::default();
     // The core lists the profile's groups first thing, and that sets the current group. A
@@ -346,6 +348,18 @@ pub async fn run(
                 if let Some(value) = session.observe(&event) {
                     write_line(&mut output, &value).await?;
                 }
+            }
+            signal = signals.next() => {
+                if quitting {
+                    // Asked twice: leave without waiting for the outbox, which the next
+                    // start sends (everything queued is already stored).
+                    tracing::info!(signal = signal.name(), "asked again to quit: stopping now");
+                    return Ok(());
+                }
+                tracing::info!(signal = signal.name(), "asked to quit: sending what is queued first");
+                quitting = true;
+                input_open = false;
+                let _ = client.inputs.send(CoreInput::Command(Command::Quit));
             }
         }
     }

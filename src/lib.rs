@@ -8,6 +8,7 @@
 //! - [`client`]: wiring: picks (or hosts) a DS, starts the core and the network.
 //! - [`headless`]: the `--headless` mode, commands on stdin and JSON events on stdout.
 //! - [`cli`]: command-line flags shared by the TUI and the headless mode.
+//! - [`signals`]: SIGTERM, SIGINT and SIGHUP, which both front ends answer as `/quit`.
 
 pub mod app;
 pub mod cli;
@@ -17,5 +18,6 @@ pub mod config;
 pub mod core;
 pub mod headless;
 pub mod net;
+pub mod signals;
 pub mod tui;
 pub mod ui;

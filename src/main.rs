@@ -87,6 +87,8 @@ fn main() -> Result<()> {
 fn run_headless(runtime: &tokio::runtime::Runtime, options: Option<ClientOptions>) -> Result<()> {
     let options = options.ok_or_else(|| eyre!("--headless needs --name"))?;
     runtime.block_on(async move {
+        // Listening before the client starts: a stop asked for meanwhile waits its turn.
+        let signals = mlschat::signals::QuitSignals::new().wrap_err("cannot listen for signals")?;
         let client = Client::start(options).await?;
         if let Some(hosted) = &client.hosted {
             eprintln!(
@@ -99,6 +101,7 @@ fn run_headless(runtime: &tokio::runtime::Runtime, options: Option<ClientOptions
             client,
             tokio::io::BufReader::new(tokio::io::stdin()),
             tokio::io::stdout(),
+            signals,
         )
         .await
         .wrap_err("headless session failed")

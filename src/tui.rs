@@ -1,7 +1,8 @@
 //! The terminal runner: sets the terminal up (raw mode, alternate screen, mouse capture,
 //! bracketed paste), always restores it (on quit, Ctrl+C, SIGTERM and panic), and runs the
-//! loop that feeds terminal input, core events and ticks to [`app::update`], redrawing only
-//! when something changed. The UI task never waits on crypto, disk or network.
+//! loop that feeds terminal input, core events, ticks and quit signals to [`app::update`],
+//! redrawing only when something changed. A closed terminal (SIGHUP) still quits as `/quit`
+//! does. The UI task never waits on crypto, disk or network.
 
 use std::io::{Write as _, stdout};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use crate::app::{self, Effect, Mode, Msg, State};
 use crate::client::{Client, ClientOptions};
 use crate::config::Settings;
 use crate::core::{CoreEvent, CoreInput};
+use crate::signals::{QuitSignal, QuitSignals};
 use crate::ui;
 
 /// Puts the terminal back as it was. Safe to call more than once.
@@ -98,32 +100,62 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
 
     let mut terminal_events = EventStream::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    #[cfg(unix)]
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .wrap_err("cannot listen for SIGTERM")?;
+    let mut signals = QuitSignals::new().wrap_err("cannot listen for signals")?;
+    // Set once the terminal is closed (SIGHUP, or its input or output failing): the runner
+    // then neither draws nor reads, but still quits as `/quit` does, so that queued messages
+    // go out and the read marks are saved.
+    let mut terminal_gone = false;
+    let mut pending: Option<Msg> = None;
     loop {
-        if state.dirty {
-            terminal
-                .draw(|frame| ui::render(&state, frame))
-                .wrap_err("cannot draw")?;
-            state.dirty = false;
+        if state.dirty && !terminal_gone {
+            match terminal.draw(|frame| ui::render(&state, frame)) {
+                Ok(_) => state.dirty = false,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot draw: the terminal is gone; quitting");
+                    terminal_gone = true;
+                    state.dirty = false;
+                    pending = Some(Msg::Terminate);
+                }
+            }
         }
-        let message = tokio::select! {
-            event = terminal_events.next() => match event {
-                Some(Ok(Event::Key(key))) => Msg::Key(key),
-                Some(Ok(Event::Paste(text))) => Msg::Paste(text),
-                Some(Ok(Event::Mouse(mouse))) => Msg::Mouse(mouse),
-                Some(Ok(Event::Resize(width, height))) => Msg::Resize(width, height),
-                Some(Ok(_)) => continue,
-                Some(Err(error)) => return Err(error).wrap_err("cannot read terminal input"),
-                None => Msg::Terminate,
-            },
-            event = next_core_event(&mut client) => match event {
-                Some(event) => Msg::Core(event),
-                None => Msg::Core(CoreEvent::Stopped),
-            },
-            _ = tick.tick() => Msg::Tick(now_unix()),
-            _ = terminate_signal(&mut terminate) => Msg::Terminate,
+        let message = if let Some(message) = pending.take() {
+            message
+        } else {
+            tokio::select! {
+                event = terminal_events.next(), if !terminal_gone => match event {
+                    Some(Ok(Event::Key(key))) => Msg::Key(key),
+                    Some(Ok(Event::Paste(text))) => Msg::Paste(text),
+                    Some(Ok(Event::Mouse(mouse))) => Msg::Mouse(mouse),
+                    Some(Ok(Event::Resize(width, height))) => Msg::Resize(width, height),
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "cannot read the terminal: it is gone; quitting");
+                        terminal_gone = true;
+                        Msg::Terminate
+                    }
+                    None => {
+                        terminal_gone = true;
+                        Msg::Terminate
+                    }
+                },
+                event = next_core_event(&mut client) => match event {
+                    Some(event) => Msg::Core(event),
+                    None => Msg::Core(CoreEvent::Stopped),
+                },
+                _ = tick.tick() => Msg::Tick(now_unix()),
+                signal = signals.next() => {
+                    tracing::info!(signal = signal.name(), "asked to quit");
+                    if signal == QuitSignal::Hangup {
+                        if terminal_gone {
+                            // The closed terminal's hangups (the kernel may send more than one)
+                            // are not someone insisting on quitting at once.
+                            continue;
+                        }
+                        terminal_gone = true;
+                    }
+                    Msg::Terminate
+                }
+            }
         };
         for effect in app::update(&mut state, message) {
             match effect {
@@ -132,13 +164,14 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
                         let _ = client.inputs.send(CoreInput::Command(command));
                     }
                 }
-                Effect::Bell => {
+                Effect::Bell if !terminal_gone => {
                     let _ = stdout().write_all(b"\x07").and_then(|()| stdout().flush());
                 }
-                Effect::Clear => {
+                Effect::Clear if !terminal_gone => {
                     terminal.clear().wrap_err("cannot clear the screen")?;
                     state.dirty = true;
                 }
+                Effect::Bell | Effect::Clear => {}
                 Effect::StartClient(name) => {
                     let options = (launch.options_for)(name)?;
                     client = Some(start_client(&mut state, options).await?);
@@ -152,11 +185,6 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
             }
         }
     }
-}
-
-#[cfg(unix)]
-async fn terminate_signal(signal: &mut tokio::signal::unix::Signal) {
-    signal.recv().await;
 }
 
 async fn next_core_event(client: &mut Option<Client>) -> Option<CoreEvent> {

@@ -240,6 +240,61 @@ async fn headless_contract() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_the_queue_first_and_a_profile_runs_in_one_process() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Headless::start(&ds, "alice", root.path(), &[]).await;
+        let mut bob = Headless::start(&ds, "bob", root.path(), &[]).await;
+        alice.send_line("/create stopping").await;
+        let created = alice
+            .wait_event("group_created", |e| e["event"] == "group_created")
+            .await;
+        let group_id = created["group_id"].as_str().expect("group_id").to_string();
+        alice.send_line("/invite bob").await;
+        bob.wait_event("joined", |e| e["event"] == "joined").await;
+
+        // A second process on alice's profile is refused, and told which process has it;
+        // the first carries on.
+        let mut twin = Headless::new(&ds, "alice", root.path(), &[]);
+        twin.spawn();
+        let status = twin.wait_exit().await;
+        assert!(
+            !status.success(),
+            "the second process must fail: {status:?}"
+        );
+        let expected = format!("is open in another mlschat (process {})", alice.pid());
+        assert!(
+            twin.stderr().contains(&expected),
+            "stderr names the first process: {}",
+            twin.stderr()
+        );
+
+        // Lines a bot wrote before a service manager stops it are sent before it exits,
+        // with the exit status of a clean quit (not "killed by SIGTERM").
+        let texts: Vec<String> = (0..20).map(|n| format!("before the stop {n}")).collect();
+        for text in &texts {
+            alice.send_line(text).await;
+        }
+        // Answered in order: every line above has reached the core.
+        alice.status().await;
+        alice.signal("TERM");
+        let status = alice.wait_exit().await;
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        for text in &texts {
+            bob.wait_event(text, |e| {
+                e["event"] == "message" && e["text"] == text.as_str()
+            })
+            .await;
+        }
+        assert_eq!(bob.messages(&group_id).len(), texts.len());
+        assert_eq!(alice.errors(), Vec::<Value>::new());
+        assert_eq!(bob.close_stdin().await.code(), Some(0));
+    })
+    .await;
+}
+
 /// Every form in which `canary` could appear in a log: as text, as hex, or as a Debug byte
 /// list in decimal or hex (openmls traces bytes as `{:x?}`), also inside a longer buffer.
 fn forms(canary: &str) -> Vec<String> {

@@ -2,7 +2,7 @@
 //! 127.0.0.1:0. They create a group, invite, exchange messages (each sees the other's text on
 //! screen), one renames the group, one resizes, both quit, and the terminal is restored
 //! (alternate screen off); one comes back to the group it was reading, with the other group's
-//! unread message counted.
+//! unread message counted, and after closing its terminal still finds what it read marked read.
 
 use std::path::Path;
 use std::process::Command;
@@ -150,6 +150,20 @@ fn rand_suffix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until no process holds the profile's lock, that is until its client has exited.
+fn wait_profile_free(profile: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let lock = std::fs::File::open(profile.join("lock")).expect("the profile's lock file");
+    while lock.try_lock().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the client of {} did not exit",
+            profile.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn client_command(name: &str, dir: &Path, server: &LocalServer) -> String {
     format!(
         "{} --name {name} --server {} --server-cert-sha256 {} --data-dir {} --log-file {}",
@@ -173,6 +187,7 @@ async fn two_people_chat_in_real_terminals() {
     .expect("DS starts");
     let alice_command = client_command("alice", dir.path(), &server);
     let bob_command = client_command("bob", dir.path(), &server);
+    let bob_profile = dir.path().join("bob");
     let result = tokio::task::spawn_blocking(move || {
         let tmux = Tmux::new();
         let patience = Duration::from_secs(20);
@@ -288,8 +303,32 @@ async fn two_people_chat_in_real_terminals() {
             badge.ends_with(" 1"),
             "later shows one unread message: {badge:?}\n{screen}"
         );
-        tmux.keys("bob-again", "C-c");
-        tmux.assert_exited_cleanly("bob-again", patience);
+        // Bob reads the other group, then closes his terminal (SIGHUP) at once, well within
+        // the 10 s between periodic read marks: the TUI still quits as /quit does.
+        tmux.type_line("bob-again", "/switch later");
+        tmux.wait_for("bob-again", "┌ later ·", patience);
+        tmux.wait_for("bob-again", "something new in later", patience);
+        tmux.run(&["kill-session", "-t", "bob-again"]);
+        wait_profile_free(&bob_profile, patience);
+        tmux.start("bob-third", 80, 24, &bob_command);
+        let screen = tmux.wait_for("bob-third", "● connected", patience);
+        assert!(
+            screen.contains("┌ later ·"),
+            "bob reopens on the group he read before the terminal closed:\n{screen}"
+        );
+        for line in screen.lines().filter(|line| line.contains("later")) {
+            let badge = line
+                .split('│')
+                .nth(1)
+                .map(str::trim_end)
+                .unwrap_or_default();
+            assert!(
+                !badge.ends_with(" 1"),
+                "what bob read is no longer unread: {badge:?}\n{screen}"
+            );
+        }
+        tmux.keys("bob-third", "C-c");
+        tmux.assert_exited_cleanly("bob-third", patience);
     })
     .await;
     server.shutdown().await;

@@ -37,6 +37,7 @@ use mlschat_ds::protocol::{
 };
 
 use super::db::{self, GroupFlag, Intent, KeyObservation, NewHistory, OutboxRow};
+use super::profile_lock;
 use super::provider::{ClientProvider, migrate_openmls_tables};
 use super::trust::{fingerprint, verification_code};
 use super::{
@@ -336,6 +337,8 @@ struct Engine {
     /// Groups whose deliveries wait for the profile's storage (see [`Held`]); a group not yet
     /// joined when its Welcome is held is here too.
     held: HashMap<GroupId, Held>,
+    /// Held while the engine runs: no other process may use the profile meanwhile.
+    _profile_lock: std::fs::File,
 }
 
 /// Starts the core thread. Returns once the profile is open (or failed to open), with the
@@ -380,6 +383,7 @@ impl Engine {
                 config.data_dir.display()
             ))
         })?;
+        let profile_lock = profile_lock::lock(&config.data_dir)?;
         let mut connection = db::open(&config.data_dir.join("mlschat.sqlite3"))?;
         migrate_openmls_tables(&mut connection).map_err(CoreError::Database)?;
         db::migrate(&connection)?;
@@ -480,6 +484,7 @@ impl Engine {
             sync_failing: false,
             deferred_acks: HashMap::new(),
             held: HashMap::new(),
+            _profile_lock: profile_lock,
         })
     }
 

@@ -6,6 +6,7 @@ mod cbor;
 pub mod db;
 mod engine;
 mod pack;
+mod profile_lock;
 pub mod provider;
 pub mod trust;
 
@@ -35,6 +36,9 @@ pub enum CoreError {
     Mls(String),
     #[error("{0}")]
     Invalid(String),
+    /// Another process has the profile open (see `profile_lock`).
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Settings of the core.

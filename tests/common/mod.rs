@@ -882,6 +882,34 @@ impl Headless {
         }
     }
 
+    /// Sends the running process a signal (`"TERM"`, `"HUP"`, ...) as `kill` would.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|child| child.id())
+            .expect("running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}: {status:?}");
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(|child| child.id())
+            .expect("running")
+    }
+
+    /// What the process wrote to stderr, across restarts.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.log_file.with_extension("stderr")).unwrap_or_default()
+    }
+
     /// Closes stdin (EOF) and waits for the process to exit; returns its exit status.
     pub async fn close_stdin(&mut self) -> std::process::ExitStatus {
         self.stdin = None;
