@@ -13,9 +13,11 @@
 //!   the entry point, in the manner of mini-redis.
 //! - [`config`]: limits and settings, loadable from TOML.
 //! - [`tls`]: certificates and the quinn endpoint configuration.
+//! - [`dir_lock`]: one process per data directory (and per client profile).
 
 pub mod client;
 pub mod config;
+pub mod dir_lock;
 pub mod protocol;
 pub mod server;
 pub mod store;

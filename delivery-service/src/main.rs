@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use mlschat_ds::config::{ConfigFile, Limits};
+use mlschat_ds::dir_lock::DirLockError;
 use mlschat_ds::store::{
     DatabaseUrl, PostgresOptions, PostgresStore, SqliteStore, Store, StoreError,
 };
@@ -111,6 +112,18 @@ async fn main() -> Result<()> {
     };
     mlschat_ds::config::create_data_dir(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    // Held until the process ends. Two DS processes on one SQLite database would each fan out
+    // only what they accepted themselves, and with PostgreSQL each node needs its own directory
+    // for its certificate anyway.
+    let _data_dir_lock = mlschat_ds::dir_lock::lock(&data_dir).map_err(|error| match error {
+        DirLockError::InUse { holder, .. } => anyhow::anyhow!(
+            "the data directory {} is in use by another mlschat-ds{}; stop it first, or give \
+             this one its own --data-dir",
+            data_dir.display(),
+            mlschat_ds::dir_lock::process_suffix(holder)
+        ),
+        error => error.into(),
+    })?;
 
     let identity = match (cli.cert.or(file.cert), cli.key.or(file.key)) {
         (Some(cert), Some(key)) => ServerIdentity::from_pem_files(&cert, &key)?,

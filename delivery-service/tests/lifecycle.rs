@@ -1,5 +1,5 @@
 //! Start-up and shutdown of the DS: configuration validation, the certificate pair, the data
-//! directory, log output of the real binary, and a graceful shutdown that leaves the store
+//! directory (private, one DS at a time), log output of the real binary, and a graceful shutdown that leaves the store
 //! closed (every write done, the WAL checkpointed) when it returns.
 
 mod common;
@@ -117,7 +117,7 @@ fn half_a_certificate_pair_stops_the_start_and_writes_nothing() {
 
 #[cfg(unix)]
 #[tokio::test]
-async fn the_data_directory_is_private_and_logs_have_no_colour_codes() {
+async fn the_data_directory_is_private_and_in_one_process_and_logs_have_no_colour_codes() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("temporary directory");
     let data = dir.path().join("data");
@@ -134,6 +134,19 @@ async fn the_data_directory_is_private_and_logs_have_no_colour_codes() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o700, "data directory mode {mode:o}");
+
+    // A second DS on the same data directory is refused and told which process has it.
+    let second = ds_command(&data).output().expect("run mlschat-ds");
+    assert!(!second.status.success(), "the second DS must not start");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another mlschat-ds (process {})",
+            ds.pid()
+        )),
+        "{stderr}"
+    );
+
     ds.terminate();
     let status = ds
         .wait_exit(Duration::from_secs(15))

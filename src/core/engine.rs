@@ -30,6 +30,7 @@ use openmls_traits::types::SignatureScheme;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
+use mlschat_ds::dir_lock::{self, DirLock, DirLockError};
 use mlschat_ds::protocol::{
     AUTHENTICATE_LABEL, Ack, Authenticate, AuthenticationTbs, ClaimKeyPackage, CommitRouting,
     CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode, ErrorResponse, Frame,
@@ -37,7 +38,6 @@ use mlschat_ds::protocol::{
 };
 
 use super::db::{self, GroupFlag, Intent, KeyObservation, NewHistory, OutboxRow};
-use super::profile_lock;
 use super::provider::{ClientProvider, migrate_openmls_tables};
 use super::trust::{fingerprint, verification_code};
 use super::{
@@ -337,8 +337,10 @@ struct Engine {
     /// Groups whose deliveries wait for the profile's storage (see [`Held`]); a group not yet
     /// joined when its Welcome is held is here too.
     held: HashMap<GroupId, Held>,
-    /// Held while the engine runs: no other process may use the profile meanwhile.
-    _profile_lock: std::fs::File,
+    /// Held while the engine runs: no other process may use the profile meanwhile. Two would
+    /// each keep the groups' MLS state in memory, move it on independently and overwrite each
+    /// other's, and take turns replacing each other's session at the DS.
+    _profile_lock: DirLock,
 }
 
 /// Starts the core thread. Returns once the profile is open (or failed to open), with the
@@ -371,6 +373,18 @@ pub fn spawn(
     Ok((own_fingerprint, handle))
 }
 
+/// Takes the profile's lock (see [`mlschat_ds::dir_lock`]), or says which process has it.
+fn lock_profile(dir: &std::path::Path) -> Result<DirLock, CoreError> {
+    dir_lock::lock(dir).map_err(|error| match error {
+        DirLockError::InUse { holder, .. } => CoreError::InUse(format!(
+            "the profile in {} is open in another mlschat{}; quit that one first",
+            dir.display(),
+            dir_lock::process_suffix(holder)
+        )),
+        error @ DirLockError::Io { .. } => CoreError::Invalid(error.to_string()),
+    })
+}
+
 impl Engine {
     fn open(
         config: CoreConfig,
@@ -383,7 +397,7 @@ impl Engine {
                 config.data_dir.display()
             ))
         })?;
-        let profile_lock = profile_lock::lock(&config.data_dir)?;
+        let profile_lock = lock_profile(&config.data_dir)?;
         let mut connection = db::open(&config.data_dir.join("mlschat.sqlite3"))?;
         migrate_openmls_tables(&mut connection).map_err(CoreError::Database)?;
         db::migrate(&connection)?;

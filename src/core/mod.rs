@@ -6,7 +6,6 @@ mod cbor;
 pub mod db;
 mod engine;
 mod pack;
-mod profile_lock;
 pub mod provider;
 pub mod trust;
 
@@ -36,7 +35,7 @@ pub enum CoreError {
     Mls(String),
     #[error("{0}")]
     Invalid(String),
-    /// Another process has the profile open (see `profile_lock`).
+    /// Another process has the profile open.
     #[error("{0}")]
     InUse(String),
 }

@@ -239,6 +239,8 @@ pub enum StartError {
     },
     #[error("cannot read the bound address: {0}")]
     LocalAddr(std::io::Error),
+    #[error("the data directory: {0}")]
+    DataDirLock(#[from] crate::dir_lock::DirLockError),
 }
 
 /// A DS running on the current tokio runtime, with its SQLite store and certificate in
@@ -248,6 +250,8 @@ pub struct LocalServer {
     fingerprint: CertFingerprint,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// No other DS may use the data directory while this one runs.
+    _data_dir_lock: crate::dir_lock::DirLock,
 }
 
 impl LocalServer {
@@ -262,6 +266,7 @@ impl LocalServer {
             path: data_dir.to_path_buf(),
             source,
         })?;
+        let data_dir_lock = crate::dir_lock::lock(data_dir)?;
         let (identity, _generated) = ServerIdentity::load_or_generate(data_dir)?;
         let fingerprint = identity.fingerprint();
         let store = SqliteStore::open(data_dir.join("ds.sqlite3"), limits.store_limits())?;
@@ -280,6 +285,7 @@ impl LocalServer {
             fingerprint,
             stop: Some(stop),
             task,
+            _data_dir_lock: data_dir_lock,
         })
     }
 

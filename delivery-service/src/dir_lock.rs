@@ -1,0 +1,91 @@
+//! One process per directory: an advisory `flock` on `lock` in a DS data directory or a client
+//! profile, held by the open file for as long as its owner runs. The kernel drops it when the
+//! process ends, however it ends, so a crash never leaves a stale lock behind. The file holds
+//! the holder's process id, only to name it in the error.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirLockError {
+    /// Another process holds the lock; `holder` is its process id when the file names one.
+    #[error("{} is in use by {}", .dir.display(), holder_text(*.holder))]
+    InUse { dir: PathBuf, holder: Option<u32> },
+    #[error("cannot lock {}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn holder_text(holder: Option<u32>) -> String {
+    holder.map_or_else(|| "another process".into(), |pid| format!("process {pid}"))
+}
+
+/// " (process N)" naming a lock's holder in a message, or nothing when it is not known.
+pub fn process_suffix(holder: Option<u32>) -> String {
+    holder.map_or_else(String::new, |pid| format!(" (process {pid})"))
+}
+
+/// The lock on a directory; dropping it lets the next process in.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the lock of `dir` (which must exist), or says who holds it.
+pub fn lock(dir: &Path) -> Result<DirLock, DirLockError> {
+    let path = dir.join("lock");
+    let io = |source| DirLockError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(DirLockError::InUse {
+                dir: dir.to_path_buf(),
+                holder: holder.trim().parse().ok(),
+            });
+        }
+        Err(TryLockError::Error(source)) => return Err(io(source)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(DirLock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_process_id_until_it_lets_go() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = lock(dir.path()).expect("the first lock");
+        let refused = lock(dir.path()).expect_err("a second lock is refused");
+        let DirLockError::InUse { holder, .. } = &refused else {
+            panic!("refused as in use: {refused:?}");
+        };
+        assert_eq!(*holder, Some(std::process::id()));
+        assert!(
+            refused
+                .to_string()
+                .ends_with(&format!("is in use by process {}", std::process::id())),
+            "{refused}"
+        );
+        drop(first);
+        lock(dir.path()).expect("free again once the first holder let go");
+    }
+}
