@@ -10,7 +10,7 @@ use mlschat_ds::protocol::UserName;
 use mlschat_ds::tls::{self, CertFingerprint};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::core::{self, CoreConfig, CoreEvent, CoreInput, CoreSender};
+use crate::core::{self, Command, CoreConfig, CoreEvent, CoreInput, CoreSender};
 use crate::net::{self, NetConfig};
 
 /// Where a client without `--server` looks for a DS, and hosts one if nobody answers.
@@ -127,6 +127,18 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.net_task).await;
         if let Some(hosted) = self.hosted.take() {
             hosted.shutdown().await;
+        }
+    }
+}
+
+impl Drop for Client {
+    /// A client dropped without [`Client::finish`] stops its core at once (two `Quit`s: no
+    /// waiting for the outbox, whose items are stored for the next start). Otherwise the
+    /// network task, which holds a sender to the core, would keep the core thread, and with it
+    /// the profile's lock, alive until the process ends.
+    fn drop(&mut self) {
+        for _ in 0..2 {
+            let _ = self.inputs.send(CoreInput::Command(Command::Quit));
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use crate::client::Client;
 use crate::commands::{self, COMMANDS, SlashCommand};
 use crate::core::{Command, CoreEvent, CoreInput, GroupRef, MemberInfo};
-use crate::signals::QuitSignals;
+use crate::signals::{QuitSignal, QuitSignals};
 
 /// The headless session's view: which groups exist and which one is current.
 #[derive(Debug, Default)]
@@ -274,21 +274,60 @@ fn stopped_by_itself() -> std::io::Error {
     std::io::Error::other("the client stopped; the last error event says why")
 }
 
+/// How a headless session ended, when it ended as asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `/quit`, end of input, SIGTERM or SIGHUP.
+    Quit,
+    /// SIGINT: the caller should exit as interrupted (status 130), so that a shell running it
+    /// in a script or a loop stops too.
+    Interrupted,
+}
+
+/// Where events go. Once a write fails (the reader went away: a closed pipe or terminal), the
+/// session quits as on `/quit` and writes nothing more; the failure is returned at the end.
+struct Output<W> {
+    writer: W,
+    failed: Option<std::io::Error>,
+}
+
+impl<W: AsyncWrite + Unpin> Output<W> {
+    /// Writes one event. Returns false when the output has failed (now or before).
+    async fn write(&mut self, value: &Value) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        match write_line(&mut self.writer, value).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot write events; quitting");
+                self.failed = Some(error);
+                false
+            }
+        }
+    }
+}
+
 /// Runs the headless session until `/quit`, EOF or a quit signal (after the outbox is
-/// flushed; a second signal stops at once). Fails if the client stops by itself.
+/// flushed; a second SIGTERM or SIGINT stops at once). Fails if the client stops by itself, or
+/// if the events could not be written.
 pub async fn run(
     mut client: Client,
     input: impl AsyncBufRead + Unpin,
-    mut output: impl AsyncWrite + Unpin,
+    output: impl AsyncWrite + Unpin,
     mut signals: QuitSignals,
-) -> std::io::Result<()> {
+) -> std::io::Result<Ended> {
+    let mut output = Output {
+        writer: output,
+        failed: None,
+    };
     let mut session = Session::default();
     // The core lists the profile's groups first thing, and that sets the current group. A
     // script may write to it on its first line, so no line is read before the list arrived.
     loop {
         let Some(event) = client.events.recv().await else {
             client.finish().await;
-            return Ok(());
+            return Ok(Ended::Quit);
         };
         if event == CoreEvent::Stopped {
             client.finish().await;
@@ -296,26 +335,36 @@ pub async fn run(
         }
         let listed = matches!(event, CoreEvent::Groups { .. });
         if let Some(value) = session.observe(&event) {
-            write_line(&mut output, &value).await?;
+            output.write(&value).await;
         }
-        if listed {
+        if listed || output.failed.is_some() {
             break;
         }
     }
     let mut lines = input.lines();
     let mut input_open = true;
     let mut quitting = false;
+    let mut ended = Ended::Quit;
+    // SIGTERM and SIGINT received; a second one means "now". Hangups never count: a closed
+    // terminal can send several, and also ends the input.
+    let mut insisted = 0;
+    let quit = |client: &Client, quitting: &mut bool, input_open: &mut bool| {
+        *input_open = false;
+        if !*quitting {
+            *quitting = true;
+            let _ = client.inputs.send(CoreInput::Command(Command::Quit));
+        }
+    };
+    if output.failed.is_some() {
+        quit(&client, &mut quitting, &mut input_open);
+    }
     loop {
         tokio::select! {
             line = lines.next_line(), if input_open => {
                 let line = match line {
                     Ok(Some(line)) => line,
                     Ok(None) | Err(_) => {
-                        input_open = false;
-                        if !quitting {
-                            quitting = true;
-                            let _ = client.inputs.send(CoreInput::Command(Command::Quit));
-                        }
+                        quit(&client, &mut quitting, &mut input_open);
                         continue;
                     }
                 };
@@ -325,15 +374,21 @@ pub async fn run(
                 match session.interpret(&line) {
                     Ok(Reaction::Core(command)) => {
                         if command == Command::Quit {
-                            quitting = true;
-                            input_open = false;
-                        }
-                        if client.inputs.send(CoreInput::Command(command)).is_err() {
+                            quit(&client, &mut quitting, &mut input_open);
+                        } else if client.inputs.send(CoreInput::Command(command)).is_err() {
                             break;
                         }
                     }
-                    Ok(Reaction::Print(value)) => write_line(&mut output, &value).await?,
-                    Err(message) => write_line(&mut output, &json!({"event": "error", "message": message})).await?,
+                    Ok(Reaction::Print(value)) => {
+                        if !output.write(&value).await {
+                            quit(&client, &mut quitting, &mut input_open);
+                        }
+                    }
+                    Err(message) => {
+                        if !output.write(&json!({"event": "error", "message": message})).await {
+                            quit(&client, &mut quitting, &mut input_open);
+                        }
+                    }
                 }
             }
             event = client.events.recv() => {
@@ -345,24 +400,34 @@ pub async fn run(
                     }
                     break;
                 }
-                if let Some(value) = session.observe(&event) {
-                    write_line(&mut output, &value).await?;
+                if let Some(value) = session.observe(&event)
+                    && !output.write(&value).await
+                {
+                    quit(&client, &mut quitting, &mut input_open);
                 }
             }
             signal = signals.next() => {
-                if quitting {
-                    // Asked twice: leave without waiting for the outbox, which the next
-                    // start sends (everything queued is already stored).
+                if signal == QuitSignal::Interrupt {
+                    ended = Ended::Interrupted;
+                }
+                if signal != QuitSignal::Hangup {
+                    insisted += 1;
+                }
+                if insisted >= 2 {
+                    // Asked twice: the core stops without waiting for the outbox; what is
+                    // still queued is stored and goes out at the next start.
                     tracing::info!(signal = signal.name(), "asked again to quit: stopping now");
-                    return Ok(());
+                    let _ = client.inputs.send(CoreInput::Command(Command::Quit));
+                    break;
                 }
                 tracing::info!(signal = signal.name(), "asked to quit: sending what is queued first");
-                quitting = true;
-                input_open = false;
-                let _ = client.inputs.send(CoreInput::Command(Command::Quit));
+                quit(&client, &mut quitting, &mut input_open);
             }
         }
     }
     client.finish().await;
-    Ok(())
+    match output.failed {
+        Some(error) => Err(error),
+        None => Ok(ended),
+    }
 }

@@ -8,6 +8,7 @@ use clap::Parser as _;
 use color_eyre::eyre::{Result, WrapErr as _, eyre};
 use mlschat::cli::Cli;
 use mlschat::client::{Client, ClientOptions, default_data_dir};
+use mlschat::headless::Ended;
 use mlschat::tui::{self, Launch};
 use mlschat_ds::protocol::UserName;
 
@@ -76,15 +77,23 @@ fn main() -> Result<()> {
     let result = if cli.headless {
         run_headless(&runtime, options)
     } else {
-        run_tui(&runtime, cli, options)
+        run_tui(&runtime, cli, options).map(|()| Ended::Quit)
     };
     // A blocking task (a read of stdin that will never complete, a DNS lookup) must not keep
     // the process alive once the session is over: everything worth waiting for was awaited.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    result
+    if result? == Ended::Interrupted {
+        // 128 + SIGINT, as a shell reports an interrupted command, so that a script running
+        // the client stops too.
+        std::process::exit(130);
+    }
+    Ok(())
 }
 
-fn run_headless(runtime: &tokio::runtime::Runtime, options: Option<ClientOptions>) -> Result<()> {
+fn run_headless(
+    runtime: &tokio::runtime::Runtime,
+    options: Option<ClientOptions>,
+) -> Result<Ended> {
     let options = options.ok_or_else(|| eyre!("--headless needs --name"))?;
     runtime.block_on(async move {
         // Listening before the client starts: a stop asked for meanwhile waits its turn.

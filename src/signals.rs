@@ -1,7 +1,10 @@
 //! The process signals that ask a client to stop: SIGTERM (a service manager, `kill`), SIGINT
-//! (`kill -INT`; in the TUI's raw mode Ctrl+C arrives as a key instead) and SIGHUP (the
-//! terminal was closed). Both front ends answer the first one as they answer `/quit`: the
-//! queued messages go out and the read marks are saved before the process ends.
+//! (`kill -INT`, Ctrl+C in the headless mode; in the TUI's raw mode Ctrl+C arrives as a key)
+//! and SIGHUP (the terminal was closed). Both front ends answer the first one as they answer
+//! `/quit`: the queued messages go out and the read marks are saved before the process ends.
+//!
+//! A signal the process was started with set to "ignore" stays ignored: `nohup` (SIGHUP) and a
+//! shell's background jobs (SIGINT) rely on that.
 
 use std::io;
 
@@ -25,14 +28,55 @@ impl QuitSignal {
 }
 
 /// Listens for the quit signals from the moment it is made (so one arriving before the first
-/// [`QuitSignals::next`] is not lost) until it is dropped.
+/// [`QuitSignals::next`] is not lost) until it is dropped. Unix only; elsewhere it waits
+/// forever.
 pub struct QuitSignals {
     #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
+    terminate: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
+    interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
-    hangup: tokio::signal::unix::Signal,
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+#[cfg(unix)]
+fn listen(
+    kind: tokio::signal::unix::SignalKind,
+) -> io::Result<Option<tokio::signal::unix::Signal>> {
+    if ignored(kind.as_raw_value()) {
+        return Ok(None);
+    }
+    tokio::signal::unix::signal(kind).map(Some)
+}
+
+/// Whether `signal` is set to be ignored, as `nohup` sets SIGHUP: installing a handler would
+/// undo that. Read from `/proc/self/status` (Linux); elsewhere every signal counts as not
+/// ignored.
+#[cfg(unix)]
+fn ignored(signal: i32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|status| ignored_in_status(&status, signal))
+}
+
+/// Whether the `SigIgn` mask of a `/proc/PID/status` text has `signal`'s bit (bit 0 is
+/// signal 1).
+fn ignored_in_status(status: &str, signal: i32) -> bool {
+    let Some(mask) = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return false;
+    };
+    (1..=64).contains(&signal) && mask & (1 << (signal - 1)) != 0
+}
+
+#[cfg(unix)]
+async fn received(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => None,
+    }
 }
 
 impl QuitSignals {
@@ -40,11 +84,11 @@ impl QuitSignals {
     pub fn new() -> io::Result<QuitSignals> {
         #[cfg(unix)]
         {
-            use tokio::signal::unix::{SignalKind, signal};
+            use tokio::signal::unix::SignalKind;
             Ok(QuitSignals {
-                terminate: signal(SignalKind::terminate())?,
-                interrupt: signal(SignalKind::interrupt())?,
-                hangup: signal(SignalKind::hangup())?,
+                terminate: listen(SignalKind::terminate())?,
+                interrupt: listen(SignalKind::interrupt())?,
+                hangup: listen(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
@@ -58,19 +102,47 @@ impl QuitSignals {
         #[cfg(unix)]
         {
             tokio::select! {
-                Some(()) = self.terminate.recv() => QuitSignal::Terminate,
-                Some(()) = self.interrupt.recv() => QuitSignal::Interrupt,
-                Some(()) = self.hangup.recv() => QuitSignal::Hangup,
-                // The runtime's signal driver is gone: no signal can arrive any more.
+                Some(()) = received(&mut self.terminate) => QuitSignal::Terminate,
+                Some(()) = received(&mut self.interrupt) => QuitSignal::Interrupt,
+                Some(()) = received(&mut self.hangup) => QuitSignal::Hangup,
+                // Nothing to listen for, or the runtime's signal driver is gone.
                 else => std::future::pending().await,
             }
         }
         #[cfg(not(unix))]
         {
-            match tokio::signal::ctrl_c().await {
-                Ok(()) => QuitSignal::Interrupt,
-                Err(_) => std::future::pending().await,
-            }
+            std::future::pending().await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status of a real process started with SIGHUP ignored (what `nohup` does).
+    fn status_with_sighup_ignored() -> Option<String> {
+        let output = std::process::Command::new("sh")
+            .args(["-c", "trap '' HUP; exec cat /proc/self/status"])
+            .output()
+            .ok()?;
+        Some(String::from_utf8_lossy(&output.stdout).into_owned()).filter(|s| s.contains("SigIgn:"))
+    }
+
+    #[test]
+    fn the_ignored_mask_is_read_bit_by_signal() {
+        let status = "Name:\tx\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001001\n";
+        assert!(ignored_in_status(status, 1));
+        assert!(ignored_in_status(status, 13));
+        assert!(!ignored_in_status(status, 2));
+        assert!(!ignored_in_status(status, 15));
+        assert!(!ignored_in_status(status, 0));
+        assert!(!ignored_in_status("SigIgn:\tnot hex\n", 1));
+        assert!(!ignored_in_status("", 1));
+        // Only where /proc exists (Linux): the mask of a real process.
+        if let Some(status) = status_with_sighup_ignored() {
+            assert!(ignored_in_status(&status, 1), "{status}");
+            assert!(!ignored_in_status(&status, 15), "{status}");
         }
     }
 }

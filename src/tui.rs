@@ -4,7 +4,7 @@
 //! redrawing only when something changed. A closed terminal (SIGHUP) still quits as `/quit`
 //! does. The UI task never waits on crypto, disk or network.
 
-use std::io::{Write as _, stdout};
+use std::io::{IsTerminal as _, Write as _, stdout};
 use std::time::Duration;
 
 use color_eyre::eyre::{Result, WrapErr as _};
@@ -71,8 +71,37 @@ pub struct Launch {
     pub options_for: Box<dyn Fn(mlschat_ds::protocol::UserName) -> Result<ClientOptions>>,
 }
 
+/// Whether the runner can still use the terminal.
+struct TerminalState {
+    /// `None` once the terminal is gone (SIGHUP, or its input or output failing): the runner
+    /// then neither draws nor reads, but still quits as `/quit` does, so that queued messages
+    /// go out and the read marks are saved.
+    events: Option<EventStream>,
+    /// Whether stdin was a terminal at start, and so is watched for becoming none.
+    stdin_was_terminal: bool,
+}
+
+impl TerminalState {
+    fn gone(&self) -> bool {
+        self.events.is_none()
+    }
+
+    /// Notes that the terminal is gone. Returns the quit to start, unless one already is:
+    /// losing the terminal is not someone insisting on quitting at once.
+    fn lost(&mut self, state: &State, why: &str) -> Option<Msg> {
+        if !self.gone() {
+            tracing::warn!(why, "the terminal is gone; quitting");
+        }
+        self.events = None;
+        (!state.quitting).then_some(Msg::Terminate)
+    }
+}
+
 /// Runs the TUI until the user quits.
 pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
+    // First: a signal that arrives while the client starts waits for the loop, instead of
+    // killing the process with the terminal still in raw mode.
+    let mut signals = QuitSignals::new().wrap_err("cannot listen for signals")?;
     install_panic_hook();
     enable_raw_mode().wrap_err("cannot switch the terminal to raw mode")?;
     let _guard = TerminalGuard;
@@ -98,64 +127,66 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
         None => state.mode = Mode::NamePrompt,
     }
 
-    let mut terminal_events = EventStream::new();
+    let mut screen = TerminalState {
+        events: Some(EventStream::new()),
+        stdin_was_terminal: std::io::stdin().is_terminal(),
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut signals = QuitSignals::new().wrap_err("cannot listen for signals")?;
-    // Set once the terminal is closed (SIGHUP, or its input or output failing): the runner
-    // then neither draws nor reads, but still quits as `/quit` does, so that queued messages
-    // go out and the read marks are saved.
-    let mut terminal_gone = false;
     let mut pending: Option<Msg> = None;
     loop {
-        if state.dirty && !terminal_gone {
-            match terminal.draw(|frame| ui::render(&state, frame)) {
-                Ok(_) => state.dirty = false,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot draw: the terminal is gone; quitting");
-                    terminal_gone = true;
-                    state.dirty = false;
-                    pending = Some(Msg::Terminate);
-                }
+        if state.dirty && !screen.gone() {
+            state.dirty = false;
+            if let Err(error) = terminal.draw(|frame| ui::render(&state, frame)) {
+                pending = screen.lost(&state, &format!("cannot draw: {error}"));
             }
         }
-        let message = if let Some(message) = pending.take() {
-            message
-        } else {
-            tokio::select! {
-                event = terminal_events.next(), if !terminal_gone => match event {
+        let message = match pending.take() {
+            Some(message) => message,
+            None => tokio::select! {
+                event = next_terminal_event(&mut screen.events) => match event {
                     Some(Ok(Event::Key(key))) => Msg::Key(key),
                     Some(Ok(Event::Paste(text))) => Msg::Paste(text),
                     Some(Ok(Event::Mouse(mouse))) => Msg::Mouse(mouse),
                     Some(Ok(Event::Resize(width, height))) => Msg::Resize(width, height),
                     Some(Ok(_)) => continue,
                     Some(Err(error)) => {
-                        tracing::warn!(%error, "cannot read the terminal: it is gone; quitting");
-                        terminal_gone = true;
-                        Msg::Terminate
+                        match screen.lost(&state, &format!("cannot read it: {error}")) {
+                            Some(message) => message,
+                            None => continue,
+                        }
                     }
-                    None => {
-                        terminal_gone = true;
-                        Msg::Terminate
-                    }
+                    None => match screen.lost(&state, "its input ended") {
+                        Some(message) => message,
+                        None => continue,
+                    },
                 },
                 event = next_core_event(&mut client) => match event {
                     Some(event) => Msg::Core(event),
                     None => Msg::Core(CoreEvent::Stopped),
                 },
-                _ = tick.tick() => Msg::Tick(now_unix()),
+                _ = tick.tick() => {
+                    // A terminal that went away without a SIGHUP (crossterm keeps retrying
+                    // a dead input rather than reporting it) is no terminal any more.
+                    if !screen.gone()
+                        && screen.stdin_was_terminal
+                        && !std::io::stdin().is_terminal()
+                    {
+                        pending = screen.lost(&state, "stdin is no longer a terminal");
+                    }
+                    Msg::Tick(now_unix())
+                }
                 signal = signals.next() => {
                     tracing::info!(signal = signal.name(), "asked to quit");
                     if signal == QuitSignal::Hangup {
-                        if terminal_gone {
-                            // The closed terminal's hangups (the kernel may send more than one)
-                            // are not someone insisting on quitting at once.
-                            continue;
+                        match screen.lost(&state, "SIGHUP") {
+                            Some(message) => message,
+                            None => continue,
                         }
-                        terminal_gone = true;
+                    } else {
+                        Msg::Terminate
                     }
-                    Msg::Terminate
                 }
-            }
+            },
         };
         for effect in app::update(&mut state, message) {
             match effect {
@@ -164,14 +195,16 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
                         let _ = client.inputs.send(CoreInput::Command(command));
                     }
                 }
-                Effect::Bell if !terminal_gone => {
+                Effect::Bell | Effect::Clear if screen.gone() => {}
+                Effect::Bell => {
                     let _ = stdout().write_all(b"\x07").and_then(|()| stdout().flush());
                 }
-                Effect::Clear if !terminal_gone => {
-                    terminal.clear().wrap_err("cannot clear the screen")?;
-                    state.dirty = true;
-                }
-                Effect::Bell | Effect::Clear => {}
+                Effect::Clear => match terminal.clear() {
+                    Ok(()) => state.dirty = true,
+                    Err(error) => {
+                        pending = screen.lost(&state, &format!("cannot clear it: {error}"));
+                    }
+                },
                 Effect::StartClient(name) => {
                     let options = (launch.options_for)(name)?;
                     client = Some(start_client(&mut state, options).await?);
@@ -184,6 +217,13 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+async fn next_terminal_event(events: &mut Option<EventStream>) -> Option<std::io::Result<Event>> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -290,6 +290,12 @@ async fn sigterm_sends_the_queue_first_and_a_profile_runs_in_one_process() {
         }
         assert_eq!(bob.messages(&group_id).len(), texts.len());
         assert_eq!(alice.errors(), Vec::<Value>::new());
+
+        // SIGINT quits the same way, but exits as interrupted (128 + 2), so that a script
+        // running the client stops too.
+        alice.restart().await;
+        alice.signal("INT");
+        assert_eq!(alice.wait_exit().await.code(), Some(130));
         assert_eq!(bob.close_stdin().await.code(), Some(0));
     })
     .await;

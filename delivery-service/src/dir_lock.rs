@@ -31,11 +31,36 @@ pub fn process_suffix(holder: Option<u32>) -> String {
 /// The lock on a directory; dropping it lets the next process in.
 #[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    /// `None` where the file system cannot lock (see [`lock`]).
+    _file: Option<File>,
 }
 
-/// Takes the lock of `dir` (which must exist), or says who holds it.
+/// Takes the lock of `dir` (which must exist), or says who holds it. Where the platform or the
+/// file system has no locks (some unix systems' std, NFS mounted without locking, a read-only
+/// directory), it warns and carries on unlocked, as before locks existed, rather than refusing
+/// to start.
 pub fn lock(dir: &Path) -> Result<DirLock, DirLockError> {
+    match try_lock(dir) {
+        Err(DirLockError::Io { path, source }) if cannot_lock_here(&source) => {
+            tracing::warn!(path = %path.display(), error = %source, "cannot lock here: carrying on without the lock, so nothing stops a second process from using this directory");
+            Ok(DirLock { _file: None })
+        }
+        other => other,
+    }
+}
+
+/// Errors that say locking is not available here, rather than that something is wrong.
+fn cannot_lock_here(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::Unsupported | ErrorKind::ReadOnlyFilesystem
+    ) || error.raw_os_error().is_some_and(|code| {
+        code == libc::ENOLCK || code == libc::EOPNOTSUPP || code == libc::ENOSYS
+    })
+}
+
+fn try_lock(dir: &Path) -> Result<DirLock, DirLockError> {
     let path = dir.join("lock");
     let io = |source| DirLockError::Io {
         path: path.clone(),
@@ -63,7 +88,7 @@ pub fn lock(dir: &Path) -> Result<DirLock, DirLockError> {
     file.set_len(0).map_err(io)?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     writeln!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(DirLock { _file: file })
+    Ok(DirLock { _file: Some(file) })
 }
 
 #[cfg(test)]

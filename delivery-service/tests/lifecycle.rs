@@ -136,9 +136,29 @@ async fn the_data_directory_is_private_and_in_one_process_and_logs_have_no_colou
     assert_eq!(mode & 0o777, 0o700, "data directory mode {mode:o}");
 
     // A second DS on the same data directory is refused and told which process has it.
-    let second = ds_command(&data).output().expect("run mlschat-ds");
-    assert!(!second.status.success(), "the second DS must not start");
-    let stderr = String::from_utf8_lossy(&second.stderr);
+    let mut second = ds_command(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mlschat-ds");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait for the second DS") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second DS runs on a data directory in use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "the second DS must not start");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(
+        &mut second.stderr.take().expect("stderr is piped"),
+        &mut stderr,
+    )
+    .expect("read stderr");
     assert!(
         stderr.contains(&format!(
             "is in use by another mlschat-ds (process {})",

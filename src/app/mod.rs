@@ -394,8 +394,12 @@ pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
 }
 
 fn begin_quit(state: &mut State) -> Vec<Effect> {
-    if state.quitting || state.mode == Mode::NamePrompt || state.me.is_empty() {
+    if state.mode == Mode::NamePrompt || state.me.is_empty() {
         return vec![Effect::Exit];
+    }
+    if state.quitting {
+        // Asked again: the core stops without waiting for the outbox any longer.
+        return vec![Effect::Core(Command::Quit), Effect::Exit];
     }
     state.quitting = true;
     state.info("sending queued messages, then quitting (Ctrl+C again to quit now)");

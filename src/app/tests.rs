@@ -406,7 +406,12 @@ fn quitting_flushes_first_and_a_second_ctrl_c_leaves_at_once() {
         update(&mut state, ctrl('c')),
         vec![Effect::Core(Command::Quit)]
     );
-    assert_eq!(update(&mut state, ctrl('c')), vec![Effect::Exit]);
+    // The core is told to stop too: the exit waits for it, and it would otherwise still wait
+    // for the outbox.
+    assert_eq!(
+        update(&mut state, ctrl('c')),
+        vec![Effect::Core(Command::Quit), Effect::Exit]
+    );
     let mut state = super::tests::state();
     assert_eq!(
         update(&mut state, Msg::Terminate),

@@ -376,6 +376,12 @@ pub fn spawn(
 /// Takes the profile's lock (see [`mlschat_ds::dir_lock`]), or says which process has it.
 fn lock_profile(dir: &std::path::Path) -> Result<DirLock, CoreError> {
     dir_lock::lock(dir).map_err(|error| match error {
+        DirLockError::InUse { holder, .. } if holder == Some(std::process::id()) => {
+            CoreError::InUse(format!(
+                "the profile in {} is already open in this process",
+                dir.display()
+            ))
+        }
         DirLockError::InUse { holder, .. } => CoreError::InUse(format!(
             "the profile in {} is open in another mlschat{}; quit that one first",
             dir.display(),
@@ -1030,7 +1036,11 @@ impl Engine {
                 // Offline after a failed attempt: the outbox is kept for the next start. While
                 // connected, or still connecting for the first time (a script that writes a
                 // message and closes stdin right away), wait for the outbox to drain.
-                let wait = if matches!(self.link, Link::Offline) && self.seen_disconnect {
+                // Asked a second time: stop now; what is still queued is stored, and goes out
+                // at the next start.
+                let wait = if self.quit_deadline.is_some()
+                    || matches!(self.link, Link::Offline) && self.seen_disconnect
+                {
                     Duration::ZERO
                 } else {
                     self.config.quit_flush_timeout

@@ -136,6 +136,8 @@ pub enum Command {
         group: GroupId,
         seq: u64,
     },
+    /// Stop once the outbox is flushed (bounded by `quit_flush_timeout` while connected); a
+    /// second `Quit` stops at once.
     Quit,
 }
 

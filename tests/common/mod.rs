@@ -504,7 +504,8 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        // Stop the core thread of a failed test; it ends when its input channel closes.
+        // Stop the core thread of a failed test (the client's own drop then tells it to stop
+        // without waiting for the outbox).
         if let Some(client) = self.client.take() {
             let _ = client.inputs.send(CoreInput::Command(Command::Quit));
         }

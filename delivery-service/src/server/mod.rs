@@ -250,8 +250,6 @@ pub struct LocalServer {
     fingerprint: CertFingerprint,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    /// No other DS may use the data directory while this one runs.
-    _data_dir_lock: crate::dir_lock::DirLock,
 }
 
 impl LocalServer {
@@ -277,15 +275,21 @@ impl LocalServer {
         )?;
         let address = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(endpoint, store, limits, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(async move {
+            run(endpoint, store, limits, async move {
+                let _ = stopped.await;
+            })
+            .await;
+            // Let go only once the store is closed, even when the LocalServer was dropped
+            // without waiting for its shutdown: a DS started next on the directory must not
+            // open the database beside this one.
+            drop(data_dir_lock);
+        });
         Ok(LocalServer {
             address,
             fingerprint,
             stop: Some(stop),
             task,
-            _data_dir_lock: data_dir_lock,
         })
     }
 
