@@ -36,9 +36,14 @@ impl Session {
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
             [] => Err(format!("no group named {name}")),
-            _ => Err(format!(
-                "several groups are named {name}; use the start of a group id"
-            )),
+            _ => {
+                let mut ids: Vec<String> = matches.iter().map(|id| id.to_hex()).collect();
+                ids.sort();
+                Err(format!(
+                    "several groups match {name}; use the start of one of their ids: {}",
+                    ids.join(", ")
+                ))
+            }
         }
     }
 

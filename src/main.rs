@@ -1,6 +1,7 @@
 //! `mlschat`: parse flags, set up logging to a file, start the client, and run the TUI or the
 //! headless mode.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -63,7 +64,15 @@ fn log_path(cli: &Cli, options: Option<&ClientOptions>) -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    color_eyre::install()?;
+    // Colours only for a person reading a terminal: a bot's stderr goes to a file or a journal.
+    let theme = if std::io::stderr().is_terminal() {
+        color_eyre::config::Theme::dark()
+    } else {
+        color_eyre::config::Theme::new()
+    };
+    color_eyre::config::HookBuilder::default()
+        .theme(theme)
+        .install()?;
     let cli = Cli::parse();
     let options = match &cli.name {
         Some(name) => {

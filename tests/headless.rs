@@ -270,6 +270,11 @@ async fn sigterm_sends_the_queue_first_and_a_profile_runs_in_one_process() {
             "stderr names the first process: {}",
             twin.stderr()
         );
+        assert!(
+            !twin.stderr().contains('\x1b'),
+            "no colour codes in an error written to a file: {:?}",
+            twin.stderr()
+        );
 
         // Lines a bot wrote before a service manager stops it are sent before it exits,
         // with the exit status of a clean quit (not "killed by SIGTERM").

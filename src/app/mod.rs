@@ -255,6 +255,26 @@ impl State {
         self.current.and_then(|index| self.groups.get(index))
     }
 
+    /// How the views name a group: its name, followed where other listed groups have the same
+    /// name by the shortest start of its id (four hex digits or more) that no other group's id
+    /// starts with, which is what `/switch` takes.
+    pub fn shown_name(&self, group: &GroupView) -> String {
+        match self.distinguishing_prefix(group) {
+            Some(prefix) => format!("{} ({prefix})", group.name),
+            None => group.name.clone(),
+        }
+    }
+
+    /// The start of the group's id that [`State::shown_name`] adds, if it adds one.
+    pub fn distinguishing_prefix(&self, group: &GroupView) -> Option<String> {
+        let has_namesake = self
+            .groups
+            .iter()
+            .any(|other| other.name == group.name && other.id != group.id);
+        // Unique among all the groups, not only the namesakes: `/switch` matches ids of any.
+        has_namesake.then(|| id_prefix(group, &self.groups.iter().collect::<Vec<_>>()))
+    }
+
     fn current_group_mut(&mut self) -> Option<&mut GroupView> {
         self.current.and_then(|index| self.groups.get_mut(index))
     }
@@ -391,6 +411,23 @@ pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
         }
         Msg::Terminate => begin_quit(state),
     }
+}
+
+/// The shortest start of `group`'s hex id, four digits or more, that none of `others` shares.
+fn id_prefix(group: &GroupView, others: &[&GroupView]) -> String {
+    let hex = group.id.to_hex();
+    let shared = others
+        .iter()
+        .filter(|other| other.id != group.id)
+        .map(|other| {
+            hex.bytes()
+                .zip(other.id.to_hex().bytes())
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    hex[..(shared + 1).clamp(4, hex.len())].to_string()
 }
 
 fn begin_quit(state: &mut State) -> Vec<Effect> {
@@ -740,8 +777,18 @@ fn submit(state: &mut State) -> Vec<Effect> {
                     Vec::new()
                 }
                 _ => {
+                    let matching: Vec<&GroupView> = matches
+                        .iter()
+                        .filter_map(|index| state.groups.get(*index))
+                        .collect();
+                    let all: Vec<&GroupView> = state.groups.iter().collect();
+                    let choices: Vec<String> = matching
+                        .iter()
+                        .map(|group| format!("/switch {}", id_prefix(group, &all)))
+                        .collect();
                     state.fail(format!(
-                        "several groups are named {name}; use the start of a group id"
+                        "several groups match {name}: {}",
+                        choices.join(" or ")
                     ));
                     Vec::new()
                 }

@@ -321,6 +321,72 @@ fn group_switching_keys() {
     assert_eq!(state.current, Some(1));
 }
 
+/// Groups that share a name are told apart by the start of their ids, which `/switch` takes.
+#[test]
+fn namesake_groups_show_and_take_the_start_of_their_ids() {
+    let mut state = state();
+    let first = GroupRef {
+        id: GroupId::new([&[0xab, 0xcd, 0x01][..], &[0; 13]].concat()).expect("valid id"),
+        name: "ops".into(),
+    };
+    let second = GroupRef {
+        id: GroupId::new([&[0xab, 0xcd, 0x02][..], &[0; 13]].concat()).expect("valid id"),
+        name: "ops".into(),
+    };
+    // Another name whose id starts like theirs: the shown starts must not match it either.
+    let third = GroupRef {
+        id: GroupId::new([&[0xab, 0xcd, 0x03][..], &[0; 13]].concat()).expect("valid id"),
+        name: "dev".into(),
+    };
+    for group in [&first, &second, &third] {
+        update(
+            &mut state,
+            Msg::Core(CoreEvent::GroupCreated {
+                group: group.clone(),
+            }),
+        );
+    }
+    let shown: Vec<String> = state
+        .groups
+        .iter()
+        .map(|group| state.shown_name(group))
+        .collect();
+    assert_eq!(shown, ["ops (abcd01)", "ops (abcd02)", "dev"]);
+
+    type_text(&mut state, "/switch ops");
+    update(&mut state, key(KeyCode::Enter));
+    assert!(
+        matches!(&state.status, Some((text, Severity::Error))
+            if text == "several groups match ops: /switch abcd01 or /switch abcd02"),
+        "{:?}",
+        state.status
+    );
+    type_text(&mut state, "/switch abcd02");
+    update(&mut state, key(KeyCode::Enter));
+    assert_eq!(
+        state.current_group().map(|group| &group.id),
+        Some(&second.id)
+    );
+
+    // Once the name is unique again, it shows alone.
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::GroupRenamed {
+            group: GroupRef {
+                id: second.id.clone(),
+                name: "ops two".into(),
+            },
+            by: Some("bob".into()),
+        }),
+    );
+    let shown: Vec<String> = state
+        .groups
+        .iter()
+        .map(|group| state.shown_name(group))
+        .collect();
+    assert_eq!(shown, ["ops", "ops two", "dev"]);
+}
+
 #[test]
 fn tab_completes_commands_and_member_names() {
     let mut state = state();

@@ -38,7 +38,7 @@ pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
                 format!(" {badge}")
             };
             let name_width = columns.saturating_sub(width(&number) + 1 + width(&badge));
-            let name = wrap::truncate(&group.name, name_width);
+            let name = wrap::truncate(&state.shown_name(group), name_width);
             let mut style = Style::default();
             if state.current == Some(index) {
                 style = style

@@ -29,7 +29,11 @@ pub fn render(state: &State, frame: &mut Frame, area: Rect) {
         parts.push(state.server.clone());
     }
     if let Some(group) = state.current_group() {
-        parts.push(format!("{} ({} members)", group.name, group.members.len()));
+        let members = group.members.len();
+        parts.push(match state.distinguishing_prefix(group) {
+            Some(prefix) => format!("{} ({prefix}, {members} members)", group.name),
+            None => format!("{} ({members} members)", group.name),
+        });
         if let (Some(epoch), Some(code)) = (group.epoch, &group.code) {
             parts.push(format!("epoch {epoch} · code {code}"));
         }

@@ -285,9 +285,10 @@ pub fn render(state: &State, frame: &mut Frame, area: Rect) {
         );
         return;
     };
+    let name = state.shown_name(group);
     let title = match (&group.epoch, &group.code) {
-        (Some(epoch), Some(code)) => format!(" {} · epoch {epoch} · {code} ", group.name),
-        _ => format!(" {} ", group.name),
+        (Some(epoch), Some(code)) => format!(" {name} · epoch {epoch} · {code} "),
+        _ => format!(" {name} "),
     };
     let block = Block::default().borders(Borders::ALL).title(wrap::truncate(
         &title,
