@@ -82,7 +82,7 @@ pub fn render(state: &State, frame: &mut Frame, area: Rect) {
         None => {
             let hint = match state.current_group() {
                 Some(group) if !group.active => " you are no longer in this group ".to_string(),
-                Some(group) => format!(" message {} ", group.name),
+                Some(group) => format!(" message {} ", state.shown_name(group)),
                 None => " /create NAME · /help ".to_string(),
             };
             (
