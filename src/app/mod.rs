@@ -5,7 +5,9 @@
 pub mod composer;
 pub mod keymap;
 
-use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind};
+use crossterm::event::{
+    KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
+};
 use mlschat_ds::protocol::{GroupId, UserName};
 
 use crate::commands::{self, COMMANDS, SlashCommand};
@@ -183,6 +185,10 @@ pub struct State {
     pub input_history: Vec<String>,
     pub history_position: Option<usize>,
     pub quitting: bool,
+    /// The first group the groups pane listed last time it moved (see
+    /// [`crate::ui::groups_first_shown`]), so that the list moves only to keep the current
+    /// group in sight.
+    pub groups_top: usize,
     pub size: (u16, u16),
     /// Seconds east of UTC for timestamps (fixed in tests).
     pub utc_offset: i32,
@@ -242,6 +248,7 @@ impl State {
             input_history: Vec::new(),
             history_position: None,
             quitting: false,
+            groups_top: 0,
             size,
             utc_offset,
             now,
@@ -366,6 +373,12 @@ impl State {
 
 /// Applies one input to the state.
 pub fn update(state: &mut State, message: Msg) -> Vec<Effect> {
+    let effects = update_state(state, message);
+    state.groups_top = crate::ui::groups_first_shown(state);
+    effects
+}
+
+fn update_state(state: &mut State, message: Msg) -> Vec<Effect> {
     state.dirty = true;
     match message {
         Msg::Key(key) if key.kind != KeyEventKind::Release => on_key(state, key),
@@ -449,6 +462,16 @@ fn on_mouse(state: &mut State, mouse: MouseEvent) -> Vec<Effect> {
     match mouse.kind {
         MouseEventKind::ScrollUp => scroll(state, WHEEL_LINES as isize),
         MouseEventKind::ScrollDown => scroll(state, -(WHEEL_LINES as isize)),
+        MouseEventKind::Down(MouseButton::Left) if state.mode == Mode::Normal => {
+            // A click on a group in the groups pane switches to it.
+            let list = crate::ui::groups_list_area(state);
+            let position = ratatui::layout::Position::new(mouse.column, mouse.row);
+            if list.contains(position) {
+                let index = crate::ui::groups_first_shown(state) + usize::from(mouse.row - list.y);
+                return state.switch_to(index);
+            }
+            state.dirty = false;
+        }
         _ => state.dirty = false,
     }
     Vec::new()

@@ -1,6 +1,6 @@
 //! Tests of the pure update function: keys and core events in, state and effects out.
 
-use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseButton, MouseEvent, MouseEventKind};
 use mlschat_ds::protocol::{GroupId, UserName};
 
 use super::*;
@@ -385,6 +385,52 @@ fn namesake_groups_show_and_take_the_start_of_their_ids() {
         .map(|group| state.shown_name(group))
         .collect();
     assert_eq!(shown, ["ops", "ops two", "dev"]);
+}
+
+fn click(column: u16, row: u16) -> Msg {
+    Msg::Mouse(MouseEvent {
+        kind: MouseEventKind::Down(MouseButton::Left),
+        column,
+        row,
+        modifiers: KeyModifiers::NONE,
+    })
+}
+
+/// The groups pane scrolls to keep the current group in sight, and a click on a listed group
+/// switches to it.
+#[test]
+fn the_groups_pane_follows_the_current_group_and_clicks_switch() {
+    let mut state = state();
+    for byte in 0..30u8 {
+        with_group(&mut state, &format!("group{byte}"), byte + 1);
+    }
+    let list = crate::ui::groups_list_area(&state);
+    assert_eq!(list.height, 18, "80x24: 18 rows of groups");
+    update(&mut state, alt(KeyCode::Char('1')));
+    assert_eq!(state.current, Some(0));
+    assert_eq!(crate::ui::groups_first_shown(&state), 0);
+
+    // The third row lists the third group.
+    update(&mut state, click(list.x + 2, list.y + 2));
+    assert_eq!(state.current, Some(2));
+    // Below the last group, on the border, or in the timeline: nothing happens.
+    update(&mut state, click(list.x, list.y + list.height));
+    update(&mut state, click(list.x + list.width + 5, list.y + 1));
+    assert_eq!(state.current, Some(2));
+
+    // The 26th group is current: the list moves so that it shows on the last row, and the
+    // rows are clicked as shown.
+    type_text(&mut state, "/switch group25");
+    update(&mut state, key(KeyCode::Enter));
+    assert_eq!(state.current, Some(25));
+    assert_eq!(crate::ui::groups_first_shown(&state), 25 + 1 - 18);
+    // A click does not move the list under the pointer; going above it does.
+    update(&mut state, click(list.x + 1, list.y));
+    assert_eq!(state.current, Some(8));
+    assert_eq!(crate::ui::groups_first_shown(&state), 8);
+    update(&mut state, alt(KeyCode::Char('3')));
+    assert_eq!(state.current, Some(2));
+    assert_eq!(crate::ui::groups_first_shown(&state), 2);
 }
 
 #[test]

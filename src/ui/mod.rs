@@ -81,6 +81,30 @@ pub fn timeline_width(state: &State) -> u16 {
     areas(state, screen(state)).timeline.width.saturating_sub(2)
 }
 
+/// The groups pane's list area (inside its border).
+pub fn groups_list_area(state: &State) -> Rect {
+    let pane = areas(state, screen(state)).groups;
+    Rect::new(
+        pane.x.saturating_add(1),
+        pane.y.saturating_add(1),
+        pane.width.saturating_sub(2),
+        pane.height.saturating_sub(2),
+    )
+}
+
+/// The first group the groups pane lists: where it listed from last time, moved only as far
+/// as it takes to show the current group, and never leaving rows empty below the last group.
+pub fn groups_first_shown(state: &State) -> usize {
+    let rows = usize::from(groups_list_area(state).height).max(1);
+    let top = state
+        .groups_top
+        .min(state.groups.len().saturating_sub(rows));
+    match state.current {
+        Some(current) => top.clamp((current + 1).saturating_sub(rows), current),
+        None => top,
+    }
+}
+
 /// Draws the whole screen.
 pub fn render(state: &State, frame: &mut Frame) {
     let area = frame.area();

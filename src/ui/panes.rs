@@ -19,6 +19,7 @@ pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
         .groups
         .iter()
         .enumerate()
+        .skip(super::groups_first_shown(state))
         .map(|(index, group)| {
             let number = if index < 9 {
                 format!("{}", index + 1)
