@@ -11,7 +11,16 @@ use crate::app::State;
 
 pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
     let theme = &state.settings.theme;
-    let block = Block::default().borders(Borders::ALL).title(" Groups ");
+    let rows = usize::from(area.height.saturating_sub(2));
+    let first = super::groups_first_shown(state);
+    // When not every group fits, the title says which ones are listed.
+    let title = if state.groups.len() > rows {
+        let last = (first + rows).min(state.groups.len());
+        format!(" Groups {}-{last} of {} ", first + 1, state.groups.len())
+    } else {
+        " Groups ".to_string()
+    };
+    let block = Block::default().borders(Borders::ALL).title(title);
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let columns = usize::from(inner.width);
@@ -19,7 +28,7 @@ pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
         .groups
         .iter()
         .enumerate()
-        .skip(super::groups_first_shown(state))
+        .skip(first)
         .map(|(index, group)| {
             let number = if index < 9 {
                 format!("{}", index + 1)
