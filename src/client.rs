@@ -16,6 +16,8 @@ use crate::net::{self, NetConfig};
 /// Where a client without `--server` looks for a DS, and hosts one if nobody answers.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:4433";
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a client that lost the race to host the local DS waits for the winner's to answer.
+const HOSTING_RACE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -85,10 +87,22 @@ impl Client {
             Some(server) => server.clone(),
             None => {
                 if !ds_answers(DEFAULT_SERVER, pinned).await {
-                    let local = host_local_ds(&options.data_dir).await?;
-                    tracing::info!(address = %local.address(), "hosting a local DS");
-                    pinned = Some(local.fingerprint());
-                    hosted = Some(local);
+                    match host_local_ds(&options.data_dir).await {
+                        Ok(local) => {
+                            tracing::info!(address = %local.address(), "hosting a local DS");
+                            pinned = Some(local.fingerprint());
+                            hosted = Some(local);
+                        }
+                        // Another client on this machine may be starting the same local DS at
+                        // this moment (it holds `local-ds`, or the port): use that one once it
+                        // answers.
+                        Err(error) => {
+                            if !ds_answers_within(DEFAULT_SERVER, pinned, HOSTING_RACE_WAIT).await {
+                                return Err(error);
+                            }
+                            tracing::info!(%error, "another client hosts the local DS");
+                        }
+                    }
                 }
                 DEFAULT_SERVER.to_string()
             }
@@ -140,6 +154,20 @@ impl Drop for Client {
         for _ in 0..2 {
             let _ = self.inputs.send(CoreInput::Command(Command::Quit));
         }
+    }
+}
+
+/// Whether a DS answers at `server` within `wait`, probing again until then.
+async fn ds_answers_within(server: &str, pinned: Option<CertFingerprint>, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if ds_answers(server, pinned).await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
