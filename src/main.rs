@@ -92,8 +92,10 @@ fn main() -> Result<()> {
     // the process alive once the session is over: everything worth waiting for was awaited.
     runtime.shutdown_timeout(Duration::from_secs(1));
     if result? == Ended::Interrupted {
-        // 128 + SIGINT, as a shell reports an interrupted command, so that a script running
-        // the client stops too.
+        // End as interrupted, now that everything is flushed: a shell stops a script or a loop
+        // only for a command that SIGINT ended, not for one that exited with a status.
+        #[cfg(unix)]
+        let _ = signal_hook::low_level::emulate_default_handler(signal_hook::consts::SIGINT);
         std::process::exit(130);
     }
     Ok(())

@@ -28,8 +28,8 @@ impl QuitSignal {
 }
 
 /// Listens for the quit signals from the moment it is made (so one arriving before the first
-/// [`QuitSignals::next`] is not lost) until it is dropped. Unix only; elsewhere it waits
-/// forever.
+/// [`QuitSignals::next`] is not lost) until it is dropped. Elsewhere than on unix, only Ctrl+C,
+/// and only while [`QuitSignals::next`] waits.
 pub struct QuitSignals {
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
@@ -51,9 +51,8 @@ fn listen(
 
 /// Whether `signal` is set to be ignored, as `nohup` sets SIGHUP: installing a handler would
 /// undo that. Read from `/proc/self/status` (Linux); elsewhere every signal counts as not
-/// ignored.
-#[cfg(unix)]
-fn ignored(signal: i32) -> bool {
+/// ignored, so there `nohup` does not keep a client from quitting when its terminal closes.
+pub fn ignored(signal: i32) -> bool {
     std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|status| ignored_in_status(&status, signal))
 }
@@ -111,7 +110,10 @@ impl QuitSignals {
         }
         #[cfg(not(unix))]
         {
-            std::future::pending().await
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => QuitSignal::Interrupt,
+                Err(_) => std::future::pending().await,
+            }
         }
     }
 }

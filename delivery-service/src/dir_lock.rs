@@ -37,7 +37,7 @@ pub struct DirLock {
 
 /// Takes the lock of `dir` (which must exist), or says who holds it. Where the platform or the
 /// file system has no locks (some unix systems' std, NFS mounted without locking, a read-only
-/// directory), it warns and carries on unlocked, as before locks existed, rather than refusing
+/// file system), it warns and carries on unlocked, as before locks existed, rather than refusing
 /// to start.
 pub fn lock(dir: &Path) -> Result<DirLock, DirLockError> {
     match try_lock(dir) {

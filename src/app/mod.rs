@@ -272,6 +272,14 @@ impl State {
         }
     }
 
+    /// [`State::shown_name`] of a group the core names, which may not be listed (yet).
+    fn shown_name_of(&self, group: &GroupRef) -> String {
+        self.groups
+            .iter()
+            .find(|view| view.id == group.id)
+            .map_or_else(|| group.name.clone(), |view| self.shown_name(view))
+    }
+
     /// The start of the group's id that [`State::shown_name`] adds, if it adds one.
     pub fn distinguishing_prefix(&self, group: &GroupView) -> Option<String> {
         let has_namesake = self
@@ -426,21 +434,24 @@ fn update_state(state: &mut State, message: Msg) -> Vec<Effect> {
     }
 }
 
-/// The shortest start of `group`'s hex id, four digits or more, that none of `others` shares.
-fn id_prefix(group: &GroupView, others: &[&GroupView]) -> String {
+/// The shortest start of `group`'s hex id, four digits or more (or all of a shorter id),
+/// that `/switch` takes to mean `group` among `all`: no other group's id starts with it and no
+/// other group is named it. Where even the whole id is the start of another id, the whole id
+/// (which `/switch` matches exactly first).
+fn id_prefix(group: &GroupView, all: &[&GroupView]) -> String {
     let hex = group.id.to_hex();
-    let shared = others
-        .iter()
-        .filter(|other| other.id != group.id)
-        .map(|other| {
-            hex.bytes()
-                .zip(other.id.to_hex().bytes())
-                .take_while(|(a, b)| a == b)
-                .count()
+    // `/switch` takes a name over the start of an id, so another group named like the
+    // prefix makes it ambiguous as much as another id starting with it.
+    let ambiguous = |prefix: &str| {
+        all.iter().any(|other| {
+            other.id != group.id && (other.name == prefix || other.id.to_hex().starts_with(prefix))
         })
-        .max()
-        .unwrap_or(0);
-    hex[..(shared + 1).clamp(4, hex.len())].to_string()
+    };
+    let mut length = hex.len().min(4);
+    while length < hex.len() && ambiguous(&hex[..length]) {
+        length += 1;
+    }
+    hex[..length].to_string()
 }
 
 fn begin_quit(state: &mut State) -> Vec<Effect> {
@@ -462,7 +473,9 @@ fn on_mouse(state: &mut State, mouse: MouseEvent) -> Vec<Effect> {
     match mouse.kind {
         MouseEventKind::ScrollUp => scroll(state, WHEEL_LINES as isize),
         MouseEventKind::ScrollDown => scroll(state, -(WHEEL_LINES as isize)),
-        MouseEventKind::Down(MouseButton::Left) if state.mode == Mode::Normal => {
+        MouseEventKind::Down(MouseButton::Left)
+            if matches!(state.mode, Mode::Normal | Mode::VerifyRequested(_)) =>
+        {
             // A click on a group in the groups pane switches to it.
             let list = crate::ui::groups_list_area(state);
             let position = ratatui::layout::Position::new(mouse.column, mouse.row);
@@ -786,13 +799,25 @@ fn submit(state: &mut State) -> Vec<Effect> {
         }
         SlashCommand::Quit => return begin_quit(state),
         SlashCommand::Switch(name) => {
-            let matches: Vec<usize> = state
+            // A whole id first: it may also be the start of a longer one.
+            if let Some(index) = state
                 .groups
                 .iter()
-                .enumerate()
-                .filter(|(_, group)| group.name == name || group.id.to_hex().starts_with(&name))
-                .map(|(index, _)| index)
+                .position(|group| group.id.to_hex() == name)
+            {
+                return state.switch_to(index);
+            }
+            // Then the groups with that name; only if none has it, the ids that start so.
+            let named: Vec<usize> = (0..state.groups.len())
+                .filter(|&index| state.groups[index].name == name)
                 .collect();
+            let matches: Vec<usize> = if named.is_empty() {
+                (0..state.groups.len())
+                    .filter(|&index| state.groups[index].id.to_hex().starts_with(&name))
+                    .collect()
+            } else {
+                named
+            };
             return match matches.as_slice() {
                 [index] => state.switch_to(*index),
                 [] => {
@@ -953,7 +978,8 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 effects.extend(state.switch_to(index));
             } else if state.current != Some(index) {
                 state.groups[index].unread += 1;
-                state.info(format!("{by} added you to {}", group.name));
+                let name = state.shown_name(&state.groups[index]);
+                state.info(format!("{by} added you to {name}"));
             }
         }
         CoreEvent::GroupRenamed { group, by } => {
@@ -1048,7 +1074,8 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             local_id,
             reason,
         } => {
-            state.fail(format!("a message to {} failed: {reason}", group.name));
+            let name = state.shown_name_of(&group);
+            state.fail(format!("a message to {name} failed: {reason}"));
             settle(state, &group, local_id, None, Delivery::Failed(reason));
         }
         CoreEvent::Members { group, members } => {
@@ -1130,9 +1157,9 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             members,
             ..
         } => {
+            let name = state.shown_name_of(&group);
             state.info(format!(
-                "{}: {ciphersuite}, epoch {epoch}, code {code}, {members} members",
-                group.name
+                "{name}: {ciphersuite}, epoch {epoch}, code {code}, {members} members"
             ));
         }
         CoreEvent::History { group, entries } => {

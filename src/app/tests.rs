@@ -321,23 +321,29 @@ fn group_switching_keys() {
     assert_eq!(state.current, Some(1));
 }
 
+fn named(name: &str, id: &[u8]) -> GroupRef {
+    GroupRef {
+        id: GroupId::new(id.to_vec()).expect("valid id"),
+        name: name.into(),
+    }
+}
+
+fn shown_names(state: &State) -> Vec<String> {
+    state
+        .groups
+        .iter()
+        .map(|group| state.shown_name(group))
+        .collect()
+}
+
 /// Groups that share a name are told apart by the start of their ids, which `/switch` takes.
 #[test]
 fn namesake_groups_show_and_take_the_start_of_their_ids() {
     let mut state = state();
-    let first = GroupRef {
-        id: GroupId::new([&[0xab, 0xcd, 0x01][..], &[0; 13]].concat()).expect("valid id"),
-        name: "ops".into(),
-    };
-    let second = GroupRef {
-        id: GroupId::new([&[0xab, 0xcd, 0x02][..], &[0; 13]].concat()).expect("valid id"),
-        name: "ops".into(),
-    };
-    // Another name whose id starts like theirs: the shown starts must not match it either.
-    let third = GroupRef {
-        id: GroupId::new([&[0xab, 0xcd, 0x03][..], &[0; 13]].concat()).expect("valid id"),
-        name: "dev".into(),
-    };
+    let first = named("ops", &[&[0xab, 0xcd, 0x01, 0x00][..], &[0; 12]].concat());
+    let second = named("ops", &[&[0xab, 0xcd, 0x02][..], &[0; 13]].concat());
+    // Another name whose id shares more with the first: the shown start must not match it.
+    let third = named("dev", &[&[0xab, 0xcd, 0x01, 0xff][..], &[0; 12]].concat());
     for group in [&first, &second, &third] {
         update(
             &mut state,
@@ -346,18 +352,16 @@ fn namesake_groups_show_and_take_the_start_of_their_ids() {
             }),
         );
     }
-    let shown: Vec<String> = state
-        .groups
-        .iter()
-        .map(|group| state.shown_name(group))
-        .collect();
-    assert_eq!(shown, ["ops (abcd01)", "ops (abcd02)", "dev"]);
+    assert_eq!(
+        shown_names(&state),
+        ["ops (abcd010)", "ops (abcd02)", "dev"]
+    );
 
     type_text(&mut state, "/switch ops");
     update(&mut state, key(KeyCode::Enter));
     assert!(
         matches!(&state.status, Some((text, Severity::Error))
-            if text == "several groups match ops: /switch abcd01 or /switch abcd02"),
+            if text == "several groups match ops: /switch abcd010 or /switch abcd02"),
         "{:?}",
         state.status
     );
@@ -372,19 +376,53 @@ fn namesake_groups_show_and_take_the_start_of_their_ids() {
     update(
         &mut state,
         Msg::Core(CoreEvent::GroupRenamed {
-            group: GroupRef {
-                id: second.id.clone(),
-                name: "ops two".into(),
-            },
+            group: named("ops two", second.id.as_bytes()),
             by: Some("bob".into()),
         }),
     );
-    let shown: Vec<String> = state
-        .groups
-        .iter()
-        .map(|group| state.shown_name(group))
-        .collect();
-    assert_eq!(shown, ["ops", "ops two", "dev"]);
+    assert_eq!(shown_names(&state), ["ops", "ops two", "dev"]);
+}
+
+/// Ids come from the DS and other members: short ones, ids that start other ids, and names
+/// that look like the start of an id still give a start `/switch` takes, and never a panic.
+#[test]
+fn the_start_of_an_id_works_for_any_ids_and_names() {
+    let mut state = state();
+    let short = named("ops", &[0x07]);
+    let beef = named("ops", &[&[0xbe, 0xef, 0x12][..], &[0; 13]].concat());
+    let named_beef = named("beef", &[0x55; 16]);
+    let whole = named("dup", &[0x01; 16]);
+    let longer = named("dup", &[0x01; 17]);
+    for group in [&short, &beef, &named_beef, &whole, &longer] {
+        update(
+            &mut state,
+            Msg::Core(CoreEvent::Joined {
+                group: group.clone(),
+                by: "mallory".into(),
+            }),
+        );
+    }
+    let shown = shown_names(&state);
+    assert_eq!(shown[0], "ops (07)", "{shown:?}");
+    assert_eq!(shown[1], "ops (beef1)", "{shown:?}");
+    assert_eq!(shown[3], format!("dup ({})", "01".repeat(16)), "{shown:?}");
+    assert_eq!(shown[4], format!("dup ({}0)", "01".repeat(16)), "{shown:?}");
+    for (group, typed) in [
+        (&short, "07".to_string()),
+        (&beef, "beef1".to_string()),
+        (&named_beef, "beef".to_string()),
+        (&whole, "01".repeat(16)),
+        (&longer, "01".repeat(17)),
+    ] {
+        type_text(&mut state, &format!("/switch {typed}"));
+        update(&mut state, key(KeyCode::Enter));
+        assert_eq!(
+            state.current_group().map(|view| &view.id),
+            Some(&group.id),
+            "/switch {typed}: {:?}",
+            state.status
+        );
+    }
 }
 
 fn click(column: u16, row: u16) -> Msg {
@@ -982,4 +1020,22 @@ fn ten_thousand_messages_of_history_load_and_scroll() {
         !screen.contains(&format!("message number {} ", newest_shown + 1)),
         "{screen}"
     );
+}
+
+/// Below the last group, and on a screen too small to draw the panes, a click does nothing.
+#[test]
+fn clicks_off_the_listed_groups_do_nothing() {
+    let mut state = state();
+    with_group(&mut state, "one", 1);
+    with_group(&mut state, "two", 2);
+    update(&mut state, alt(KeyCode::Char('1')));
+    let list = crate::ui::groups_list_area(&state);
+    update(&mut state, click(list.x + 1, list.y + 2));
+    assert_eq!(state.current, Some(0), "the third row lists no group");
+    update(&mut state, Msg::Resize(30, 10));
+    update(&mut state, click(list.x + 1, list.y + 1));
+    assert_eq!(state.current, Some(0), "nothing is drawn but a notice");
+    update(&mut state, Msg::Resize(80, 24));
+    update(&mut state, click(list.x + 1, list.y + 1));
+    assert_eq!(state.current, Some(1));
 }

@@ -81,8 +81,12 @@ pub fn timeline_width(state: &State) -> u16 {
     areas(state, screen(state)).timeline.width.saturating_sub(2)
 }
 
-/// The groups pane's list area (inside its border).
+/// The groups pane's list area (inside its border); empty when the terminal is too small to
+/// draw anything but a notice.
 pub fn groups_list_area(state: &State) -> Rect {
+    if state.size.0 < MIN_WIDTH || state.size.1 < MIN_HEIGHT {
+        return Rect::default();
+    }
     let pane = areas(state, screen(state)).groups;
     Rect::new(
         pane.x.saturating_add(1),
@@ -95,7 +99,11 @@ pub fn groups_list_area(state: &State) -> Rect {
 /// The first group the groups pane lists: where it listed from last time, moved only as far
 /// as it takes to show the current group, and never leaving rows empty below the last group.
 pub fn groups_first_shown(state: &State) -> usize {
-    let rows = usize::from(groups_list_area(state).height).max(1);
+    let rows = usize::from(groups_list_area(state).height);
+    if rows == 0 {
+        // Nothing is listed (a notice fills the screen): keep the list where it was.
+        return state.groups_top;
+    }
     let top = state
         .groups_top
         .min(state.groups.len().saturating_sub(rows));

@@ -13,14 +13,14 @@ pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
     let theme = &state.settings.theme;
     let rows = usize::from(area.height.saturating_sub(2));
     let first = super::groups_first_shown(state);
-    // When not every group fits, the title says which ones are listed.
-    let title = if state.groups.len() > rows {
+    let mut block = Block::default().borders(Borders::ALL).title(" Groups ");
+    // When not every group fits, the bottom border says which ones are listed.
+    if state.groups.len() > rows {
         let last = (first + rows).min(state.groups.len());
-        format!(" Groups {}-{last} of {} ", first + 1, state.groups.len())
-    } else {
-        " Groups ".to_string()
-    };
-    let block = Block::default().borders(Borders::ALL).title(title);
+        block = block.title_bottom(
+            Line::from(format!(" {}-{last}/{} ", first + 1, state.groups.len())).right_aligned(),
+        );
+    }
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let columns = usize::from(inner.width);
@@ -48,7 +48,13 @@ pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
                 format!(" {badge}")
             };
             let name_width = columns.saturating_sub(width(&number) + 1 + width(&badge));
-            let name = wrap::truncate(&state.shown_name(group), name_width);
+            // A shortened name keeps the start of the id that tells it from its namesakes.
+            let suffix = state
+                .distinguishing_prefix(group)
+                .map(|prefix| format!(" ({prefix})"))
+                .unwrap_or_default();
+            let short = wrap::truncate(&group.name, name_width.saturating_sub(width(&suffix)));
+            let name = wrap::truncate(&format!("{short}{suffix}"), name_width);
             let mut style = Style::default();
             if state.current == Some(index) {
                 style = style

@@ -268,3 +268,56 @@ fn too_small_terminal_says_so() {
     let screen = render(&state);
     assert!(screen.contains("needs at least"), "{screen}");
 }
+
+/// With more groups than rows, the pane lists the ones around the current group, says which in
+/// its bottom border, and a shortened namesake keeps the start of its id.
+#[test]
+fn a_long_groups_list_shows_the_current_group_and_its_range() {
+    let mut state = State::new(Settings::default(), (80, 24), 0, EVENING);
+    let mut events = vec![CoreEvent::Ready {
+        name: "alice".into(),
+        fingerprint: "31415 92653".into(),
+    }];
+    for byte in 0..30u8 {
+        events.push(CoreEvent::GroupCreated {
+            group: GroupRef {
+                id: GroupId::new(vec![byte + 1; 16]).expect("valid id"),
+                name: format!("group{byte}"),
+            },
+        });
+    }
+    for byte in [0xe1, 0xe2] {
+        events.push(CoreEvent::GroupCreated {
+            group: GroupRef {
+                id: GroupId::new(vec![byte; 16]).expect("valid id"),
+                name: "a-rather-long-name".into(),
+            },
+        });
+    }
+    feed(&mut state, events);
+    update(&mut state, Msg::Paste("/switch e2e2".into()));
+    update(
+        &mut state,
+        Msg::Key(crossterm::event::KeyEvent::new(
+            crossterm::event::KeyCode::Enter,
+            crossterm::event::KeyModifiers::NONE,
+        )),
+    );
+    let screen = render(&state);
+    let pane: Vec<&str> = screen
+        .lines()
+        .map(|line| line.split('│').nth(1).unwrap_or_default())
+        .collect();
+    let listed = pane.join("\n");
+    assert!(
+        !listed.contains("group0 "),
+        "scrolled past the first groups:\n{screen}"
+    );
+    assert!(listed.contains("group29"), "{screen}");
+    // 32 groups, 18 rows, the last one current.
+    assert!(screen.contains(" 15-32/32 "), "{screen}");
+    assert!(
+        listed.contains("(e1e1)") && listed.contains("(e2e2)"),
+        "{screen}"
+    );
+}
