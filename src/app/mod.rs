@@ -691,12 +691,19 @@ fn complete(state: &mut State) {
             .map(|name| name.to_string())
             .collect()
     } else if state.composer.text().starts_with("/switch ") {
-        state
+        // What `/switch` takes: the name, or for namesakes the start of the id they show.
+        let mut candidates: Vec<String> = state
             .groups
             .iter()
-            .map(|group| group.name.clone())
-            .filter(|name| name.starts_with(&word))
-            .collect()
+            .filter(|group| group.name.starts_with(&word) || group.id.to_hex().starts_with(&word))
+            .map(|group| {
+                state
+                    .distinguishing_prefix(group)
+                    .unwrap_or_else(|| group.name.clone())
+            })
+            .collect();
+        candidates.dedup();
+        candidates
     } else {
         let bare = word.trim_start_matches('@');
         let prefix = &word[..word.len() - bare.len()];
@@ -737,7 +744,7 @@ fn complete(state: &mut State) {
                         .map(|(a, _)| a)
                         .collect()
                 });
-            if common.len() > word.len() {
+            if common.len() > word.len() && common.starts_with(&word) {
                 state.composer.replace_current_word(&common);
             }
             state.info(many.join("  "));

@@ -365,6 +365,22 @@ fn namesake_groups_show_and_take_the_start_of_their_ids() {
         "{:?}",
         state.status
     );
+
+    // Tab offers what /switch takes: the starts of the namesakes' ids, a unique name whole.
+    type_text(&mut state, "/switch op");
+    update(&mut state, key(KeyCode::Tab));
+    assert_eq!(state.composer.text(), "/switch op");
+    assert!(
+        matches!(&state.status, Some((text, _)) if text == "abcd010  abcd02"),
+        "{:?}",
+        state.status
+    );
+    update(&mut state, ctrl('u'));
+    type_text(&mut state, "/switch de");
+    update(&mut state, key(KeyCode::Tab));
+    assert_eq!(state.composer.text(), "/switch dev ");
+    update(&mut state, ctrl('u'));
+
     type_text(&mut state, "/switch abcd02");
     update(&mut state, key(KeyCode::Enter));
     assert_eq!(
