@@ -306,6 +306,31 @@ async fn sigterm_sends_the_queue_first_and_a_profile_runs_in_one_process() {
             let status = alice.wait_exit().await;
             assert_eq!(status.signal(), Some(2), "{status:?}");
         }
+
+        // A reader that goes away (a closed pipe) makes the client quit the same way: the
+        // lines it read afterwards still reach bob, and the exit status says the output failed.
+        alice.restart().await;
+        alice.close_stdout().await;
+        let texts: Vec<String> = (0..20)
+            .map(|n| format!("after the reader left {n}"))
+            .collect();
+        for text in &texts {
+            alice.send_line(text).await;
+        }
+        alice.send_line("/status").await;
+        let status = alice.wait_exit().await;
+        assert!(!status.success(), "{status:?}");
+        for text in &texts {
+            bob.wait_event(text, |e| {
+                e["event"] == "message" && e["text"] == text.as_str()
+            })
+            .await;
+        }
+        assert!(
+            alice.stderr().contains("Broken pipe"),
+            "stderr says why: {}",
+            alice.stderr()
+        );
         assert_eq!(bob.close_stdin().await.code(), Some(0));
     })
     .await;

@@ -701,6 +701,8 @@ pub struct Headless {
     child: Option<tokio::process::Child>,
     stdin: Option<tokio::process::ChildStdin>,
     lines: Option<mpsc::UnboundedReceiver<Line>>,
+    /// The task reading stdout; aborting it closes the pipe's reading end.
+    reader: Option<tokio::task::JoinHandle<()>>,
     /// Every stdout event, across restarts.
     pub log: Vec<Value>,
     consumed: Vec<bool>,
@@ -729,6 +731,7 @@ impl Headless {
             child: None,
             stdin: None,
             lines: None,
+            reader: None,
             log: Vec::new(),
             consumed: Vec::new(),
         }
@@ -780,7 +783,7 @@ impl Headless {
         let stdout = child.stdout.take().expect("stdout is piped");
         self.stdin = child.stdin.take();
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        self.reader = Some(tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let parsed = match serde_json::from_str::<Value>(&line) {
@@ -792,7 +795,7 @@ impl Headless {
                     return;
                 }
             }
-        });
+        }));
         self.child = Some(child);
         self.lines = Some(receiver);
     }
@@ -881,6 +884,17 @@ impl Headless {
                 }
             }
         }
+    }
+
+    /// Stops reading the process's stdout and closes the pipe, as a reader that went away
+    /// would; its next write fails.
+    pub async fn close_stdout(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+            let _ = reader.await;
+        }
+        self.drain();
+        self.lines = None;
     }
 
     /// Sends the running process a signal (`"TERM"`, `"HUP"`, ...) as `kill` would.
