@@ -359,29 +359,29 @@ pub async fn run(
         }
     }
     let mut lines = input.lines();
-    let mut input_open = true;
     let mut quitting = false;
     let mut ended = Ended::Quit;
     // SIGTERM and SIGINT received; a second one means "now". Hangups never count: a closed
     // terminal can send several, and also ends the input.
     let mut insisted = 0;
-    let quit = |client: &Client, quitting: &mut bool, input_open: &mut bool| {
-        *input_open = false;
+    // Quitting also stops reading: lines after `/quit`, end of input or a signal are not
+    // commands any more.
+    let quit = |client: &Client, quitting: &mut bool| {
         if !*quitting {
             *quitting = true;
             let _ = client.inputs.send(CoreInput::Command(Command::Quit));
         }
     };
     if output.failed.is_some() {
-        quit(&client, &mut quitting, &mut input_open);
+        quit(&client, &mut quitting);
     }
     loop {
         tokio::select! {
-            line = lines.next_line(), if input_open => {
+            line = lines.next_line(), if !quitting => {
                 let line = match line {
                     Ok(Some(line)) => line,
                     Ok(None) | Err(_) => {
-                        quit(&client, &mut quitting, &mut input_open);
+                        quit(&client, &mut quitting);
                         continue;
                     }
                 };
@@ -391,19 +391,19 @@ pub async fn run(
                 match session.interpret(&line) {
                     Ok(Reaction::Core(command)) => {
                         if command == Command::Quit {
-                            quit(&client, &mut quitting, &mut input_open);
+                            quit(&client, &mut quitting);
                         } else if client.inputs.send(CoreInput::Command(command)).is_err() {
                             break;
                         }
                     }
                     Ok(Reaction::Print(value)) => {
                         if !output.write(&value).await {
-                            quit(&client, &mut quitting, &mut input_open);
+                            quit(&client, &mut quitting);
                         }
                     }
                     Err(message) => {
                         if !output.write(&json!({"event": "error", "message": message})).await {
-                            quit(&client, &mut quitting, &mut input_open);
+                            quit(&client, &mut quitting);
                         }
                     }
                 }
@@ -420,7 +420,7 @@ pub async fn run(
                 if let Some(value) = session.observe(&event)
                     && !output.write(&value).await
                 {
-                    quit(&client, &mut quitting, &mut input_open);
+                    quit(&client, &mut quitting);
                 }
             }
             signal = signals.next() => {
@@ -438,7 +438,7 @@ pub async fn run(
                     break;
                 }
                 tracing::info!(signal = signal.name(), "asked to quit: sending what is queued first");
-                quit(&client, &mut quitting, &mut input_open);
+                quit(&client, &mut quitting);
             }
         }
     }

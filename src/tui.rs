@@ -140,30 +140,23 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
                 pending = screen.lost(&state, &format!("cannot draw: {error}"));
             }
         }
+        // `None`: nothing for the app (an event it does not take, or a lost terminal while
+        // already quitting).
         let message = match pending.take() {
-            Some(message) => message,
+            Some(message) => Some(message),
             None => tokio::select! {
                 event = next_terminal_event(&mut screen.events) => match event {
-                    Some(Ok(Event::Key(key))) => Msg::Key(key),
-                    Some(Ok(Event::Paste(text))) => Msg::Paste(text),
-                    Some(Ok(Event::Mouse(mouse))) => Msg::Mouse(mouse),
-                    Some(Ok(Event::Resize(width, height))) => Msg::Resize(width, height),
-                    Some(Ok(_)) => continue,
-                    Some(Err(error)) => {
-                        match screen.lost(&state, &format!("cannot read it: {error}")) {
-                            Some(message) => message,
-                            None => continue,
-                        }
-                    }
-                    None => match screen.lost(&state, "its input ended") {
-                        Some(message) => message,
-                        None => continue,
-                    },
+                    Some(Ok(Event::Key(key))) => Some(Msg::Key(key)),
+                    Some(Ok(Event::Paste(text))) => Some(Msg::Paste(text)),
+                    Some(Ok(Event::Mouse(mouse))) => Some(Msg::Mouse(mouse)),
+                    Some(Ok(Event::Resize(width, height))) => Some(Msg::Resize(width, height)),
+                    Some(Ok(_)) => None,
+                    Some(Err(error)) => screen.lost(&state, &format!("cannot read it: {error}")),
+                    None => screen.lost(&state, "its input ended"),
                 },
-                event = next_core_event(&mut client) => match event {
-                    Some(event) => Msg::Core(event),
-                    None => Msg::Core(CoreEvent::Stopped),
-                },
+                event = next_core_event(&mut client) => {
+                    Some(Msg::Core(event.unwrap_or(CoreEvent::Stopped)))
+                }
                 _ = tick.tick() => {
                     // A terminal that went away without a SIGHUP (crossterm keeps retrying
                     // a dead input rather than reporting it) is no terminal any more.
@@ -173,20 +166,20 @@ pub async fn run(launch: Launch, settings: Settings) -> Result<()> {
                     {
                         pending = screen.lost(&state, "stdin is no longer a terminal");
                     }
-                    Msg::Tick(now_unix())
+                    Some(Msg::Tick(now_unix()))
                 }
                 signal = signals.next() => {
                     tracing::info!(signal = signal.name(), "asked to quit");
                     if signal == QuitSignal::Hangup {
-                        match screen.lost(&state, "SIGHUP") {
-                            Some(message) => message,
-                            None => continue,
-                        }
+                        screen.lost(&state, "SIGHUP")
                     } else {
-                        Msg::Terminate
+                        Some(Msg::Terminate)
                     }
                 }
             },
+        };
+        let Some(message) = message else {
+            continue;
         };
         for effect in app::update(&mut state, message) {
             match effect {

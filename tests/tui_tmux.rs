@@ -153,8 +153,7 @@ fn rand_suffix() -> u64 {
 /// Waits until no process holds the profile's lock, that is until its client has exited.
 fn wait_profile_free(profile: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    let lock = std::fs::File::open(profile.join("lock")).expect("the profile's lock file");
-    while lock.try_lock().is_err() {
+    while mlschat_ds::dir_lock::lock(profile).is_err() {
         assert!(
             Instant::now() < deadline,
             "the client of {} did not exit",

@@ -266,10 +266,14 @@ impl State {
     /// name by the shortest start of its id (four hex digits or more) that no other group's id
     /// starts with, which is what `/switch` takes.
     pub fn shown_name(&self, group: &GroupView) -> String {
-        match self.distinguishing_prefix(group) {
-            Some(prefix) => format!("{} ({prefix})", group.name),
-            None => group.name.clone(),
-        }
+        format!("{}{}", group.name, self.name_suffix(group))
+    }
+
+    /// What [`State::shown_name`] adds to the name: ` (abcd)`, or nothing.
+    pub fn name_suffix(&self, group: &GroupView) -> String {
+        self.distinguishing_prefix(group)
+            .map(|prefix| format!(" ({prefix})"))
+            .unwrap_or_default()
     }
 
     /// [`State::shown_name`] of a group the core names, which may not be listed (yet).
@@ -440,12 +444,17 @@ fn update_state(state: &mut State, message: Msg) -> Vec<Effect> {
 /// (which `/switch` matches exactly first).
 fn id_prefix(group: &GroupView, all: &[&GroupView]) -> String {
     let hex = group.id.to_hex();
+    let others: Vec<(&str, String)> = all
+        .iter()
+        .filter(|other| other.id != group.id)
+        .map(|other| (other.name.as_str(), other.id.to_hex()))
+        .collect();
     // `/switch` takes a name over the start of an id, so another group named like the
     // prefix makes it ambiguous as much as another id starting with it.
     let ambiguous = |prefix: &str| {
-        all.iter().any(|other| {
-            other.id != group.id && (other.name == prefix || other.id.to_hex().starts_with(prefix))
-        })
+        others
+            .iter()
+            .any(|(name, other_hex)| *name == prefix || other_hex.starts_with(prefix))
     };
     let mut length = hex.len().min(4);
     while length < hex.len() && ambiguous(&hex[..length]) {

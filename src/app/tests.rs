@@ -6,11 +6,15 @@ use mlschat_ds::protocol::{GroupId, UserName};
 use super::*;
 use crate::core::{CoreEvent, GroupRef, ListedGroup, MemberInfo};
 
-fn group(name: &str, byte: u8) -> GroupRef {
+fn named(name: &str, id: &[u8]) -> GroupRef {
     GroupRef {
-        id: GroupId::new(vec![byte; 16]).expect("valid id"),
-        name: name.to_string(),
+        id: GroupId::new(id.to_vec()).expect("valid id"),
+        name: name.into(),
     }
+}
+
+fn group(name: &str, byte: u8) -> GroupRef {
+    named(name, &[byte; 16])
 }
 
 fn member(name: &str) -> MemberInfo {
@@ -319,13 +323,6 @@ fn group_switching_keys() {
     type_text(&mut state, "/switch two");
     update(&mut state, key(KeyCode::Enter));
     assert_eq!(state.current, Some(1));
-}
-
-fn named(name: &str, id: &[u8]) -> GroupRef {
-    GroupRef {
-        id: GroupId::new(id.to_vec()).expect("valid id"),
-        name: name.into(),
-    }
 }
 
 fn shown_names(state: &State) -> Vec<String> {

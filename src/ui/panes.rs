@@ -49,10 +49,7 @@ pub fn groups(state: &State, frame: &mut Frame, area: Rect) {
             };
             let name_width = columns.saturating_sub(width(&number) + 1 + width(&badge));
             // A shortened name keeps the start of the id that tells it from its namesakes.
-            let suffix = state
-                .distinguishing_prefix(group)
-                .map(|prefix| format!(" ({prefix})"))
-                .unwrap_or_default();
+            let suffix = state.name_suffix(group);
             let short = wrap::truncate(&group.name, name_width.saturating_sub(width(&suffix)));
             let name = wrap::truncate(&format!("{short}{suffix}"), name_width);
             let mut style = Style::default();
