@@ -151,6 +151,18 @@ async fn main() -> Result<()> {
     };
     match database {
         DatabaseUrl::Sqlite(path) => {
+            // Held until the process ends. The data directory's lock does not cover a
+            // --database kept elsewhere, which a second DS with its own directory could open.
+            let _database_lock =
+                mlschat_ds::dir_lock::lock_database(&path).map_err(|error| match error {
+                    DirLockError::InUse { holder, .. } => anyhow::anyhow!(
+                        "the database {} is in use by another mlschat-ds{}; stop it first, or \
+                         give this one its own --database",
+                        path.display(),
+                        mlschat_ds::dir_lock::process_suffix(holder)
+                    ),
+                    error => error.into(),
+                })?;
             let store = SqliteStore::open(&path, server.limits.store_limits())
                 .with_context(|| format!("cannot open the database {}", path.display()))?;
             let failed = store.failed();

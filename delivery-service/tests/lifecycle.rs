@@ -84,6 +84,35 @@ fn ds_command(data_dir: &std::path::Path) -> Command {
     command
 }
 
+/// Runs a DS that must refuse to start, and returns what it wrote to stderr. Fails (rather than
+/// hangs) if it runs.
+fn refused(command: &mut Command) -> String {
+    let mut second = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mlschat-ds");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait for the second DS") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second DS runs on a data directory or database in use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "the second DS must not start");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(
+        &mut second.stderr.take().expect("stderr is piped"),
+        &mut stderr,
+    )
+    .expect("read stderr");
+    stderr
+}
+
 #[test]
 fn an_invalid_limit_stops_the_start_and_is_named() {
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -117,7 +146,8 @@ fn half_a_certificate_pair_stops_the_start_and_writes_nothing() {
 
 #[cfg(unix)]
 #[tokio::test]
-async fn the_data_directory_is_private_and_in_one_process_and_logs_have_no_colour_codes() {
+async fn the_data_directory_is_private_and_it_and_its_database_in_one_process_and_logs_have_no_colour_codes()
+ {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("temporary directory");
     let data = dir.path().join("data");
@@ -136,32 +166,25 @@ async fn the_data_directory_is_private_and_in_one_process_and_logs_have_no_colou
     assert_eq!(mode & 0o777, 0o700, "data directory mode {mode:o}");
 
     // A second DS on the same data directory is refused and told which process has it.
-    let mut second = ds_command(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mlschat-ds");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = second.try_wait().expect("wait for the second DS") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second DS runs on a data directory in use");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success(), "the second DS must not start");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(
-        &mut second.stderr.take().expect("stderr is piped"),
-        &mut stderr,
-    )
-    .expect("read stderr");
+    let stderr = refused(&mut ds_command(&data));
     assert!(
         stderr.contains(&format!(
             "is in use by another mlschat-ds (process {})",
+            ds.pid()
+        )),
+        "{stderr}"
+    );
+    // So is one with a data directory of its own but the first one's database.
+    let database = data.join("ds.sqlite3");
+    let stderr = refused(
+        ds_command(&dir.path().join("other"))
+            .arg("--database")
+            .arg(format!("sqlite://{}", database.display())),
+    );
+    assert!(
+        stderr.contains(&format!(
+            "the database {} is in use by another mlschat-ds (process {})",
+            database.display(),
             ds.pid()
         )),
         "{stderr}"

@@ -239,8 +239,9 @@ pub enum StartError {
     },
     #[error("cannot read the bound address: {0}")]
     LocalAddr(std::io::Error),
-    #[error("the data directory: {0}")]
-    DataDirLock(#[from] crate::dir_lock::DirLockError),
+    /// The data directory or its database is in use by another process.
+    #[error("{0}")]
+    InUse(#[from] crate::dir_lock::DirLockError),
 }
 
 /// A DS running on the current tokio runtime, with its SQLite store and certificate in
@@ -265,9 +266,12 @@ impl LocalServer {
             source,
         })?;
         let data_dir_lock = crate::dir_lock::lock(data_dir)?;
+        let database = data_dir.join("ds.sqlite3");
+        // As `mlschat-ds` does: an `mlschat-ds --database` pointed at this file is refused.
+        let database_lock = crate::dir_lock::lock_database(&database)?;
         let (identity, _generated) = ServerIdentity::load_or_generate(data_dir)?;
         let fingerprint = identity.fingerprint();
-        let store = SqliteStore::open(data_dir.join("ds.sqlite3"), limits.store_limits())?;
+        let store = SqliteStore::open(&database, limits.store_limits())?;
         let endpoint = tls::bind_endpoint(
             listen,
             Some(tls::server_config(identity, &limits)?),
@@ -283,6 +287,7 @@ impl LocalServer {
             // Let go only once the store is closed, even when the LocalServer was dropped
             // without waiting for its shutdown: a DS started next on the directory must not
             // open the database beside this one.
+            drop(database_lock);
             drop(data_dir_lock);
         });
         Ok(LocalServer {
