@@ -436,6 +436,64 @@ async fn deliveries_wait_while_the_profile_cannot_be_written() {
     .await;
 }
 
+/// The DS does not push a sender's own messages back (the sender has their seq from `Accepted`),
+/// so the sender's cursor steps past them by itself and acknowledges them, whether the next
+/// message is someone else's or its own: the DS can let go of what everyone has, and a restart
+/// does not bring them back. Against a client whose cursor moved only with deliveries, alice's
+/// cursor stays at bob's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_cursor_passes_its_own_messages() {
+    timed(Duration::from_secs(60), async {
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        let group = create_group(&mut alice, "own messages").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+
+        alice.send_text(&id, "before bob");
+        alice.wait_sent(&id, "before bob").await;
+        bob.wait_message(&id, "before bob").await;
+        bob.send_text(&id, "bob in between");
+        alice.wait_message(&id, "bob in between").await;
+        let texts: Vec<String> = (1..=3).map(|n| format!("after bob #{n}")).collect();
+        for text in &texts {
+            alice.send_text(&id, text);
+        }
+        let mut last = 0;
+        for text in &texts {
+            last = alice.wait_sent(&id, text).await;
+        }
+        bob.wait_message(&id, &texts[2]).await;
+        // Acknowledged after the client's batched sync (within about 100 ms).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while ds_cursor(&ds, &id, "alice") < last {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "alice's cursor stayed at {}, below her message {last}",
+                ds_cursor(&ds, &id, "alice")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        alice.stop().await;
+        alice.restart().await;
+        alice.send_text(&id, "after the restart");
+        bob.wait_message(&id, "after the restart").await;
+        let mut own = texts.clone();
+        own.insert(0, "before bob".into());
+        own.push("after the restart".into());
+        let entries = alice.history(&id).await;
+        for text in &own {
+            let copies = entries.iter().filter(|entry| entry.text == *text).count();
+            assert_eq!(copies, 1, "{text:?} in alice's stored timeline");
+        }
+        assert_eq!(alice.errors(), Vec::<String>::new());
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}
+
 /// A Welcome held for the profile's storage that then turns out unopenable (its KeyPackage is
 /// gone) is reported once and passed over like any unopenable Welcome: the hold ends, and the
 /// user's deliveries are acknowledged again, instead of the same page being fetched forever.

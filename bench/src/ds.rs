@@ -359,7 +359,8 @@ pub fn spawn_subscriber(
     })
 }
 
-/// Drains the publisher's stream (Accepted answers and its own copies), counting errors.
+/// Drains the publisher's stream (Accepted answers; the DS pushes it no copy of its own
+/// messages), counting errors.
 pub fn spawn_publisher_reader(
     mut recv: quinn::RecvStream,
     errors: Arc<AtomicU64>,

@@ -156,7 +156,7 @@ async fn run_ours(members: &Members, messages: usize) -> Result<crate::track::Ou
             .map_err(|_| anyhow!("the sender's core stopped"))?;
     }
     let outcome = tracker.finish(STALL).await;
-    // Let the sender's own echo settle before the next batch.
+    // Let the sender settle what the DS answered before the next batch.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(outcome)
 }

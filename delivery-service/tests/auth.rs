@@ -216,12 +216,13 @@ async fn second_connection_replaces_the_first() {
             .expect_closed_without_frame(ErrorCode::SessionReplaced)
             .await;
 
-        // The replacement is the live session: it gets pushed deliveries. The old connection's
-        // teardown must not detach it.
+        // The replacement is the live session: it gets pushed deliveries (its own commit comes
+        // back to it). The old connection's teardown must not detach it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let group_id = group("replaced");
         second.create_group(&group_id).await;
-        let accepted = second.send_application(&group_id, 0, b"hello").await;
+        let accepted =
+            common::expect_accepted(second.send_commit(&group_id, 0, b"self-update", None).await);
         let delivery = second.next_delivery().await;
         assert_eq!(
             (delivery.seq, delivery.sender.as_str()),

@@ -1,6 +1,7 @@
 //! Ordering and delivery: one commit per epoch, gap-free per-group sequence numbers, identical
 //! fan-out order for every member, Welcome routing, offline catch-up from the acknowledged
-//! cursor, idempotent retries, Fetch paging, removal cut-off and the `Send` error cases.
+//! cursor, own messages answered but not pushed back, idempotent retries, Fetch paging, removal
+//! cut-off and the `Send` error cases.
 
 mod common;
 
@@ -67,36 +68,33 @@ async fn added_member_gets_the_welcome_at_the_commit_seq() {
         assert_eq!(bob_welcome.sender, user("alice"));
         assert_eq!(bob_welcome.payload.as_slice(), welcome.as_slice());
 
-        // Alice sees her message and then the commit itself, in the epoch it was sent in.
-        let alice_seen = alice.deliveries(2).await;
+        // Alice sees the commit itself, in the epoch it was sent in; not her application message,
+        // whose seq she has from `Accepted`.
+        let alice_seen = alice.next_delivery().await;
         assert_eq!(
-            (alice_seen[0].seq, alice_seen[0].kind, alice_seen[0].epoch),
-            (1, APPLICATION, 0)
-        );
-        assert_eq!(
-            (alice_seen[1].seq, alice_seen[1].kind, alice_seen[1].epoch),
+            (alice_seen.seq, alice_seen.kind, alice_seen.epoch),
             (2, COMMIT, 0)
         );
-        assert_eq!(alice_seen[1].payload.as_slice(), commit.as_slice());
+        assert_eq!(alice_seen.payload.as_slice(), commit.as_slice());
 
         // Later messages reach bob, from both sides.
         let after = alice.send_application(&group_id, 1, b"hello bob").await;
         assert_eq!(after.seq, 3);
         let reply = bob.send_application(&group_id, 1, b"hello alice").await;
         assert_eq!(reply.seq, 4);
-        let bob_seen = bob.deliveries(2).await;
-        assert_gap_free(&bob_seen, 3);
+        let bob_seen = bob.next_delivery().await;
+        assert_eq!(bob_seen.seq, 3);
         assert_eq!(
-            bob_seen[0].payload.as_slice(),
+            bob_seen.payload.as_slice(),
             private_message(&group_id, 1, ContentType::Application, b"hello bob").as_slice()
         );
-        assert_eq!(bob_seen[1].sender, user("bob"));
 
-        // What bob can fetch matches what he was pushed: nothing before his Welcome.
+        // What bob can fetch is what he was pushed, nothing before his Welcome, and his own
+        // message: a fetch returns everything.
         let fetched = bob.fetch_all(&group_id, 0).await;
-        let mut pushed = vec![bob_welcome];
-        pushed.extend(bob_seen);
-        assert_eq!(fetched, pushed);
+        assert_eq!(fetched[..2], [bob_welcome, bob_seen]);
+        assert_eq!(fetched.len(), 3);
+        assert_eq!((fetched[2].seq, &fetched[2].sender), (4, &user("bob")));
 
         // The epoch moved: another commit for epoch 0 loses.
         let stale = alice.send_commit(&group_id, 0, b"late commit", None).await;
@@ -245,7 +243,8 @@ async fn fan_out_order_is_identical_for_every_member() {
             for id in ids {
                 accepted.push(expect_accepted(member.response(id).await).seq);
             }
-            let seen = member.deliveries(TOTAL).await;
+            // Everyone else's messages: a member's own come back only as their seqs.
+            let seen = member.deliveries(TOTAL - PER_MEMBER).await;
             (member, accepted, seen)
         };
         let (a, b, c) = tokio::join!(
@@ -255,12 +254,30 @@ async fn fan_out_order_is_identical_for_every_member() {
         );
         let results = [a.expect("alice"), b.expect("bob"), c.expect("carol")];
 
-        let reference = &results[0].2;
-        assert_gap_free(reference, 2);
+        // The order: every seq from 2 on, each message where every member who got it saw it.
+        let mut order: std::collections::BTreeMap<Seq, &Delivery> = Default::default();
         for (member, _, seen) in &results {
-            assert_eq!(seen, reference, "{} saw a different order", member.name);
+            for delivery in seen {
+                assert_ne!(delivery.sender, member.name, "its own message was pushed");
+                if let Some(earlier) = order.insert(delivery.seq, delivery) {
+                    assert_eq!(
+                        earlier, delivery,
+                        "seq {} differs between members",
+                        delivery.seq
+                    );
+                }
+            }
         }
-        for (member, accepted, _) in &results {
+        let reference: Vec<Delivery> = order.into_values().cloned().collect();
+        assert_gap_free(&reference, 2);
+        assert_eq!(reference.len(), TOTAL);
+        for (member, accepted, seen) in &results {
+            let others: Vec<&Delivery> = reference
+                .iter()
+                .filter(|delivery| delivery.sender != member.name)
+                .collect();
+            let seen: Vec<&Delivery> = seen.iter().collect();
+            assert_eq!(seen, others, "{} saw a different order", member.name);
             // The seqs a sender was given are where its messages are.
             let mine: Vec<Seq> = reference
                 .iter()
@@ -299,6 +316,62 @@ async fn fan_out_order_is_identical_for_every_member() {
                 member.name
             );
         }
+    })
+    .await;
+}
+
+/// A member's own application messages are answered with their seq and never pushed back within
+/// its session; its own commits are (it merges one when it arrives in order). After a
+/// reconnect, the backlog after its cursor has everything, its own messages included: one sent
+/// on the old connection may never have had its answer read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_application_messages_are_answered_not_pushed_and_are_in_the_backlog() {
+    timed(async {
+        let server = TestServer::start().await;
+        let alices_key = common::Signer::ed25519();
+        let mut alice = server.register_with("alice", alices_key.clone()).await;
+        let mut bob = server.register("bob").await;
+        let group_id = group("own");
+        setup_group(&mut [&mut alice, &mut bob], &group_id).await;
+
+        let mine = alice.send_application(&group_id, 1, b"from alice").await;
+        let theirs = bob.send_application(&group_id, 1, b"from bob").await;
+        let commit = expect_accepted(alice.send_commit(&group_id, 1, b"update", None).await);
+        assert_eq!((mine.seq, theirs.seq, commit.seq), (2, 3, 4));
+
+        let alice_seen = alice.deliveries(2).await;
+        assert_eq!(
+            alice_seen
+                .iter()
+                .map(|delivery| (delivery.seq, delivery.kind))
+                .collect::<Vec<_>>(),
+            [(3, APPLICATION), (4, COMMIT)]
+        );
+        let bob_seen = bob.deliveries(2).await;
+        assert_eq!(
+            bob_seen
+                .iter()
+                .map(|delivery| (delivery.seq, delivery.kind))
+                .collect::<Vec<_>>(),
+            [(2, APPLICATION), (4, COMMIT)]
+        );
+        assert!(
+            alice
+                .delivery_within(Duration::from_millis(300))
+                .await
+                .is_none(),
+            "nothing more for alice"
+        );
+
+        // Alice acknowledged nothing: her next session's backlog starts after seq 0.
+        alice.close().await;
+        let mut alice = server.login(&user("alice"), &alices_key).await;
+        let backlog = alice.deliveries(4).await;
+        assert_gap_free(&backlog, 1);
+        assert_eq!(
+            (backlog[1].sender.as_str(), backlog[1].kind),
+            ("alice", APPLICATION)
+        );
     })
     .await;
 }

@@ -8,7 +8,7 @@
 //!   delivers it back (compared byte for byte with what we sent); if another commit won the
 //!   epoch, ours is discarded and its intent is rebuilt in the new epoch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -231,6 +231,46 @@ struct Group {
     /// apply in seq order whatever order they are processed in: our own applies when the DS
     /// sequences it, which may be before we process an earlier one from someone else.
     name_seq: u64,
+    /// Seqs of our own application messages above `cursor + 1`, from their `Accepted`. The DS
+    /// does not push them back to us (docs/protocol.md, section 8.2), so the cursor steps over
+    /// them once it reaches them. Not stored: after a restart the DS's backlog brings them
+    /// back, and they are recognised as our own.
+    own_ahead: OwnAhead,
+}
+
+impl Group {
+    /// Where the cursor is once `seq` is processed: past our own messages that follow it.
+    fn cursor_after(&self, seq: u64) -> u64 {
+        self.own_ahead.cursor_after(seq)
+    }
+
+    fn move_cursor(&mut self, cursor: u64) {
+        self.cursor = cursor;
+        self.own_ahead.passed(cursor);
+    }
+}
+
+/// See [`Group::own_ahead`].
+#[derive(Debug, Default)]
+struct OwnAhead(BTreeSet<u64>);
+
+impl OwnAhead {
+    fn cursor_after(&self, seq: u64) -> u64 {
+        let mut cursor = seq;
+        while self.0.contains(&(cursor + 1)) {
+            cursor += 1;
+        }
+        cursor
+    }
+
+    fn insert(&mut self, seq: u64) {
+        self.0.insert(seq);
+    }
+
+    /// Forgets what the cursor has passed.
+    fn passed(&mut self, cursor: u64) {
+        self.0.retain(|seq| *seq > cursor);
+    }
 }
 
 enum Link {
@@ -472,6 +512,7 @@ impl Engine {
                     wait_for_epoch: None,
                     joined_epoch: row.joined_epoch,
                     name_seq: row.name_seq,
+                    own_ahead: OwnAhead::default(),
                 },
             );
         }
@@ -1088,6 +1129,7 @@ impl Engine {
                 wait_for_epoch: None,
                 joined_epoch: Some(0),
                 name_seq: 0,
+                own_ahead: OwnAhead::default(),
             },
         );
         self.emit(CoreEvent::GroupCreated {
@@ -2010,8 +2052,8 @@ impl Engine {
         };
         if row.intent.is_application() {
             // Unsettled (the storage failed), the item stays in flight rather than being sent
-            // again, which the DS would answer the same way: its echo settles it, or the
-            // answer to its re-sending after a reconnect.
+            // again, which the DS would answer the same way: after a reconnect, its copy in the
+            // DS's backlog settles it, or the answer to its re-sending.
             if self.settle_application(&group_id, outbox, &row.intent, seq) {
                 self.in_flight.remove(&outbox);
                 self.pump(&group_id);
@@ -2034,10 +2076,20 @@ impl Engine {
         seq: u64,
     ) -> bool {
         let name_seq = self.groups.get(group_id).map_or(0, |group| group.name_seq);
+        // The DS does not push our own message back: the cursor passes it here when it is
+        // next, and otherwise when the deliveries before it have come (see `Group::own_ahead`).
+        let cursor = self
+            .groups
+            .get(group_id)
+            .filter(|group| group.active && seq == group.cursor + 1)
+            .map(|group| group.cursor_after(seq));
         let me = self.me.as_str();
         let settled = db::transaction_unsynced(&self.connection, || {
             db::settle_history(&self.connection, outbox, Some(seq), "sent")?;
             db::delete_outbox(&self.connection, outbox)?;
+            if let Some(cursor) = cursor {
+                db::set_cursor(&self.connection, group_id.as_bytes(), cursor)?;
+            }
             match intent {
                 Intent::Rename { name } => {
                     Engine::apply_rename(&self.connection, group_id, name_seq, name, seq, me, me)
@@ -2048,6 +2100,18 @@ impl Engine {
         match settled {
             Ok(renamed) => {
                 self.committed_unsynced();
+                if let Some(group) = self.groups.get_mut(group_id) {
+                    match cursor {
+                        Some(cursor) => group.move_cursor(cursor),
+                        None if seq > group.cursor + 1 => {
+                            group.own_ahead.insert(seq);
+                        }
+                        None => {}
+                    }
+                }
+                if let Some(cursor) = cursor {
+                    self.ack(group_id, cursor);
+                }
                 if let (true, Intent::Rename { name }) = (renamed, intent) {
                     self.renamed(group_id, name, seq, Some(self.me.to_string()));
                 }
@@ -2405,7 +2469,13 @@ impl Engine {
             return;
         }
         if seq > group.cursor + 1 {
-            tracing::warn!(group = %group_id, expected = group.cursor + 1, seq, "gap in deliveries (expired messages?)");
+            if self.application_in_flight(&group_id) {
+                // Our own message, which the DS does not push back, may be in the gap: its
+                // `Accepted` can come after the next delivery.
+                tracing::debug!(group = %group_id, expected = group.cursor + 1, seq, "a gap our message in flight may fill");
+            } else {
+                tracing::warn!(group = %group_id, expected = group.cursor + 1, seq, "gap in deliveries (expired messages?)");
+            }
         }
         let from_me = delivery.sender == self.me;
         tracing::debug!(group = %group_id, seq, kind = delivery.kind, sender = %delivery.sender, epoch = delivery.epoch, "delivery");
@@ -2461,11 +2531,24 @@ impl Engine {
                 }]
             }
         };
-        self.ack(&group_id, seq);
+        // The cursor may have stepped past our own messages after this one.
+        let processed = self
+            .groups
+            .get(&group_id)
+            .map_or(seq, |group| group.cursor.max(seq));
+        self.ack(&group_id, processed);
         for event in events {
             self.emit(event);
         }
         self.pump(&group_id);
+    }
+
+    /// Whether an application message of ours in `group_id` is sent and not yet answered.
+    fn application_in_flight(&self, group_id: &GroupId) -> bool {
+        db::outbox_of_group(&self.connection, group_id.as_bytes()).is_ok_and(|rows| {
+            rows.iter()
+                .any(|row| row.intent.is_application() && self.in_flight.contains_key(&row.id))
+        })
     }
 
     /// Processes one delivery in one transaction and returns the events to emit after it
@@ -2505,13 +2588,15 @@ impl Engine {
         let Some(group) = self.groups.get_mut(group_id) else {
             return Ok(events);
         };
+        let cursor = group.cursor_after(seq);
         let provider = &self.provider;
         let connection = &self.connection;
         // Unsynced: until we acknowledge it (after the sync), the DS delivers it again.
         db::transaction_unsynced(connection, || {
             match (kind, from_me) {
                 (Some(DeliveryKind::Application), true) => {
-                    // Our own message echoed back: it cannot be decrypted by us (RFC 9420
+                    // Our own message, from the DS's backlog after a reconnect (within a session
+                    // the DS does not push it back): it cannot be decrypted by us (RFC 9420
                     // §6.3.2 secret reuse rules), and the outbox says what it was.
                     if let Some(row) = &own_row {
                         db::settle_history(connection, row.id, Some(seq), "sent")?;
@@ -2734,10 +2819,10 @@ impl Engine {
                 )?;
             }
             key_changes = Engine::observe_in_step(connection, &group_ref, seq, &observed)?;
-            db::set_cursor(connection, group_id.as_bytes(), seq)?;
+            db::set_cursor(connection, group_id.as_bytes(), cursor)?;
             Ok(())
         })?;
-        group.cursor = seq;
+        group.move_cursor(cursor);
         if let Some(at) = self_updated_at {
             group.last_self_update = at;
         }
@@ -2971,6 +3056,7 @@ impl Engine {
                         wait_for_epoch: None,
                         joined_epoch: Some(epoch),
                         name_seq: 0,
+                        own_ahead: OwnAhead::default(),
                     },
                 );
                 self.emit(CoreEvent::Joined {
@@ -3200,6 +3286,26 @@ mod tests {
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
     use super::*;
+
+    #[test]
+    fn the_cursor_steps_over_our_own_messages_once_it_reaches_them() {
+        // Answers for seqs 5, 6 and 9 came while the cursor was at 3.
+        let mut own = OwnAhead::default();
+        for seq in [5, 6, 9] {
+            own.insert(seq);
+        }
+        assert_eq!(
+            own.cursor_after(3),
+            3,
+            "seq 4 is someone else's, still to come"
+        );
+        assert_eq!(own.cursor_after(4), 6, "seq 4 came: past 5 and 6");
+        own.passed(6);
+        assert_eq!(own.cursor_after(7), 7, "seq 8 is still to come");
+        assert_eq!(own.cursor_after(8), 9);
+        own.passed(9);
+        assert!(own.0.is_empty(), "nothing passed is kept");
+    }
 
     struct Member {
         provider: OpenMlsRustCrypto,

@@ -14,12 +14,12 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument as _;
 
 use super::handlers::{self, RequestContext, store_error};
-use super::hub::{Hub, Notification, SESSION_QUEUE, SessionHandle};
+use super::hub::{Hub, Notification, Push, SESSION_QUEUE, SessionHandle};
 use crate::config::Limits;
 use crate::protocol::{
-    AUTHENTICATE_LABEL, Authenticated, AuthenticationTbs, EXPORTER_LABEL, EXPORTER_LEN, ErrorCode,
-    FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, GroupId, Pong, REGISTER_LABEL,
-    SIGNATURE_KEY_LEN, Seq, UserName,
+    AUTHENTICATE_LABEL, Authenticated, AuthenticationTbs, DeliveryKind, EXPORTER_LABEL,
+    EXPORTER_LEN, ErrorCode, FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, GroupId,
+    Pong, REGISTER_LABEL, SIGNATURE_KEY_LEN, Seq, UserName,
 };
 use crate::store::{Membership, PendingAppend, Store, StoreError};
 
@@ -833,7 +833,19 @@ async fn deliver<S: Store>(
     );
     let mut delivered: HashMap<GroupId, Seq> = HashMap::new();
     for Membership { group_id, cursor } in memberships {
-        if !catch_up(&user, &*store, &mut out, &group_id, cursor, &mut delivered).await {
+        // The backlog includes the user's own application messages: one sent on an earlier
+        // connection may never have had its `Accepted` read.
+        if !catch_up(
+            &user,
+            &*store,
+            &mut out,
+            &group_id,
+            cursor,
+            &mut delivered,
+            Own::Send,
+        )
+        .await
+        {
             return;
         }
     }
@@ -899,7 +911,7 @@ async fn resync<S: Store>(
         groups.insert(group_id.clone(), *seq);
     }
     for (group_id, seq) in groups {
-        if !catch_up(user, store, out, &group_id, seq, delivered).await {
+        if !catch_up(user, store, out, &group_id, seq, delivered, Own::Skip).await {
             return false;
         }
     }
@@ -928,14 +940,44 @@ async fn on_notification<S: Store>(
     if notification.seq <= last {
         return true;
     }
-    if notification.seq == last + 1
-        && let Some(frame) = notification.frame
-    {
-        out.push(frame);
-        delivered.insert(notification.group_id, notification.seq);
-        return true;
+    match notification.push {
+        Push::Frame(frame) if notification.seq == last + 1 => {
+            out.push(frame);
+            delivered.insert(notification.group_id, notification.seq);
+            return true;
+        }
+        Push::Nothing => {
+            // The sender's own message. Ahead of a wake-up still to come (two senders' wake-ups
+            // may arrive out of order) or of a lost one, it is left to the catch-up that fills
+            // the gap, which passes it too.
+            if notification.seq == last + 1 {
+                delivered.insert(notification.group_id, notification.seq);
+            }
+            return true;
+        }
+        Push::Frame(_) | Push::FromStore => {}
     }
-    catch_up(user, store, out, &notification.group_id, last, delivered).await
+    catch_up(
+        user,
+        store,
+        out,
+        &notification.group_id,
+        last,
+        delivered,
+        Own::Skip,
+    )
+    .await
+}
+
+/// Whether a catch-up sends the user's own application messages. Those sent on this connection
+/// were answered with their seq (`Accepted`), so within a session they are never pushed; the
+/// backlog at the start of a session includes them, since one sent on an earlier connection
+/// may not have been answered (docs/protocol.md, section 8.2). Everything after the backlog
+/// was sent on this connection: one user has one session at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Own {
+    Send,
+    Skip,
 }
 
 /// Sends everything stored after `after` in one group. Returns false when the connection is gone.
@@ -946,6 +988,7 @@ async fn catch_up<S: Store>(
     group_id: &GroupId,
     mut after: Seq,
     delivered: &mut HashMap<GroupId, Seq>,
+    own: Own,
 ) -> bool {
     loop {
         let page = match store.fetch(user, group_id, after, CATCH_UP_PAGE).await {
@@ -961,6 +1004,12 @@ async fn catch_up<S: Store>(
         };
         for delivery in page.deliveries {
             after = delivery.seq;
+            if own == Own::Skip
+                && delivery.kind == DeliveryKind::Application as u8
+                && delivery.sender == *user
+            {
+                continue;
+            }
             out.push(Bytes::from(Frame::Deliver(delivery).encode()));
         }
         if !out.flush().await {

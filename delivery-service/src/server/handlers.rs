@@ -367,6 +367,7 @@ pub fn complete_send<S: Store>(
             welcome_frame,
             added: &appended.added,
             removed: &appended.removed,
+            not_to: (routing.kind == DeliveryKind::Application).then_some(&context.user),
         });
     }
     Frame::Accepted(Accepted {

@@ -1,9 +1,10 @@
 //! In-process fan-out: which authenticated session each user has, and which sessions follow
 //! which groups. The hub only routes wake-ups, carrying the encoded `Deliver` frame for
 //! messages this node accepted and none for messages another node accepted (see
-//! [`Store::remote_appends`](crate::store::Store::remote_appends)); each session's delivery
-//! task restores order and fills gaps from the store, so a dropped wake-up costs a read, never
-//! a message.
+//! [`Store::remote_appends`](crate::store::Store::remote_appends)), and only a seq to pass for
+//! the sender of an application message, which has its seq from `Accepted`; each session's
+//! delivery task restores order and fills gaps from the store, so a dropped wake-up costs a
+//! read, never a message.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,9 +22,20 @@ pub const SESSION_QUEUE: usize = 4096;
 pub struct Notification {
     pub group_id: GroupId,
     pub seq: Seq,
-    /// The encoded `Deliver` frame for this recipient; `None` when another node accepted the
-    /// message, and the session reads it from the store.
-    pub frame: Option<Bytes>,
+    pub push: Push,
+}
+
+/// What a session sends for a [`Notification`].
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// This encoded `Deliver` frame.
+    Frame(Bytes),
+    /// The message as the store has it: another node accepted it.
+    FromStore,
+    /// Nothing: the recipient sent this application message and learned its seq from
+    /// `Accepted` (docs/protocol.md, section 8.2). The session only moves past the seq; a
+    /// catch-up from the store still sends it, as it sends everything after the cursor.
+    Nothing,
 }
 
 /// The hub's handle on one authenticated connection.
@@ -59,6 +71,10 @@ pub struct Publication<'a> {
     pub welcome_frame: Option<Bytes>,
     pub added: &'a [UserName],
     pub removed: &'a [UserName],
+    /// The sender of an application message, which gets no copy of it ([`Push::Nothing`]).
+    /// Commits and proposals go back to their sender: it merges its commit when the commit
+    /// arrives in order.
+    pub not_to: Option<&'a UserName>,
 }
 
 #[derive(Debug, Default)]
@@ -184,10 +200,15 @@ impl Hub {
                 } else {
                     publication.frame.clone()
                 };
+                let push = if publication.not_to == Some(user) {
+                    Push::Nothing
+                } else {
+                    frame.map_or(Push::FromStore, Push::Frame)
+                };
                 let notification = Notification {
                     group_id: group_id.clone(),
                     seq: publication.seq,
-                    frame,
+                    push,
                 };
                 if session.handle.notifications.try_send(notification).is_err() {
                     session.handle.lagged.notify_one();

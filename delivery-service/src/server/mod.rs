@@ -192,6 +192,7 @@ async fn wake_for_remote_appends(
                 welcome_frame: None,
                 added: &added,
                 removed: &removed,
+                not_to: None,
             }),
             RemoteAppend::ResyncAll => hub.resync_all(),
         }
