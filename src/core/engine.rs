@@ -1496,7 +1496,11 @@ impl Engine {
         let Some(group) = self.groups.get_mut(group_id) else {
             return Pumped::Idle;
         };
-        if !group.active || !group.announced {
+        if !group.active {
+            self.resend_unanswered(group_id);
+            return Pumped::Idle;
+        }
+        if !group.announced {
             return Pumped::Idle;
         }
         if let Some(epoch) = group.wait_for_epoch {
@@ -1640,6 +1644,28 @@ impl Engine {
     }
 
     /// Whether this version of an outbox item was sent and its outcome is still awaited.
+    /// In a group we are no longer in, the outbox holds only application messages we sent just
+    /// before we were removed (see `deactivate_in_step`). One whose answer was lost with a
+    /// connection is sent again, for the DS to answer: `Accepted` if it sequenced it before
+    /// the removal, `NotMember` if not.
+    fn resend_unanswered(&mut self, group_id: &GroupId) {
+        let rows = match db::outbox_of_group(&self.connection, group_id.as_bytes()) {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.error(error.to_string());
+                return;
+            }
+        };
+        for row in rows {
+            if row.payload.is_some()
+                && !self.is_in_flight(&row)
+                && !self.retry_at.contains_key(&row.id)
+            {
+                self.transmit(&row);
+            }
+        }
+    }
+
     fn is_in_flight(&self, row: &OutboxRow) -> bool {
         self.in_flight.get(&row.id) == Some(&row.client_message_id)
     }
@@ -2025,8 +2051,13 @@ impl Engine {
         let row = match db::outbox_row(&self.connection, outbox) {
             Ok(row) => row.filter(|row| row.client_message_id == client_message_id),
             Err(error) => {
-                // The answer cannot be matched; the item is sent again after a reconnect.
+                // The answer cannot be matched now: the item is sent again after a back-off,
+                // and the DS answers it the same way.
                 self.error(error.to_string());
+                if self.in_flight.get(&outbox) == Some(&client_message_id) {
+                    self.in_flight.remove(&outbox);
+                    self.retry_at.insert(outbox, Instant::now() + RETRY_DELAY);
+                }
                 return None;
             }
         };
@@ -2051,12 +2082,14 @@ impl Engine {
             return;
         };
         if row.intent.is_application() {
-            // Unsettled (the storage failed), the item stays in flight rather than being sent
-            // again, which the DS would answer the same way: after a reconnect, its copy in the
-            // DS's backlog settles it, or the answer to its re-sending.
+            self.in_flight.remove(&outbox);
             if self.settle_application(&group_id, outbox, &row.intent, seq) {
-                self.in_flight.remove(&outbox);
                 self.pump(&group_id);
+            } else {
+                // Unsettled (the storage failed): sent again after a back-off, the DS answers
+                // it the same way (same client message id), and the settle is tried again.
+                // Nothing else in the group goes out before it.
+                self.retry_at.insert(outbox, Instant::now() + RETRY_DELAY);
             }
         } else if row.intent == Intent::Leave {
             self.awaiting_commit.insert(client_message_id);
@@ -2506,8 +2539,12 @@ impl Engine {
                     "could not process message {seq} from {}: {error}",
                     delivery.sender
                 );
+                let cursor = self
+                    .groups
+                    .get(&group_id)
+                    .map_or(seq, |group| group.cursor_after(seq));
                 let recorded = db::transaction(&self.connection, || {
-                    db::set_cursor(&self.connection, group_id.as_bytes(), seq)?;
+                    db::set_cursor(&self.connection, group_id.as_bytes(), cursor)?;
                     db::insert_history(
                         &self.connection,
                         group_id.as_bytes(),
@@ -2524,7 +2561,7 @@ impl Engine {
                     Ok(()) => {}
                 }
                 if let Some(group) = self.groups.get_mut(&group_id) {
-                    group.cursor = seq;
+                    group.move_cursor(cursor);
                 }
                 vec![CoreEvent::Error {
                     message: format!("{}: {note}", self.group_ref(&group_id).name),
@@ -2591,6 +2628,7 @@ impl Engine {
         let cursor = group.cursor_after(seq);
         let provider = &self.provider;
         let connection = &self.connection;
+        let in_flight = &self.in_flight;
         // Unsynced: until we acknowledge it (after the sync), the DS delivers it again.
         db::transaction_unsynced(connection, || {
             match (kind, from_me) {
@@ -2816,6 +2854,7 @@ impl Engine {
                     group_id,
                     Some(seq),
                     &timeline::left(by, &me),
+                    in_flight,
                 )?;
             }
             key_changes = Engine::observe_in_step(connection, &group_ref, seq, &observed)?;
@@ -2905,7 +2944,7 @@ impl Engine {
     /// its last member).
     fn deactivate(&mut self, group_id: &GroupId, note: String) {
         let result = db::transaction(&self.connection, || {
-            Engine::deactivate_in_step(&self.connection, group_id, None, &note)
+            Engine::deactivate_in_step(&self.connection, group_id, None, &note, &self.in_flight)
         });
         match result {
             Ok(unsent) => self.deactivated(group_id, unsent),
@@ -2921,9 +2960,22 @@ impl Engine {
         group_id: &GroupId,
         seq: Option<u64>,
         note: &str,
+        in_flight: &HashMap<i64, [u8; 16]>,
     ) -> Result<Vec<i64>, CoreError> {
-        let unsent: Vec<i64> = db::outbox_of_group(connection, group_id.as_bytes())?
-            .into_iter()
+        // An application message sent and not yet answered stays: the DS may have sequenced it
+        // before the commit that removes us, and the others then have it. Its answer settles
+        // it (`Accepted`, or `NotMember` if it came too late); see `pump_once` for one whose
+        // answer was lost with a connection.
+        let (answer_due, rest): (Vec<OutboxRow>, Vec<OutboxRow>) =
+            db::outbox_of_group(connection, group_id.as_bytes())?
+                .into_iter()
+                .partition(|row| {
+                    row.intent.is_application()
+                        && row.payload.is_some()
+                        && in_flight.get(&row.id) == Some(&row.client_message_id)
+                });
+        let unsent: Vec<i64> = rest
+            .iter()
             .filter(|row| matches!(row.intent, Intent::Text { .. }))
             .map(|row| row.id)
             .collect();
@@ -2931,7 +2983,13 @@ impl Engine {
         for id in &unsent {
             db::settle_history(connection, *id, None, &format!("failed: {NOT_A_MEMBER}"))?;
         }
-        db::delete_group_outbox(connection, group_id.as_bytes())?;
+        if answer_due.is_empty() {
+            db::delete_group_outbox(connection, group_id.as_bytes())?;
+        } else {
+            for row in &rest {
+                db::delete_outbox(connection, row.id)?;
+            }
+        }
         // Shown as a warning, as the live view shows it.
         db::insert_history(
             connection,

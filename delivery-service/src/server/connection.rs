@@ -2,7 +2,7 @@
 //! authentication phase, dispatch of requests to handlers, the writer that batches answers, and
 //! the delivery task that writes each group's messages in order without gaps into the same stream.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use super::handlers::{self, RequestContext, store_error};
 use super::hub::{Hub, Notification, Push, SESSION_QUEUE, SessionHandle};
 use crate::config::Limits;
 use crate::protocol::{
-    AUTHENTICATE_LABEL, Authenticated, AuthenticationTbs, DeliveryKind, EXPORTER_LABEL,
+    AUTHENTICATE_LABEL, Authenticated, AuthenticationTbs, Delivery, DeliveryKind, EXPORTER_LABEL,
     EXPORTER_LEN, ErrorCode, FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, GroupId,
     Pong, REGISTER_LABEL, SIGNATURE_KEY_LEN, Seq, UserName,
 };
@@ -831,23 +831,16 @@ async fn deliver<S: Store>(
             .iter()
             .map(|membership| membership.group_id.clone()),
     );
-    let mut delivered: HashMap<GroupId, Seq> = HashMap::new();
+    let mut progress = Progress::default();
     for Membership { group_id, cursor } in memberships {
-        // The backlog includes the user's own application messages: one sent on an earlier
-        // connection may never have had its `Accepted` read.
-        if !catch_up(
-            &user,
-            &*store,
-            &mut out,
-            &group_id,
-            cursor,
-            &mut delivered,
-            Own::Send,
-        )
-        .await
-        {
+        // The backlog has the user's own messages too: one sent on an earlier connection may
+        // never have had its `Accepted` read.
+        progress.backlog_end.insert(group_id.clone(), Seq::MAX);
+        if !catch_up(&user, &*store, &mut out, &group_id, cursor, &mut progress).await {
             return;
         }
+        let end = progress.delivered.get(&group_id).copied().unwrap_or(cursor);
+        progress.backlog_end.insert(group_id, end);
     }
     loop {
         tokio::select! {
@@ -857,7 +850,7 @@ async fn deliver<S: Store>(
                 let Some(mut notification) = notification else { return };
                 // Everything already queued goes out in one write.
                 loop {
-                    if !on_notification(&user, &*store, &mut out, notification, &mut delivered).await {
+                    if !on_notification(&user, &*store, &mut out, notification, &mut progress).await {
                         return;
                     }
                     if out.pending.len() >= DELIVERY_BATCH && !out.flush().await {
@@ -874,11 +867,65 @@ async fn deliver<S: Store>(
             }
             _ = lagged.notified() => {
                 tracing::debug!("session lagged; resyncing from the store");
-                if !resync(&user, &*store, &mut out, &mut delivered).await {
+                if !resync(&user, &*store, &mut out, &mut progress).await {
                     return;
                 }
             }
         }
+    }
+}
+
+/// How far a session has sent each group, and which of the user's own application messages it
+/// sends: within a session they are answered (`Accepted`), not pushed (docs/protocol.md,
+/// section 8.2), but the backlog at its start has them.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The last seq sent (or passed over) per group.
+    delivered: HashMap<GroupId, Seq>,
+    /// The last seq of each group that the backlog at the start of the session covered (the
+    /// acknowledged cursor if it could not be read). Own messages above it are passed over by
+    /// catch-ups too: they came after the session began, and their wake-up may still be on
+    /// its way behind someone else's. (Strictly, one that a replaced connection sent just
+    /// before this session began may be among them; its sender learns its seq by sending it
+    /// again, which the DS answers with the seq it has.)
+    backlog_end: HashMap<GroupId, Seq>,
+    /// Own messages whose wake-up ([`Push::Nothing`]) came ahead of `delivered` (wake-ups of two
+    /// senders may arrive out of order): passed over when the session gets there, without a
+    /// read.
+    own_ahead: HashMap<GroupId, BTreeSet<Seq>>,
+}
+
+impl Progress {
+    /// Records that everything up to `seq` was sent, and passes over the own messages that
+    /// follow it.
+    fn reached(&mut self, group_id: &GroupId, mut seq: Seq) {
+        if let Some(own) = self.own_ahead.get_mut(group_id) {
+            while own.remove(&(seq + 1)) {
+                seq += 1;
+            }
+            own.retain(|own_seq| *own_seq > seq);
+            if own.is_empty() {
+                self.own_ahead.remove(group_id);
+            }
+        }
+        self.delivered.insert(group_id.clone(), seq);
+    }
+
+    /// Whether a catch-up passes over this stored message instead of sending it.
+    fn passes_over(&self, user: &UserName, delivery: &Delivery) -> bool {
+        delivery.kind == DeliveryKind::Application as u8
+            && delivery.sender == *user
+            && delivery.seq
+                > self
+                    .backlog_end
+                    .get(&delivery.group_id)
+                    .copied()
+                    .unwrap_or(0)
+    }
+
+    fn forget(&mut self, group_id: &GroupId) {
+        self.delivered.remove(group_id);
+        self.own_ahead.remove(group_id);
     }
 }
 
@@ -893,7 +940,7 @@ async fn resync<S: Store>(
     user: &UserName,
     store: &S,
     out: &mut Deliveries,
-    delivered: &mut HashMap<GroupId, Seq>,
+    progress: &mut Progress,
 ) -> bool {
     let mut groups: HashMap<GroupId, Seq> = match store.memberships(user).await {
         Ok(memberships) => memberships
@@ -907,11 +954,11 @@ async fn resync<S: Store>(
         }
     };
     // Within this session, what was delivered is further along than the acknowledged cursor.
-    for (group_id, seq) in delivered.iter() {
+    for (group_id, seq) in progress.delivered.iter() {
         groups.insert(group_id.clone(), *seq);
     }
     for (group_id, seq) in groups {
-        if !catch_up(user, store, out, &group_id, seq, delivered, Own::Skip).await {
+        if !catch_up(user, store, out, &group_id, seq, progress).await {
             return false;
         }
     }
@@ -924,11 +971,12 @@ async fn on_notification<S: Store>(
     store: &S,
     out: &mut Deliveries,
     notification: Notification,
-    delivered: &mut HashMap<GroupId, Seq>,
+    progress: &mut Progress,
 ) -> bool {
-    let last = match delivered.get(&notification.group_id) {
+    let group_id = &notification.group_id;
+    let last = match progress.delivered.get(group_id) {
         Some(last) => *last,
-        None => match store.cursor(user, &notification.group_id).await {
+        None => match store.cursor(user, group_id).await {
             Ok(Some(cursor)) => cursor,
             Ok(None) => return true,
             Err(failure) => {
@@ -937,64 +985,51 @@ async fn on_notification<S: Store>(
             }
         },
     };
-    if notification.seq <= last {
+    let seq = notification.seq;
+    if seq <= last {
         return true;
     }
     match notification.push {
-        Push::Frame(frame) if notification.seq == last + 1 => {
+        Push::Frame(frame) if seq == last + 1 => {
             out.push(frame);
-            delivered.insert(notification.group_id, notification.seq);
-            return true;
+            progress.reached(group_id, seq);
+            true
+        }
+        Push::Nothing if seq == last + 1 => {
+            progress.reached(group_id, seq);
+            true
         }
         Push::Nothing => {
-            // The sender's own message. Ahead of a wake-up still to come (two senders' wake-ups
-            // may arrive out of order) or of a lost one, it is left to the catch-up that fills
-            // the gap, which passes it too.
-            if notification.seq == last + 1 {
-                delivered.insert(notification.group_id, notification.seq);
-            }
-            return true;
+            // Ahead of a wake-up still to come, or of a lost one: passed over when the session
+            // gets there.
+            progress
+                .own_ahead
+                .entry(group_id.clone())
+                .or_default()
+                .insert(seq);
+            true
         }
-        Push::Frame(_) | Push::FromStore => {}
+        Push::Frame(_) | Push::FromStore => {
+            catch_up(user, store, out, group_id, last, progress).await
+        }
     }
-    catch_up(
-        user,
-        store,
-        out,
-        &notification.group_id,
-        last,
-        delivered,
-        Own::Skip,
-    )
-    .await
 }
 
-/// Whether a catch-up sends the user's own application messages. Those sent on this connection
-/// were answered with their seq (`Accepted`), so within a session they are never pushed; the
-/// backlog at the start of a session includes them, since one sent on an earlier connection
-/// may not have been answered (docs/protocol.md, section 8.2). Everything after the backlog
-/// was sent on this connection: one user has one session at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Own {
-    Send,
-    Skip,
-}
-
-/// Sends everything stored after `after` in one group. Returns false when the connection is gone.
+/// Sends everything stored after `after` in one group, but for the user's own messages that
+/// this session passes over (see [`Progress`]). Returns false when the connection is gone.
 async fn catch_up<S: Store>(
     user: &UserName,
     store: &S,
     out: &mut Deliveries,
     group_id: &GroupId,
     mut after: Seq,
-    delivered: &mut HashMap<GroupId, Seq>,
-    own: Own,
+    progress: &mut Progress,
 ) -> bool {
     loop {
         let page = match store.fetch(user, group_id, after, CATCH_UP_PAGE).await {
             Ok(page) => page,
             Err(StoreError::NotMember) => {
-                delivered.remove(group_id);
+                progress.forget(group_id);
                 return true;
             }
             Err(failure) => {
@@ -1004,10 +1039,7 @@ async fn catch_up<S: Store>(
         };
         for delivery in page.deliveries {
             after = delivery.seq;
-            if own == Own::Skip
-                && delivery.kind == DeliveryKind::Application as u8
-                && delivery.sender == *user
-            {
+            if progress.passes_over(user, &delivery) {
                 continue;
             }
             out.push(Bytes::from(Frame::Deliver(delivery).encode()));
@@ -1015,9 +1047,36 @@ async fn catch_up<S: Store>(
         if !out.flush().await {
             return false;
         }
-        delivered.insert(group_id.clone(), after);
+        progress.reached(group_id, after);
         if !page.more {
             return true;
         }
+        // Past the own messages that followed the page, if any.
+        after = progress.delivered.get(group_id).copied().unwrap_or(after);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_passes_over_its_own_messages_when_it_gets_there() {
+        let group = GroupId::new(b"group".to_vec()).expect("a group id");
+        let mut progress = Progress::default();
+        progress.reached(&group, 3);
+        // Own messages 5 and 6 were answered before the wake-up for 4 came.
+        for seq in [5, 6, 9] {
+            progress
+                .own_ahead
+                .entry(group.clone())
+                .or_default()
+                .insert(seq);
+        }
+        progress.reached(&group, 4);
+        assert_eq!(progress.delivered.get(&group), Some(&6), "past 5 and 6");
+        progress.reached(&group, 8);
+        assert_eq!(progress.delivered.get(&group), Some(&9));
+        assert!(progress.own_ahead.is_empty());
     }
 }

@@ -33,8 +33,8 @@ pub enum Push {
     /// The message as the store has it: another node accepted it.
     FromStore,
     /// Nothing: the recipient sent this application message and learned its seq from
-    /// `Accepted` (docs/protocol.md, section 8.2). The session only moves past the seq; a
-    /// catch-up from the store still sends it, as it sends everything after the cursor.
+    /// `Accepted` (docs/protocol.md, section 8.2). The session moves past the seq, and a
+    /// catch-up from the store passes over it too.
     Nothing,
 }
 
