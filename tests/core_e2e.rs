@@ -494,6 +494,92 @@ async fn a_senders_cursor_passes_its_own_messages() {
     .await;
 }
 
+/// A message sent just as its sender is removed ends "sent" exactly when the others have it,
+/// and "failed" when the DS sequenced the removal first. The DS does not push a sender's own
+/// message back, so the commit removing her may come before her message's answer; the message
+/// must then wait for that answer rather than be failed with the removal. Each round races the
+/// two in a group of its own; either order may win a round, the outcome must match it. (Against
+/// a client that failed the message with the removal, about one run in four failed: the race
+/// is not hit every time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_as_its_sender_is_removed_is_sent_exactly_when_the_others_have_it() {
+    timed(Duration::from_secs(120), async {
+        let (_ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        let mut outcomes = Vec::new();
+        for round in 0..30u64 {
+            let group = create_group(&mut bob, &format!("race {round}")).await;
+            let id = group.id.clone();
+            invite(&mut bob, &group, &mut [&mut alice]).await;
+            converge(&mut [&mut alice, &mut bob], &id).await;
+            let text = format!("last words {round}");
+            // Bob's commit takes a few milliseconds to build; alice's message, sent a little
+            // later each round, lands before it, with it (in one store batch) or after it.
+            bob.command(Command::Kick {
+                group: id.clone(),
+                user: user("alice"),
+            });
+            tokio::time::sleep(Duration::from_micros(100 * round)).await;
+            alice.send_text(&id, &text);
+            let refused = format!("you are no longer a member of race {round}");
+            let outcome = alice
+                .wait_for("the message's outcome", |event| match event {
+                    CoreEvent::Sent { group, .. } | CoreEvent::Failed { group, .. } => {
+                        group.id == id
+                    }
+                    // Removed before she sent it: it was never queued.
+                    CoreEvent::Error { message } => *message == refused,
+                    _ => false,
+                })
+                .await;
+            let sent = matches!(outcome, CoreEvent::Sent { .. });
+            let queued = !matches!(outcome, CoreEvent::Error { .. });
+            alice
+                .wait_for("removed", |event| {
+                    matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+                })
+                .await;
+            bob.wait_for("alice removed", |event| {
+                matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "alice")
+            })
+            .await;
+            if sent {
+                bob.wait_message(&id, &text).await;
+            } else {
+                // Bob's client has processed everything up to the removal by now.
+                let got = bob.messages(&id).iter().any(|(_, t, _)| *t == text);
+                assert!(!got, "round {round}: bob has {text:?}, which alice was told failed");
+            }
+            let line = alice
+                .history(&id)
+                .await
+                .into_iter()
+                .find(|entry| entry.text == text);
+            if queued {
+                let line = line.expect("alice's line for her message");
+                assert_eq!(
+                    line.state.as_deref().map(|state| state == "sent"),
+                    Some(sent),
+                    "round {round}: {line:?}"
+                );
+            } else {
+                assert_eq!(line, None, "round {round}: a line for a message never queued");
+            }
+            outcomes.push(if sent { "sent" } else if queued { "failed" } else { "refused" });
+        }
+        eprintln!("outcomes by round: {outcomes:?}");
+        let errors = alice.errors();
+        assert!(
+            errors
+                .iter()
+                .all(|error| error.starts_with("you are no longer a member of race ")),
+            "{errors:?}"
+        );
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}
+
 /// A Welcome held for the profile's storage that then turns out unopenable (its KeyPackage is
 /// gone) is reported once and passed over like any unopenable Welcome: the hold ends, and the
 /// user's deliveries are acknowledged again, instead of the same page being fetched forever.

@@ -1643,11 +1643,10 @@ impl Engine {
         }
     }
 
-    /// Whether this version of an outbox item was sent and its outcome is still awaited.
-    /// In a group we are no longer in, the outbox holds only application messages we sent just
+    /// In a group we are no longer in, the outbox holds only application messages we built
     /// before we were removed (see `deactivate_in_step`). One whose answer was lost with a
-    /// connection is sent again, for the DS to answer: `Accepted` if it sequenced it before
-    /// the removal, `NotMember` if not.
+    /// connection (or never came: its settle failed) is sent again, for the DS to answer:
+    /// `Accepted` if it sequenced it before the removal, `NotMember` if not.
     fn resend_unanswered(&mut self, group_id: &GroupId) {
         let rows = match db::outbox_of_group(&self.connection, group_id.as_bytes()) {
             Ok(rows) => rows,
@@ -1666,6 +1665,7 @@ impl Engine {
         }
     }
 
+    /// Whether this version of an outbox item was sent and its outcome is still awaited.
     fn is_in_flight(&self, row: &OutboxRow) -> bool {
         self.in_flight.get(&row.id) == Some(&row.client_message_id)
     }
@@ -2184,6 +2184,13 @@ impl Engine {
             return;
         };
         match code {
+            Some(ErrorCode::StaleEpoch) if self.built_before_joining(&group_id, &row) => {
+                // Built before we were removed and added again, and never sequenced: it was
+                // meant for the group as it was, not for who is in it now.
+                tracing::info!(outbox, "a message from before a removal; not sent");
+                self.fail_outbox(&group_id, outbox, &row.intent, NOT_A_MEMBER);
+                self.pump(&group_id);
+            }
             Some(ErrorCode::StaleEpoch) => {
                 tracing::info!(outbox, "the DS had moved to another epoch; rebuilding");
                 self.discard_built(&group_id, &row);
@@ -2218,6 +2225,22 @@ impl Engine {
                 self.pump(&group_id);
             }
         }
+    }
+
+    /// Whether an outbox item was built in an epoch before the one we (last) joined in: before a
+    /// removal, when we have been added again since.
+    fn built_before_joining(&self, group_id: &GroupId, row: &OutboxRow) -> bool {
+        let Some(joined) = self
+            .groups
+            .get(group_id)
+            .and_then(|group| group.joined_epoch)
+        else {
+            return false;
+        };
+        row.payload
+            .as_deref()
+            .and_then(|payload| mlschat_ds::protocol::mls::peek_message_header(payload).ok())
+            .is_some_and(|header| header.epoch < joined)
     }
 
     /// Forgets the MLS message built for an outbox item (another commit won the epoch) so that
@@ -2628,7 +2651,6 @@ impl Engine {
         let cursor = group.cursor_after(seq);
         let provider = &self.provider;
         let connection = &self.connection;
-        let in_flight = &self.in_flight;
         // Unsynced: until we acknowledge it (after the sync), the DS delivers it again.
         db::transaction_unsynced(connection, || {
             match (kind, from_me) {
@@ -2854,7 +2876,6 @@ impl Engine {
                     group_id,
                     Some(seq),
                     &timeline::left(by, &me),
-                    in_flight,
                 )?;
             }
             key_changes = Engine::observe_in_step(connection, &group_ref, seq, &observed)?;
@@ -2944,7 +2965,7 @@ impl Engine {
     /// its last member).
     fn deactivate(&mut self, group_id: &GroupId, note: String) {
         let result = db::transaction(&self.connection, || {
-            Engine::deactivate_in_step(&self.connection, group_id, None, &note, &self.in_flight)
+            Engine::deactivate_in_step(&self.connection, group_id, None, &note)
         });
         match result {
             Ok(unsent) => self.deactivated(group_id, unsent),
@@ -2960,20 +2981,15 @@ impl Engine {
         group_id: &GroupId,
         seq: Option<u64>,
         note: &str,
-        in_flight: &HashMap<i64, [u8; 16]>,
     ) -> Result<Vec<i64>, CoreError> {
-        // An application message sent and not yet answered stays: the DS may have sequenced it
-        // before the commit that removes us, and the others then have it. Its answer settles
-        // it (`Accepted`, or `NotMember` if it came too late); see `pump_once` for one whose
-        // answer was lost with a connection.
+        // An application message already built stays: it may have been sent, and the DS may
+        // have sequenced it before the commit that removes us (the others then have it), even
+        // if its answer was lost or could not be recorded. Its answer settles it (`Accepted`,
+        // or `NotMember` if it came too late); `pump_once` sends it again if it is not awaited.
         let (answer_due, rest): (Vec<OutboxRow>, Vec<OutboxRow>) =
             db::outbox_of_group(connection, group_id.as_bytes())?
                 .into_iter()
-                .partition(|row| {
-                    row.intent.is_application()
-                        && row.payload.is_some()
-                        && in_flight.get(&row.id) == Some(&row.client_message_id)
-                });
+                .partition(|row| row.intent.is_application() && row.payload.is_some());
         let unsent: Vec<i64> = rest
             .iter()
             .filter(|row| matches!(row.intent, Intent::Text { .. }))
