@@ -339,20 +339,17 @@ async fn own_application_messages_are_answered_not_pushed_and_are_in_the_backlog
         let commit = expect_accepted(alice.send_commit(&group_id, 1, b"update", None).await);
         assert_eq!((mine.seq, theirs.seq, commit.seq), (2, 3, 4));
 
-        let alice_seen = alice.deliveries(2).await;
-        assert_eq!(
-            alice_seen
-                .iter()
+        let seqs_and_kinds = |seen: Vec<Delivery>| -> Vec<(Seq, u8)> {
+            seen.iter()
                 .map(|delivery| (delivery.seq, delivery.kind))
-                .collect::<Vec<_>>(),
+                .collect()
+        };
+        assert_eq!(
+            seqs_and_kinds(alice.deliveries(2).await),
             [(3, APPLICATION), (4, COMMIT)]
         );
-        let bob_seen = bob.deliveries(2).await;
         assert_eq!(
-            bob_seen
-                .iter()
-                .map(|delivery| (delivery.seq, delivery.kind))
-                .collect::<Vec<_>>(),
+            seqs_and_kinds(bob.deliveries(2).await),
             [(2, APPLICATION), (4, COMMIT)]
         );
         assert!(
