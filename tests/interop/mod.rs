@@ -498,6 +498,9 @@ pub struct MlsRsPeer {
     groups: HashMap<GroupId, Joined>,
     /// (group, seq) of messages this peer sent and the DS accepted.
     own: HashSet<(GroupId, u64)>,
+    /// Those of them that are application messages, which the DS does not push back within a
+    /// session (docs/protocol.md §8.2): the cursor steps over them.
+    own_application: HashSet<(GroupId, u64)>,
     pub received: Vec<Received>,
     /// Epochs and committers of the commits the peer processed or merged, per group.
     pub commits: Vec<(GroupId, u64, String)>,
@@ -599,6 +602,7 @@ impl MlsRsPeer {
             backlog: VecDeque::new(),
             groups: HashMap::new(),
             own: HashSet::new(),
+            own_application: HashSet::new(),
             received: Vec::new(),
             commits: Vec::new(),
             join_errors: Vec::new(),
@@ -870,6 +874,8 @@ impl MlsRsPeer {
         {
             Frame::Accepted(accepted) => {
                 self.own.insert((group.clone(), accepted.seq));
+                self.own_application.insert((group.clone(), accepted.seq));
+                self.step_over_own(group).await;
                 accepted.seq
             }
             other => panic!("{}: the DS refused our message: {other:?}", self.name),
@@ -1142,6 +1148,26 @@ impl MlsRsPeer {
             None => {}
         }
         self.ack(&group_id, seq).await;
+        self.step_over_own(&group_id).await;
+    }
+
+    /// Moves the cursor past our own application messages right after it, and acknowledges
+    /// them: the DS does not push them back.
+    async fn step_over_own(&mut self, group_id: &GroupId) {
+        let Some(joined) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        let before = joined.cursor;
+        while self
+            .own_application
+            .remove(&(group_id.clone(), joined.cursor + 1))
+        {
+            joined.cursor += 1;
+        }
+        let cursor = joined.cursor;
+        if cursor > before {
+            self.ack(group_id, cursor).await;
+        }
     }
 
     fn on_welcome(&mut self, delivery: &Delivery) {
