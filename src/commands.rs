@@ -1,6 +1,6 @@
 //! Slash commands, parsed the same way for the TUI and the headless mode.
 
-use mlschat_ds::protocol::UserName;
+use mlschat_ds::protocol::{GroupId, UserName};
 
 /// One line typed by the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +46,32 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/help", "this list"),
     ("/quit", "send what is queued and exit"),
 ];
+
+/// The positions in `groups` (id, name) of the groups `/switch wanted` means, in the order the
+/// TUI and the headless mode both resolve it: a whole id first (it may also be the start of a
+/// longer one), then the groups named `wanted`, and only if none is, the ids that start with it.
+pub fn groups_meant<'a>(
+    groups: impl Iterator<Item = (&'a GroupId, &'a str)> + Clone,
+    wanted: &str,
+) -> Vec<usize> {
+    let positions = |matches: &dyn Fn(&GroupId, &str) -> bool| -> Vec<usize> {
+        groups
+            .clone()
+            .enumerate()
+            .filter(|(_, (id, name))| matches(id, name))
+            .map(|(index, _)| index)
+            .collect()
+    };
+    let whole = positions(&|id, _| id.to_hex() == wanted);
+    if let [index, ..] = whole.as_slice() {
+        return vec![*index];
+    }
+    let named = positions(&|_, name| name == wanted);
+    if !named.is_empty() {
+        return named;
+    }
+    positions(&|id, _| id.to_hex().starts_with(wanted))
+}
 
 fn user(word: &str) -> Result<UserName, String> {
     UserName::new(word).map_err(|error| format!("{word:?}: {error}"))
@@ -109,6 +135,23 @@ mod tests {
 
     fn name(text: &str) -> UserName {
         UserName::new(text).expect("valid name")
+    }
+
+    #[test]
+    fn switch_takes_a_whole_id_then_a_name_then_the_start_of_an_id() {
+        let id = |bytes: &[u8]| GroupId::new(bytes.to_vec()).expect("a group id");
+        let groups = [
+            (id(&[0xab, 0xcd]), "ops"),
+            (id(&[0xab, 0xcd, 0x01]), "ops"),
+            (id(&[0xef, 0x01]), "abcd0"),
+        ];
+        let meant = |wanted: &str| groups_meant(groups.iter().map(|(id, n)| (id, *n)), wanted);
+        assert_eq!(meant("abcd"), [0], "a whole id, though it starts another");
+        assert_eq!(meant("ops"), [0, 1], "namesakes");
+        assert_eq!(meant("abcd0"), [2], "a name before the start of an id");
+        assert_eq!(meant("abc"), [0, 1], "the start of two ids");
+        assert_eq!(meant("ef"), [2]);
+        assert!(meant("zz").is_empty());
     }
 
     #[test]

@@ -27,24 +27,15 @@ impl Session {
 
     /// Finds a group by display name (or by a prefix of its hex id).
     pub fn find(&self, name: &str) -> Result<GroupId, String> {
-        // A whole id first: it may also be the start of a longer one.
-        if let Some(id) = self.names.keys().find(|id| id.to_hex() == name) {
-            return Ok(id.clone());
-        }
-        // Then the groups with that name; only if none has it, the ids that start so.
-        let mut matches: Vec<&GroupId> = self
+        let groups: Vec<(&GroupId, &str)> = self
             .names
             .iter()
-            .filter(|(_, group_name)| group_name.as_str() == name)
-            .map(|(id, _)| id)
+            .map(|(id, name)| (id, name.as_str()))
             .collect();
-        if matches.is_empty() {
-            matches = self
-                .names
-                .keys()
-                .filter(|id| id.to_hex().starts_with(name))
-                .collect();
-        }
+        let matches: Vec<&GroupId> = crate::commands::groups_meant(groups.iter().copied(), name)
+            .into_iter()
+            .filter_map(|index| groups.get(index).map(|(id, _)| *id))
+            .collect();
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
             [] => Err(format!("no group named {name}")),

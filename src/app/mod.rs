@@ -815,25 +815,13 @@ fn submit(state: &mut State) -> Vec<Effect> {
         }
         SlashCommand::Quit => return begin_quit(state),
         SlashCommand::Switch(name) => {
-            // A whole id first: it may also be the start of a longer one.
-            if let Some(index) = state
-                .groups
-                .iter()
-                .position(|group| group.id.to_hex() == name)
-            {
-                return state.switch_to(index);
-            }
-            // Then the groups with that name; only if none has it, the ids that start so.
-            let named: Vec<usize> = (0..state.groups.len())
-                .filter(|&index| state.groups[index].name == name)
-                .collect();
-            let matches: Vec<usize> = if named.is_empty() {
-                (0..state.groups.len())
-                    .filter(|&index| state.groups[index].id.to_hex().starts_with(&name))
-                    .collect()
-            } else {
-                named
-            };
+            let matches = commands::groups_meant(
+                state
+                    .groups
+                    .iter()
+                    .map(|group| (&group.id, group.name.as_str())),
+                &name,
+            );
             return match matches.as_slice() {
                 [index] => state.switch_to(*index),
                 [] => {

@@ -766,13 +766,6 @@ pub fn delete_outbox(connection: &Connection, id: i64) -> Result<(), CoreError> 
         .map_err(sql)
 }
 
-pub fn delete_group_outbox(connection: &Connection, group_id: &[u8]) -> Result<(), CoreError> {
-    connection
-        .execute("DELETE FROM outbox WHERE group_id = ?1", params![group_id])
-        .map(|_| ())
-        .map_err(sql)
-}
-
 /// One line of a group's timeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {

@@ -2986,10 +2986,10 @@ impl Engine {
         // have sequenced it before the commit that removes us (the others then have it), even
         // if its answer was lost or could not be recorded. Its answer settles it (`Accepted`,
         // or `NotMember` if it came too late); `pump_once` sends it again if it is not awaited.
-        let (answer_due, rest): (Vec<OutboxRow>, Vec<OutboxRow>) =
-            db::outbox_of_group(connection, group_id.as_bytes())?
-                .into_iter()
-                .partition(|row| row.intent.is_application() && row.payload.is_some());
+        let rest: Vec<OutboxRow> = db::outbox_of_group(connection, group_id.as_bytes())?
+            .into_iter()
+            .filter(|row| !(row.intent.is_application() && row.payload.is_some()))
+            .collect();
         let unsent: Vec<i64> = rest
             .iter()
             .filter(|row| matches!(row.intent, Intent::Text { .. }))
@@ -2999,12 +2999,8 @@ impl Engine {
         for id in &unsent {
             db::settle_history(connection, *id, None, &format!("failed: {NOT_A_MEMBER}"))?;
         }
-        if answer_due.is_empty() {
-            db::delete_group_outbox(connection, group_id.as_bytes())?;
-        } else {
-            for row in &rest {
-                db::delete_outbox(connection, row.id)?;
-            }
+        for row in &rest {
+            db::delete_outbox(connection, row.id)?;
         }
         // Shown as a warning, as the live view shows it.
         db::insert_history(
