@@ -162,6 +162,14 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "group_renamed", "group": name, "group_id": id, "by": by})
             }
+            CoreEvent::RenameOvertaken {
+                group,
+                by,
+                name: overtaken,
+            } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "rename_overtaken", "group": name, "group_id": id, "by": by, "name": overtaken})
+            }
             CoreEvent::MemberAdded { group, user, by } => {
                 let (name, id) = group_fields(group);
                 json!({"event": "member_added", "group": name, "group_id": id, "user": user, "by": by})

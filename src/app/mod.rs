@@ -997,6 +997,15 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 }
             }
         }
+        CoreEvent::RenameOvertaken { group, by, name } => {
+            let index = state.group_entry(&group);
+            let text = timeline::rename_overtaken(&by, &state.me, &name, &group.name);
+            state.system_line(index, text, false);
+            // Our rename is done, even if another one came after it.
+            if by == state.me && matches!(state.status, Some((_, Severity::Info))) {
+                state.status = None;
+            }
+        }
         CoreEvent::MemberAdded { group, user, by } => {
             let index = state.group_entry(&group);
             state.system_line(index, timeline::member_added(&by, &user), false);

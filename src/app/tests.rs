@@ -911,6 +911,46 @@ fn a_rename_shows_who_renamed_the_group_and_learning_a_name_shows_nothing() {
 }
 
 #[test]
+fn an_overtaken_rename_gets_a_line_and_keeps_the_name() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let overtaken = |by: &str, name: &str| {
+        Msg::Core(CoreEvent::RenameOvertaken {
+            group: GroupRef {
+                id: team.id.clone(),
+                name: "crew".into(),
+            },
+            by: by.into(),
+            name: name.into(),
+        })
+    };
+    type_text(&mut state, "/rename mine");
+    update(&mut state, key(KeyCode::Enter));
+    update(&mut state, overtaken("bob", "theirs"));
+    assert!(
+        state.status.is_some(),
+        "another member's rename says nothing of ours"
+    );
+    update(&mut state, overtaken("alice", "mine"));
+    assert_eq!(state.status, None, "our rename is done all the same");
+    assert_eq!(state.groups[0].name, "crew");
+    assert_eq!(
+        system_lines(&state, 0),
+        [
+            ("you created team", false),
+            (
+                "bob renamed the group to theirs, before the rename to crew",
+                false
+            ),
+            (
+                "you renamed the group to mine, before the rename to crew",
+                false
+            )
+        ]
+    );
+}
+
+#[test]
 fn stored_warnings_stay_warnings() {
     let mut state = state();
     let team = with_group(&mut state, "team", 1);

@@ -298,6 +298,17 @@ enum Request {
     Fetch(GroupId),
 }
 
+/// What [`Engine::apply_rename`] did with a sequenced rename.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RenameOutcome {
+    /// The group has the new name.
+    Applied,
+    /// A rename sequenced after it already named the group: only a timeline line says it.
+    Overtaken,
+    /// An empty name, or nothing known to say it was overtaken by.
+    Ignored,
+}
+
 /// What one pass over a group's outbox did.
 #[derive(Debug, PartialEq, Eq)]
 enum Pumped {
@@ -1215,19 +1226,35 @@ impl Engine {
     }
 
     /// A rename by `by` (possibly us) sequenced as `seq`, inside the step that processes or
-    /// settles it: the group's name from now on, with its timeline line, unless a later rename
-    /// (`name_seq`) was applied already. Returns whether it applied.
+    /// settles it: the group's name from now on, with its timeline line, unless a rename
+    /// sequenced after it (`name_seq`, which gave the name `current`) was applied already. That
+    /// happens when our own rename's `Accepted` comes before an earlier member's rename: the
+    /// earlier one then gets a line that says it was overtaken, and the name stays.
     fn apply_rename(
         connection: &Connection,
         group_id: &GroupId,
-        name_seq: u64,
+        (name_seq, current): (u64, Option<&str>),
         name: &str,
         seq: u64,
         by: &str,
         me: &str,
-    ) -> Result<bool, CoreError> {
-        if name.is_empty() || seq <= name_seq {
-            return Ok(false);
+    ) -> Result<RenameOutcome, CoreError> {
+        if name.is_empty() {
+            return Ok(RenameOutcome::Ignored);
+        }
+        if seq <= name_seq {
+            let Some(current) = current else {
+                return Ok(RenameOutcome::Ignored);
+            };
+            db::insert_history(
+                connection,
+                group_id.as_bytes(),
+                NewHistory::system(
+                    Some(seq),
+                    &timeline::rename_overtaken(by, me, name, current),
+                ),
+            )?;
+            return Ok(RenameOutcome::Overtaken);
         }
         db::set_group_name(connection, group_id.as_bytes(), name, Some(seq))?;
         db::insert_history(
@@ -1235,7 +1262,7 @@ impl Engine {
             group_id.as_bytes(),
             NewHistory::system(Some(seq), &timeline::renamed(by, me, name)),
         )?;
-        Ok(true)
+        Ok(RenameOutcome::Applied)
     }
 
     /// Applies a rename that a committed step stored, and tells the UI.
@@ -2108,7 +2135,10 @@ impl Engine {
         intent: &Intent,
         seq: u64,
     ) -> bool {
-        let name_seq = self.groups.get(group_id).map_or(0, |group| group.name_seq);
+        let (name_seq, current) = self
+            .groups
+            .get(group_id)
+            .map_or((0, None), |group| (group.name_seq, group.name.clone()));
         // The DS does not push our own message back: the cursor passes it here when it is
         // next, and otherwise when the deliveries before it have come (see `Group::own_ahead`).
         let cursor = self
@@ -2124,10 +2154,16 @@ impl Engine {
                 db::set_cursor(&self.connection, group_id.as_bytes(), cursor)?;
             }
             match intent {
-                Intent::Rename { name } => {
-                    Engine::apply_rename(&self.connection, group_id, name_seq, name, seq, me, me)
-                }
-                _ => Ok(false),
+                Intent::Rename { name } => Engine::apply_rename(
+                    &self.connection,
+                    group_id,
+                    (name_seq, current.as_deref()),
+                    name,
+                    seq,
+                    me,
+                    me,
+                ),
+                _ => Ok(RenameOutcome::Ignored),
             }
         });
         match settled {
@@ -2145,8 +2181,18 @@ impl Engine {
                 if let Some(cursor) = cursor {
                     self.ack(group_id, cursor);
                 }
-                if let (true, Intent::Rename { name }) = (renamed, intent) {
-                    self.renamed(group_id, name, seq, Some(self.me.to_string()));
+                if let Intent::Rename { name } = intent {
+                    match renamed {
+                        RenameOutcome::Applied => {
+                            self.renamed(group_id, name, seq, Some(self.me.to_string()));
+                        }
+                        RenameOutcome::Overtaken => self.emit(CoreEvent::RenameOvertaken {
+                            group: self.group_ref(group_id),
+                            by: self.me.to_string(),
+                            name: name.clone(),
+                        }),
+                        RenameOutcome::Ignored => {}
+                    }
                 }
                 if matches!(intent, Intent::Text { .. }) {
                     self.emit(CoreEvent::Sent {
@@ -2662,18 +2708,28 @@ impl Engine {
                         db::settle_history(connection, row.id, Some(seq), "sent")?;
                         db::delete_outbox(connection, row.id)?;
                         settled_own = Some(row.id);
-                        if let Intent::Rename { name } = &row.intent
-                            && Engine::apply_rename(
+                        if let Intent::Rename { name } = &row.intent {
+                            match Engine::apply_rename(
                                 connection,
                                 group_id,
-                                group.name_seq,
+                                (group.name_seq, group.name.as_deref()),
                                 name,
                                 seq,
                                 &me,
                                 &me,
-                            )?
-                        {
-                            renamed_to = Some((name.clone(), Some(me.clone()), Some(seq)));
+                            )? {
+                                RenameOutcome::Applied => {
+                                    renamed_to = Some((name.clone(), Some(me.clone()), Some(seq)));
+                                }
+                                RenameOutcome::Overtaken => {
+                                    events.push(CoreEvent::RenameOvertaken {
+                                        group: group_ref.clone(),
+                                        by: me.clone(),
+                                        name: name.clone(),
+                                    });
+                                }
+                                RenameOutcome::Ignored => {}
+                            }
                         }
                         if matches!(row.intent, Intent::Text { .. }) {
                             events.push(CoreEvent::Sent {
@@ -2794,16 +2850,26 @@ impl Engine {
                                     // A rename sequenced before the one that named the group
                                     // (our own, applied when the DS sequenced it) is stale.
                                     let name = clean_group_name(&name);
-                                    if Engine::apply_rename(
+                                    match Engine::apply_rename(
                                         connection,
                                         group_id,
-                                        group.name_seq,
+                                        (group.name_seq, group.name.as_deref()),
                                         &name,
                                         seq,
                                         &sender,
                                         &me,
                                     )? {
-                                        renamed_to = Some((name, Some(sender), Some(seq)));
+                                        RenameOutcome::Applied => {
+                                            renamed_to = Some((name, Some(sender), Some(seq)));
+                                        }
+                                        RenameOutcome::Overtaken => {
+                                            events.push(CoreEvent::RenameOvertaken {
+                                                group: group_ref.clone(),
+                                                by: sender,
+                                                name,
+                                            });
+                                        }
+                                        RenameOutcome::Ignored => {}
                                     }
                                 }
                             }

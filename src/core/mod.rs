@@ -203,6 +203,11 @@ pub mod timeline {
         }
     }
 
+    /// A rename the DS ordered before the one that gave the group its name `current`.
+    pub fn rename_overtaken(by: &str, me: &str, name: &str, current: &str) -> String {
+        format!("{}, before the rename to {current}", renamed(by, me, name))
+    }
+
     pub fn new_epoch(epoch: u64, code: &str) -> String {
         format!("new epoch {epoch} · verification code {code}")
     }
@@ -274,6 +279,14 @@ pub enum CoreEvent {
     GroupRenamed {
         group: GroupRef,
         by: Option<String>,
+    },
+    /// A member's rename (`by`, possibly us) that the DS ordered before the rename that
+    /// already named the group here: the group keeps its name (`group.name`), and everyone ends
+    /// with the same one. It arrives when our own later rename's answer came first.
+    RenameOvertaken {
+        group: GroupRef,
+        by: String,
+        name: String,
     },
     MemberAdded {
         group: GroupRef,
