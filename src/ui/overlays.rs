@@ -37,15 +37,24 @@ fn help(state: &State, frame: &mut Frame, area: Rect) {
         area.width.saturating_sub(4).min(76),
         area.height.saturating_sub(2),
     );
-    // Narrow screens put each description under its name instead of beside it.
+    // Narrow screens put each description under its name instead of beside it. A description
+    // that wraps goes on under where it started, not under the names.
     let narrow = box_area.width < 60;
+    let inner_width = usize::from(box_area.width.saturating_sub(2));
+    let indent = if narrow { 6 } else { 23 };
     let entry = |name: &str, description: String| -> Vec<Line<'static>> {
-        let name = Span::styled(format!("  {name:<20}"), Style::default().fg(theme.accent));
-        if narrow {
-            vec![Line::from(name), Line::from(format!("      {description}"))]
+        let name = Span::styled(format!("  {name:<20} "), Style::default().fg(theme.accent));
+        let pad = " ".repeat(indent);
+        let mut text =
+            wrap::wrap(&description, inner_width.saturating_sub(indent).max(10)).into_iter();
+        let first = text.next().unwrap_or_default();
+        let mut lines = if narrow {
+            vec![Line::from(name), Line::from(format!("{pad}{first}"))]
         } else {
-            vec![Line::from(vec![name, Span::raw(description)])]
-        }
+            vec![Line::from(vec![name, Span::raw(first)])]
+        };
+        lines.extend(text.map(|more| Line::from(format!("{pad}{more}"))));
+        lines
     };
     let bold = Style::default().add_modifier(Modifier::BOLD);
     let mut lines = vec![Line::from(Span::styled("Commands", bold))];
