@@ -49,9 +49,11 @@ pub fn serve_child(data_dir: &Path) -> Result<()> {
         let fingerprint = identity.fingerprint();
         let store = SqliteStore::open(data_dir.join("ds.sqlite3"), limits.store_limits())?;
         let listen: SocketAddr = "127.0.0.1:0".parse()?;
-        let endpoint = tls::bind_endpoint(
+        let reset_key = tls::StatelessResetKey::load_or_generate(data_dir)?;
+        let endpoint = tls::bind_server_endpoint(
             listen,
-            Some(tls::server_config(identity, &limits)?),
+            tls::server_config(identity, &limits)?,
+            &reset_key,
             limits.udp_buffer_bytes,
         )?;
         println!("READY {} {}", endpoint.local_addr()?, fingerprint.to_hex());

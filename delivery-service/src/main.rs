@@ -202,9 +202,11 @@ impl Server {
         store_failed: impl std::future::Future<Output = StoreError> + Send + 'static,
     ) -> Result<()> {
         let fingerprint = self.identity.fingerprint();
-        let endpoint = tls::bind_endpoint(
+        let reset_key = tls::StatelessResetKey::load_or_generate(&self.data_dir)?;
+        let endpoint = tls::bind_server_endpoint(
             self.listen,
-            Some(tls::server_config(self.identity, &self.limits)?),
+            tls::server_config(self.identity, &self.limits)?,
+            &reset_key,
             self.limits.udp_buffer_bytes,
         )?;
         let address = endpoint.local_addr()?;

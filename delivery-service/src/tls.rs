@@ -1,5 +1,6 @@
 //! TLS and QUIC setup: the DS certificate (generated self-signed on first start, or the
-//! operator's), certificate pinning for clients, and quinn endpoints with enlarged UDP buffers.
+//! operator's), the DS's stateless reset key, certificate pinning for clients, and quinn
+//! endpoints with enlarged UDP buffers.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ use crate::protocol::ALPN;
 
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
+const RESET_KEY_FILE: &str = "stateless-reset.key";
+const RESET_KEY_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -46,6 +49,12 @@ pub enum TlsError {
     },
     #[error("a certificate fingerprint is 64 hex digits (SHA-256)")]
     BadFingerprint,
+    #[error(
+        "{path} holds {found} bytes, not the {RESET_KEY_LEN} of a stateless reset key; remove it \
+         and a new one is made at the next start (connections open now then wait for their idle \
+         timeout if the DS restarts)"
+    )]
+    BadResetKey { path: PathBuf, found: usize },
     #[error(
         "{present} exists but {missing} does not; restore {missing} from a backup, or move \
          {present} away to generate a new certificate (clients must then pin the new fingerprint)"
@@ -177,6 +186,68 @@ impl ServerIdentity {
         write_private(&key_path, generated.signing_key.serialize_pem().as_bytes())?;
         write_private(&cert_path, generated.cert.pem().as_bytes())?;
         Ok((ServerIdentity::from_pem_files(&cert_path, &key_path)?, true))
+    }
+}
+
+/// The secret from which the DS derives the stateless reset token of every connection ID it
+/// issues (RFC 9000, section 10.3). It is kept in the data directory so that a DS that
+/// restarted (after a crash, `kill -9` or an upgrade) answers a client's packets for a
+/// connection it no longer has with a reset that client accepts: the client then reconnects at
+/// its next packet (a keep-alive within 10 s) instead of after the idle timeout. A key made
+/// anew at every start, quinn's default, gives resets that no client can accept.
+///
+/// SECURITY: whoever holds it can end any client's connection to this DS with one forged
+/// packet, so it is written owner-only, like the certificate's key; it protects no message.
+pub struct StatelessResetKey(Box<[u8; RESET_KEY_LEN]>);
+
+impl std::fmt::Debug for StatelessResetKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("StatelessResetKey(..)")
+    }
+}
+
+impl StatelessResetKey {
+    /// A key for this process only (tests, embedded use): as quinn's default.
+    pub fn random() -> StatelessResetKey {
+        let mut key = Box::new([0u8; RESET_KEY_LEN]);
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key[..]);
+        StatelessResetKey(key)
+    }
+
+    /// Loads `stateless-reset.key` from `data_dir`, making it on first start.
+    pub fn load_or_generate(data_dir: &Path) -> Result<StatelessResetKey, TlsError> {
+        let path = data_dir.join(RESET_KEY_FILE);
+        if !path.exists() {
+            let key = StatelessResetKey::random();
+            write_private(&path, &key.0[..])?;
+            return Ok(key);
+        }
+        let bytes = read(&path)?;
+        let key: [u8; RESET_KEY_LEN] =
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| TlsError::BadResetKey {
+                    path: path.clone(),
+                    found: bytes.len(),
+                })?;
+        Ok(StatelessResetKey(Box::new(key)))
+    }
+
+    fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
+        // The endpoint answers with a reset only packets whose connection ID it could have
+        // issued, which it checks with a key of the connection-ID generator's: that key must
+        // outlive the process too, so it comes from the same secret.
+        let tag = ring::hmac::sign(&key, b"mlschat-ds connection id generator");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&tag.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut config = quinn::EndpointConfig::new(Arc::new(key));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        config
     }
 }
 
@@ -410,9 +481,40 @@ fn client_config_with(
 }
 
 /// Binds a UDP socket with `buffer_bytes` send and receive buffers and wraps it in a quinn
-/// endpoint. The kernel caps the sizes at `net.core.rmem_max`/`wmem_max`.
+/// endpoint. The kernel caps the sizes at `net.core.rmem_max`/`wmem_max`. For a client, or a
+/// server whose resets need not outlive it; a DS binds with [`bind_server_endpoint`].
 pub fn bind_endpoint(
     address: SocketAddr,
+    server_config: Option<quinn::ServerConfig>,
+    buffer_bytes: usize,
+) -> Result<quinn::Endpoint, TlsError> {
+    bind(
+        address,
+        StatelessResetKey::random().endpoint_config(),
+        server_config,
+        buffer_bytes,
+    )
+}
+
+/// [`bind_endpoint`] for a DS: its stateless resets use `reset_key`, so that they still work
+/// after a restart with the same key.
+pub fn bind_server_endpoint(
+    address: SocketAddr,
+    server_config: quinn::ServerConfig,
+    reset_key: &StatelessResetKey,
+    buffer_bytes: usize,
+) -> Result<quinn::Endpoint, TlsError> {
+    bind(
+        address,
+        reset_key.endpoint_config(),
+        Some(server_config),
+        buffer_bytes,
+    )
+}
+
+fn bind(
+    address: SocketAddr,
+    endpoint_config: quinn::EndpointConfig,
     server_config: Option<quinn::ServerConfig>,
     buffer_bytes: usize,
 ) -> Result<quinn::Endpoint, TlsError> {
@@ -457,7 +559,7 @@ pub fn bind_endpoint(
     socket.bind(&address.into()).map_err(socket_error)?;
     socket.set_nonblocking(true).map_err(socket_error)?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         server_config,
         socket.into(),
         Arc::new(quinn::TokioRuntime),

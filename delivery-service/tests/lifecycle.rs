@@ -1,6 +1,7 @@
 //! Start-up and shutdown of the DS: configuration validation, the certificate pair, the data
-//! directory (private, one DS at a time), log output of the real binary, and a graceful shutdown that leaves the store
-//! closed (every write done, the WAL checkpointed) when it returns.
+//! directory (private, one DS at a time), log output of the real binary, a graceful shutdown that leaves the store
+//! closed (every write done, the WAL checkpointed) when it returns, and the stateless resets with which a DS restarted
+//! after `kill -9` ends the connections it lost.
 
 mod common;
 mod support_durability;
@@ -202,5 +203,62 @@ async fn the_data_directory_is_private_and_it_and_its_database_in_one_process_an
     assert!(
         !logged.contains(&0x1b),
         "ANSI escape codes in a log file: {text:?}"
+    );
+}
+
+/// A DS killed and started again on its address and data directory ends the connections it had
+/// with a stateless reset (RFC 9000, section 10.3) that their clients accept: a client learns at
+/// its next packet that its connection is gone, instead of after the idle timeout (60 s). The
+/// reset key lives in the data directory; a key made anew at each start, as before, fails this.
+#[tokio::test]
+async fn a_restarted_ds_resets_the_connections_it_had() {
+    use std::os::unix::fs::PermissionsExt as _;
+    timed(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let data = dir.path().join("data");
+        let options = || DsOptions {
+            data_dir: &data,
+            database: None,
+            config: None,
+            rust_log: "info",
+            stderr_log: None,
+        };
+        let mut ds = DsProcess::start(options());
+        let key_file = data.join("stateless-reset.key");
+        let mode = std::fs::metadata(&key_file)
+            .expect("the reset key is written at the first start")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "reset key mode {mode:o}");
+        let mut raw = RawConnection::connect(ds.address, ds.fingerprint)
+            .await
+            .expect("connect");
+        let address = ds.address;
+        ds.kill();
+        let _restarted = DsProcess::start_on(address, options());
+        // Any packet of the old connection reaches the new process, which answers with a reset.
+        let _ = raw.send_raw(&[0u8; 600]).await;
+        let ended = tokio::time::timeout(Duration::from_secs(5), raw.connection.closed())
+            .await
+            .expect("the client learns within 5 s that its connection is gone");
+        assert!(
+            matches!(ended, quinn::ConnectionError::Reset),
+            "ended by {ended}, not a stateless reset"
+        );
+    })
+    .await;
+}
+
+/// A reset key of the wrong size stops the start and says which file to remove.
+#[test]
+fn a_damaged_reset_key_stops_the_start_and_is_named() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(data.join("stateless-reset.key"), b"short").expect("write");
+    let stderr = refused(&mut ds_command(&data));
+    assert!(
+        stderr.contains("stateless-reset.key holds 5 bytes") && stderr.contains("remove it"),
+        "{stderr}"
     );
 }

@@ -273,9 +273,11 @@ impl LocalServer {
         let (identity, _generated) = ServerIdentity::load_or_generate(data_dir)?;
         let fingerprint = identity.fingerprint();
         let store = SqliteStore::open(&database, limits.store_limits())?;
-        let endpoint = tls::bind_endpoint(
+        let reset_key = tls::StatelessResetKey::load_or_generate(data_dir)?;
+        let endpoint = tls::bind_server_endpoint(
             listen,
-            Some(tls::server_config(identity, &limits)?),
+            tls::server_config(identity, &limits)?,
+            &reset_key,
             limits.udp_buffer_bytes,
         )?;
         let address = endpoint.local_addr().map_err(StartError::LocalAddr)?;

@@ -48,10 +48,15 @@ pub struct DsOptions<'a> {
 
 impl DsProcess {
     pub fn start(options: DsOptions<'_>) -> DsProcess {
+        DsProcess::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), options)
+    }
+
+    /// [`DsProcess::start`] on `listen`: the address of a DS that ran before, to start it again.
+    pub fn start_on(listen: SocketAddr, options: DsOptions<'_>) -> DsProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mlschat-ds"));
         command
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen.to_string())
             .arg("--data-dir")
             .arg(options.data_dir)
             .env("RUST_LOG", options.rust_log)
