@@ -14,12 +14,14 @@
 //! - [`config`]: limits and settings, loadable from TOML.
 //! - [`tls`]: certificates and the quinn endpoint configuration.
 //! - [`dir_lock`]: one process per data directory (and per client profile).
+//! - [`signals`]: whether a signal was ignored at start (`nohup`), for both programs.
 
 pub mod client;
 pub mod config;
 pub mod dir_lock;
 pub mod protocol;
 pub mod server;
+pub mod signals;
 pub mod store;
 pub mod tls;
 

@@ -49,38 +49,51 @@ fn default_data_dir() -> Result<PathBuf> {
         .context("cannot determine a data directory; pass --data-dir")
 }
 
-/// Installs the SIGINT and SIGTERM handlers now, before the banner tells anyone the DS is up (a
-/// signal that arrived before would get the default action and kill the process without a
-/// graceful shutdown), and returns the future that completes at the first of them.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now, before the banner tells anyone the DS
+/// is up (a signal that arrived before would get the default action and kill the process without
+/// a graceful shutdown), and returns the future that completes at the first of them. SIGHUP (the
+/// terminal the DS runs in was closed) stops it gracefully too: its default action would end it
+/// at once, even in the middle of a shutdown begun by Ctrl+C, without closing its connections.
+/// A signal ignored when the DS started (`nohup` ignores SIGHUP, a background job SIGINT)
+/// stays ignored.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let signals = {
+    let mut signals: Vec<(&'static str, tokio::signal::unix::Signal)> = {
         use tokio::signal::unix::{SignalKind, signal};
-        (
-            signal(SignalKind::terminate()).ok(),
-            signal(SignalKind::interrupt()).ok(),
-        )
+        [
+            ("SIGTERM", SignalKind::terminate()),
+            ("SIGINT", SignalKind::interrupt()),
+            ("SIGHUP", SignalKind::hangup()),
+        ]
+        .into_iter()
+        .filter(|(name, kind)| {
+            *name == "SIGTERM" || !mlschat_ds::signals::ignored(kind.as_raw_value())
+        })
+        .filter_map(|(name, kind)| signal(kind).ok().map(|signal| (name, signal)))
+        .collect()
     };
     async move {
         #[cfg(unix)]
         {
-            match signals {
-                (Some(mut terminate), Some(mut interrupt)) => {
-                    tokio::select! {
-                        _ = terminate.recv() => {}
-                        _ = interrupt.recv() => {}
-                    }
-                }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+            if signals.is_empty() {
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("shutdown signal received");
+            } else {
+                let waits = signals.iter_mut().map(|(name, signal)| {
+                    Box::pin(async move {
+                        signal.recv().await;
+                        *name
+                    })
+                });
+                let (name, _, _) = futures::future::select_all(waits).await;
+                tracing::info!(signal = name, "shutdown signal received");
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown signal received");
         }
-        tracing::info!("shutdown signal received");
     }
 }
 

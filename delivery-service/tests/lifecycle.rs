@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::{Client, Signer, group, timed, user};
 use mlschat_ds::client::RawConnection;
 use mlschat_ds::config::Limits;
+use mlschat_ds::protocol::ErrorCode;
 use mlschat_ds::store::{SqliteStore, Store as _};
 use mlschat_ds::tls::{self, ServerIdentity};
 use support_durability::{DsOptions, DsProcess};
@@ -261,4 +262,97 @@ fn a_damaged_reset_key_stops_the_start_and_is_named() {
         stderr.contains("stateless-reset.key holds 5 bytes") && stderr.contains("remove it"),
         "{stderr}"
     );
+}
+
+/// SIGHUP (the DS's terminal was closed) stops the DS as SIGTERM does: its connections are closed
+/// with `ShuttingDown` and it exits with status 0. Before, its default action ended the DS at
+/// once, also in the middle of a shutdown begun with Ctrl+C, leaving clients to time out.
+/// Started with SIGHUP ignored (`nohup`), the DS keeps ignoring it.
+#[tokio::test]
+async fn sighup_stops_the_ds_gracefully_unless_it_was_ignored_at_start() {
+    timed(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let log = dir.path().join("ds.log");
+        let mut ds = DsProcess::start(DsOptions {
+            data_dir: &dir.path().join("data"),
+            database: None,
+            config: None,
+            rust_log: "info",
+            stderr_log: Some(&log),
+        });
+        let raw = RawConnection::connect(ds.address, ds.fingerprint)
+            .await
+            .expect("connect");
+        let connection = raw.connection.clone();
+        let mut alice = Client::new(raw, user("alice"), Signer::ed25519());
+        alice.expect_authenticated_by_register().await;
+        ds.signal("HUP");
+        let ended = tokio::time::timeout(Duration::from_secs(15), connection.closed())
+            .await
+            .expect("the DS closes its connections");
+        assert!(
+            matches!(&ended, quinn::ConnectionError::ApplicationClosed(close)
+                if close.error_code == quinn::VarInt::from(ErrorCode::ShuttingDown as u16)),
+            "ended by {ended}"
+        );
+        let status = ds
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .expect("the DS exits after SIGHUP");
+        assert!(status.success(), "{status}");
+        let logged = std::fs::read_to_string(&log).expect("read the log");
+        assert!(
+            logged.contains("SIGHUP") && logged.contains("shut down"),
+            "{logged}"
+        );
+
+        // As `nohup` starts it: SIGHUP ignored from the start.
+        let mut nohup = Command::new("sh")
+            .arg("-c")
+            .arg("trap '' HUP; exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_mlschat-ds"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("nohup"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run mlschat-ds");
+        let stdout = nohup.stdout.take().expect("piped stdout");
+        let (started, banner) = std::sync::mpsc::channel();
+        // Reads stdout to its end: a DS whose stdout is closed fails on its next line.
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.starts_with("mlschat-ds listening on") {
+                    let _ = started.send(());
+                }
+            }
+        });
+        banner
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the DS started");
+        let pid = nohup.id().to_string();
+        let kill = |signal: &str| {
+            let status = Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} failed");
+        };
+        kill("-HUP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let still = nohup.try_wait().expect("poll the DS");
+        assert!(
+            still.is_none(),
+            "SIGHUP stopped a DS started with it ignored: {still:?}"
+        );
+        kill("-TERM");
+        let status = nohup.wait().expect("wait for the DS");
+        assert!(status.success(), "{status}");
+    })
+    .await;
 }

@@ -148,11 +148,16 @@ impl DsProcess {
 
     /// Sends SIGTERM (through `kill(1)`: the crate forbids unsafe code, so no libc).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`, ...) through `kill(1)`.
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM failed: {status}");
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed: {status}");
     }
 
     /// Waits for the process to exit on its own, up to `timeout`. `None` if it did not.
