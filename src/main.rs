@@ -30,6 +30,10 @@ fn init_logging(path: &Path) -> Result<()> {
         )
         .with_writer(std::sync::Mutex::new(file))
         .with_ansi(false)
+        // A log file that cannot be written (a full disk) loses lines, nothing more: the
+        // fallback would print to stderr, which is the TUI's screen, or panic once the
+        // terminal is gone.
+        .log_internal_errors(false)
         .init();
     Ok(())
 }

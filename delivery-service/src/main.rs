@@ -97,6 +97,14 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// A line of the start-up banner on stdout. Unlike `println!`, it does not panic when stdout is
+/// closed (the DS runs without anyone reading it): the address and fingerprint are logged too.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -107,6 +115,10 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never into a file or the journal.
         .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (the pipe to `tee` or the terminal is gone) is lost,
+        // and that is all: the fallback would report it with `eprintln!` to the same stderr,
+        // which panics when stderr is broken and so ended the DS in the middle of a shutdown.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let file = match &cli.config {
@@ -143,10 +155,10 @@ async fn main() -> Result<()> {
         (None, None) => {
             let (identity, generated) = ServerIdentity::load_or_generate(&data_dir)?;
             if generated {
-                println!(
+                say(&format!(
                     "generated a self-signed certificate in {}",
                     data_dir.display()
-                );
+                ));
             }
             identity
         }
@@ -234,10 +246,10 @@ impl Server {
                 }
             }
         };
-        println!("mlschat-ds listening on {address}");
-        println!("database: {backend}");
-        println!("certificate SHA-256: {fingerprint}");
-        println!("data directory: {}", self.data_dir.display());
+        say(&format!("mlschat-ds listening on {address}"));
+        say(&format!("database: {backend}"));
+        say(&format!("certificate SHA-256: {fingerprint}"));
+        say(&format!("data directory: {}", self.data_dir.display()));
         tracing::info!(%address, %fingerprint, backend, "listening");
         mlschat_ds::run(endpoint, store, self.limits, shutdown).await;
         match failure.try_recv() {

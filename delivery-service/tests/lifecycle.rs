@@ -6,6 +6,7 @@
 mod common;
 mod support_durability;
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use mlschat_ds::client::RawConnection;
 use mlschat_ds::config::Limits;
 use mlschat_ds::protocol::ErrorCode;
 use mlschat_ds::store::{SqliteStore, Store as _};
-use mlschat_ds::tls::{self, ServerIdentity};
+use mlschat_ds::tls::{self, CertFingerprint, ServerIdentity};
 use support_durability::{DsOptions, DsProcess};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,51 +308,106 @@ async fn sighup_stops_the_ds_gracefully_unless_it_was_ignored_at_start() {
         );
 
         // As `nohup` starts it: SIGHUP ignored from the start.
-        let mut nohup = Command::new("sh")
-            .arg("-c")
-            .arg("trap '' HUP; exec \"$0\" \"$@\"")
-            .arg(env!("CARGO_BIN_EXE_mlschat-ds"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("nohup"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run mlschat-ds");
-        let stdout = nohup.stdout.take().expect("piped stdout");
-        let (started, banner) = std::sync::mpsc::channel();
-        // Reads stdout to its end: a DS whose stdout is closed fails on its next line.
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.starts_with("mlschat-ds listening on") {
-                    let _ = started.send(());
-                }
-            }
-        });
-        banner
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the DS started");
-        let pid = nohup.id().to_string();
-        let kill = |signal: &str| {
-            let status = Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill {signal} failed");
-        };
-        kill("-HUP");
+        let (mut nohup, _, _) = start_reading_banner(
+            Command::new("sh")
+                .arg("-c")
+                .arg("trap '' HUP; exec \"$0\" \"$@\"")
+                .arg(env!("CARGO_BIN_EXE_mlschat-ds"))
+                .args(["--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.path().join("nohup"))
+                .stdin(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        kill("-HUP", nohup.id());
         tokio::time::sleep(Duration::from_millis(500)).await;
         let still = nohup.try_wait().expect("poll the DS");
         assert!(
             still.is_none(),
             "SIGHUP stopped a DS started with it ignored: {still:?}"
         );
-        kill("-TERM");
+        kill("-TERM", nohup.id());
         let status = nohup.wait().expect("wait for the DS");
+        assert!(status.success(), "{status}");
+    })
+    .await;
+}
+
+/// Starts `command` (an `mlschat-ds` with `--listen 127.0.0.1:0`) with stdout piped and read to
+/// its end, and returns the process and the address and fingerprint its banner gives.
+fn start_reading_banner(
+    command: &mut Command,
+) -> (std::process::Child, SocketAddr, CertFingerprint) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run mlschat-ds");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines, banner) = std::sync::mpsc::channel();
+    // Reads stdout to its end: the DS must not see it closed.
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let (mut address, mut fingerprint) = (None, None);
+    while address.is_none() || fingerprint.is_none() {
+        let line = banner
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the DS prints its banner");
+        if let Some(rest) = line.strip_prefix("mlschat-ds listening on ") {
+            address = rest.trim().parse().ok();
+        }
+        if let Some(rest) = line.strip_prefix("certificate SHA-256: ") {
+            fingerprint = CertFingerprint::from_hex(rest.trim()).ok();
+        }
+    }
+    (
+        child,
+        address.expect("address"),
+        fingerprint.expect("fingerprint"),
+    )
+}
+
+fn kill(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} failed");
+}
+
+/// A DS whose log pipe is gone (it ran as `mlschat-ds 2>&1 | tee`, and Ctrl+C ended `tee` too)
+/// still shuts down gracefully: before, the first log line it could not write made tracing
+/// report the failure with `eprintln!` to the same broken stderr, which panicked (exit 101).
+#[tokio::test]
+async fn a_ds_whose_log_pipe_is_gone_still_shuts_down_gracefully() {
+    timed(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut command = ds_command(&dir.path().join("data"));
+        command.env("RUST_LOG", "info").stderr(Stdio::piped());
+        let (mut ds, address, fingerprint) = start_reading_banner(&mut command);
+        // Nobody reads the log any more.
+        drop(ds.stderr.take());
+        let raw = RawConnection::connect(address, fingerprint)
+            .await
+            .expect("connect");
+        let connection = raw.connection.clone();
+        let mut alice = Client::new(raw, user("alice"), Signer::ed25519());
+        alice.expect_authenticated_by_register().await;
+        kill("-TERM", ds.id());
+        let ended = tokio::time::timeout(Duration::from_secs(15), connection.closed())
+            .await
+            .expect("the DS closes its connections");
+        assert!(
+            matches!(&ended, quinn::ConnectionError::ApplicationClosed(close)
+                if close.error_code == quinn::VarInt::from(ErrorCode::ShuttingDown as u16)),
+            "ended by {ended}"
+        );
+        let status = ds.wait().expect("wait for the DS");
         assert!(status.success(), "{status}");
     })
     .await;
