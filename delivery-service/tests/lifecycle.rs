@@ -281,21 +281,9 @@ async fn sighup_stops_the_ds_gracefully_unless_it_was_ignored_at_start() {
             rust_log: "info",
             stderr_log: Some(&log),
         });
-        let raw = RawConnection::connect(ds.address, ds.fingerprint)
-            .await
-            .expect("connect");
-        let connection = raw.connection.clone();
-        let mut alice = Client::new(raw, user("alice"), Signer::ed25519());
-        alice.expect_authenticated_by_register().await;
+        let (connection, _alice) = registered(ds.address, ds.fingerprint).await;
         ds.signal("HUP");
-        let ended = tokio::time::timeout(Duration::from_secs(15), connection.closed())
-            .await
-            .expect("the DS closes its connections");
-        assert!(
-            matches!(&ended, quinn::ConnectionError::ApplicationClosed(close)
-                if close.error_code == quinn::VarInt::from(ErrorCode::ShuttingDown as u16)),
-            "ended by {ended}"
-        );
+        closed_shutting_down(&connection).await;
         let status = ds
             .wait_exit(Duration::from_secs(15))
             .await
@@ -392,23 +380,37 @@ async fn a_ds_whose_log_pipe_is_gone_still_shuts_down_gracefully() {
         let (mut ds, address, fingerprint) = start_reading_banner(&mut command);
         // Nobody reads the log any more.
         drop(ds.stderr.take());
-        let raw = RawConnection::connect(address, fingerprint)
-            .await
-            .expect("connect");
-        let connection = raw.connection.clone();
-        let mut alice = Client::new(raw, user("alice"), Signer::ed25519());
-        alice.expect_authenticated_by_register().await;
+        let (connection, _alice) = registered(address, fingerprint).await;
         kill("-TERM", ds.id());
-        let ended = tokio::time::timeout(Duration::from_secs(15), connection.closed())
-            .await
-            .expect("the DS closes its connections");
-        assert!(
-            matches!(&ended, quinn::ConnectionError::ApplicationClosed(close)
-                if close.error_code == quinn::VarInt::from(ErrorCode::ShuttingDown as u16)),
-            "ended by {ended}"
-        );
+        closed_shutting_down(&connection).await;
         let status = ds.wait().expect("wait for the DS");
         assert!(status.success(), "{status}");
     })
     .await;
+}
+
+/// A connection to the DS at `address` on which alice registered, and alice's client.
+async fn registered(
+    address: SocketAddr,
+    fingerprint: CertFingerprint,
+) -> (quinn::Connection, Client) {
+    let raw = RawConnection::connect(address, fingerprint)
+        .await
+        .expect("connect");
+    let connection = raw.connection.clone();
+    let mut alice = Client::new(raw, user("alice"), Signer::ed25519());
+    alice.expect_authenticated_by_register().await;
+    (connection, alice)
+}
+
+/// Waits for the DS to close `connection` as a graceful shutdown does.
+async fn closed_shutting_down(connection: &quinn::Connection) {
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection.closed())
+        .await
+        .expect("the DS closes its connections");
+    assert!(
+        matches!(&ended, quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from(ErrorCode::ShuttingDown as u16)),
+        "ended by {ended}"
+    );
 }
