@@ -207,19 +207,32 @@ impl std::fmt::Debug for StatelessResetKey {
 }
 
 impl StatelessResetKey {
-    /// A key for this process only (tests, embedded use): as quinn's default.
+    /// A key for this process only (tests, embedded use).
     pub fn random() -> StatelessResetKey {
         let mut key = Box::new([0u8; RESET_KEY_LEN]);
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key[..]);
         StatelessResetKey(key)
     }
 
-    /// Loads `stateless-reset.key` from `data_dir`, making it on first start.
+    /// Loads `stateless-reset.key` from `data_dir`, making it on first start. The file is
+    /// written under another name, synced and then renamed into place, so a crash or a full disk
+    /// while it is made never leaves a short key that would stop every later start.
     pub fn load_or_generate(data_dir: &Path) -> Result<StatelessResetKey, TlsError> {
         let path = data_dir.join(RESET_KEY_FILE);
         if !path.exists() {
             let key = StatelessResetKey::random();
-            write_private(&path, &key.0[..])?;
+            let partial = data_dir.join(format!("{RESET_KEY_FILE}.partial"));
+            // What a crash left while making one before: never in use.
+            let _ = std::fs::remove_file(&partial);
+            write_private(&partial, &key.0[..])?;
+            let write_error = |source| TlsError::Write {
+                path: path.clone(),
+                source,
+            };
+            std::fs::rename(&partial, &path).map_err(write_error)?;
+            std::fs::File::open(data_dir)
+                .and_then(|directory| directory.sync_all())
+                .map_err(write_error)?;
             return Ok(key);
         }
         let bytes = read(&path)?;
@@ -231,23 +244,99 @@ impl StatelessResetKey {
                     path: path.clone(),
                     found: bytes.len(),
                 })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            if let Ok(metadata) = std::fs::metadata(&path)
+                && metadata.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the stateless reset key is readable by others than the DS's user; \
+                     chmod 600 it"
+                );
+            }
+        }
         Ok(StatelessResetKey(Box::new(key)))
     }
 
+    fn hmac_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..])
+    }
+
+    /// The endpoint answers with a reset only packets whose connection ID it could have issued,
+    /// which it checks with the connection-ID generator's key: that key must outlive the process
+    /// too, so it comes from the same secret.
+    fn connection_ids(&self) -> KeyedConnectionIds {
+        let derived = ring::hmac::sign(&self.hmac_key(), b"mlschat-ds connection id generator");
+        KeyedConnectionIds(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            derived.as_ref(),
+        ))
+    }
+
     fn endpoint_config(&self) -> quinn::EndpointConfig {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
-        // The endpoint answers with a reset only packets whose connection ID it could have
-        // issued, which it checks with a key of the connection-ID generator's: that key must
-        // outlive the process too, so it comes from the same secret.
-        let tag = ring::hmac::sign(&key, b"mlschat-ds connection id generator");
-        let mut cid_key = [0u8; 8];
-        cid_key.copy_from_slice(&tag.as_ref()[..8]);
-        let cid_key = u64::from_le_bytes(cid_key);
-        let mut config = quinn::EndpointConfig::new(Arc::new(key));
-        config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
+        let mut config = quinn::EndpointConfig::new(Arc::new(self.hmac_key()));
+        let connection_ids = self.connection_ids();
+        config.cid_generator(move || Box::new(connection_ids.clone()));
+        // quinn sends at most one reset per interval on the whole endpoint (20 ms by default,
+        // 50 a second): after a restart with thousands of clients, most would wait for their
+        // next retransmission, or their idle timeout. A reset is smaller than the packet that
+        // prompts it and goes only to packets with a connection ID this DS issued (see
+        // `KeyedConnectionIds`), so a higher rate amplifies nothing.
+        config.min_reset_interval(Duration::from_millis(1));
         config
+    }
+}
+
+/// Connection IDs of [`CID_RANDOM_LEN`] random bytes and a [`CID_TAG_LEN`]-byte tag keyed from
+/// the stateless reset key. The tag lets the endpoint answer with a reset only packets whose
+/// connection ID it issued, in this process or an earlier one; the random part is long enough
+/// that no two connections, before and after any number of restarts, get the same ID (and so
+/// the same reset token, RFC 9000, section 10.3.2). quinn's own keyed generator has 3 random
+/// bytes, which is enough only for a key that dies with the process.
+#[derive(Clone)]
+struct KeyedConnectionIds(ring::hmac::Key);
+
+const CID_RANDOM_LEN: usize = 12;
+const CID_TAG_LEN: usize = 4;
+
+impl KeyedConnectionIds {
+    fn tag(&self, random: &[u8]) -> [u8; CID_TAG_LEN] {
+        let mut tag = [0u8; CID_TAG_LEN];
+        tag.copy_from_slice(&ring::hmac::sign(&self.0, random).as_ref()[..CID_TAG_LEN]);
+        tag
+    }
+}
+
+impl quinn::ConnectionIdGenerator for KeyedConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; CID_RANDOM_LEN + CID_TAG_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes[..CID_RANDOM_LEN]);
+        let tag = self.tag(&bytes[..CID_RANDOM_LEN]);
+        bytes[CID_RANDOM_LEN..].copy_from_slice(&tag);
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn validate(&self, cid: &quinn::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if cid.len() != CID_RANDOM_LEN + CID_TAG_LEN {
+            return Err(quinn_proto::InvalidCid);
+        }
+        let (random, tag) = cid.split_at(CID_RANDOM_LEN);
+        // Not a secret comparison: a wrong tag only means no reset is sent.
+        if self.tag(random) == tag {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_RANDOM_LEN + CID_TAG_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
 
@@ -490,7 +579,7 @@ pub fn bind_endpoint(
 ) -> Result<quinn::Endpoint, TlsError> {
     bind(
         address,
-        StatelessResetKey::random().endpoint_config(),
+        quinn::EndpointConfig::default(),
         server_config,
         buffer_bytes,
     )
@@ -606,6 +695,51 @@ mod tests {
         let (again, generated) = ServerIdentity::load_or_generate(dir.path()).expect("load");
         assert!(!generated);
         assert_eq!(first.fingerprint(), again.fingerprint());
+    }
+
+    #[test]
+    fn the_reset_key_is_made_once_privately_and_then_loaded() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // A partial key a crash left behind is not taken for the key.
+        std::fs::write(dir.path().join("stateless-reset.key.partial"), b"half").expect("write");
+        let first = StatelessResetKey::load_or_generate(dir.path()).expect("generate");
+        let again = StatelessResetKey::load_or_generate(dir.path()).expect("load");
+        assert_eq!(first.0, again.0);
+        assert!(!dir.path().join("stateless-reset.key.partial").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(dir.path().join("stateless-reset.key"))
+                .expect("the key file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        }
+    }
+
+    #[test]
+    fn connection_ids_are_recognised_across_restarts_and_only_with_the_same_key() {
+        use quinn::ConnectionIdGenerator as _;
+        let key = StatelessResetKey::random();
+        let mut before = key.connection_ids();
+        let after = StatelessResetKey(key.0.clone()).connection_ids();
+        let other = StatelessResetKey::random().connection_ids();
+        let ids: Vec<quinn::ConnectionId> = (0..100).map(|_| before.generate_cid()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), before.cid_len());
+            assert!(after.validate(id).is_ok(), "a restarted DS knows {id}");
+            assert!(
+                other.validate(id).is_err(),
+                "another key does not know {id}"
+            );
+            let mut changed = id.to_vec();
+            changed[0] ^= 1;
+            assert!(after.validate(&quinn::ConnectionId::new(&changed)).is_err());
+        }
+        let distinct: std::collections::HashSet<Vec<u8>> =
+            ids.iter().map(|id| id.to_vec()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(after.validate(&quinn::ConnectionId::new(&[7; 8])).is_err());
     }
 
     /// Captures what `tracing` writes while a closure runs.

@@ -1001,8 +1001,14 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             let index = state.group_entry(&group);
             let text = timeline::rename_overtaken(&by, &state.me, &name, &group.name);
             state.system_line(index, text, false);
-            // Our rename is done, even if another one came after it.
-            if by == state.me && matches!(state.status, Some((_, Severity::Info))) {
+            // Our rename is done, but the name is another member's: say so where the user looks,
+            // whichever group is on screen.
+            if by == state.me && name != group.name {
+                state.info(format!(
+                    "the group is called {}: a rename came after yours to {name}",
+                    group.name
+                ));
+            } else if by == state.me && matches!(state.status, Some((_, Severity::Info))) {
                 state.status = None;
             }
         }

@@ -932,7 +932,16 @@ fn an_overtaken_rename_gets_a_line_and_keeps_the_name() {
         "another member's rename says nothing of ours"
     );
     update(&mut state, overtaken("alice", "mine"));
-    assert_eq!(state.status, None, "our rename is done all the same");
+    assert_eq!(
+        state.status,
+        Some((
+            "the group is called crew: a rename came after yours to mine".into(),
+            Severity::Info
+        )),
+        "our rename is done, and the notice says what became of it"
+    );
+    // The same name as the one that stands: a plain rename line.
+    update(&mut state, overtaken("carol", "crew"));
     assert_eq!(state.groups[0].name, "crew");
     assert_eq!(
         system_lines(&state, 0),
@@ -945,7 +954,8 @@ fn an_overtaken_rename_gets_a_line_and_keeps_the_name() {
             (
                 "you renamed the group to mine, before the rename to crew",
                 false
-            )
+            ),
+            ("carol renamed the group to crew", false)
         ]
     );
 }

@@ -203,9 +203,14 @@ pub mod timeline {
         }
     }
 
-    /// A rename the DS ordered before the one that gave the group its name `current`.
+    /// A rename the DS ordered before the one that gave the group its name `current` (the
+    /// same name or not).
     pub fn rename_overtaken(by: &str, me: &str, name: &str, current: &str) -> String {
-        format!("{}, before the rename to {current}", renamed(by, me, name))
+        if name == current {
+            renamed(by, me, name)
+        } else {
+            format!("{}, before the rename to {current}", renamed(by, me, name))
+        }
     }
 
     pub fn new_epoch(epoch: u64, code: &str) -> String {
