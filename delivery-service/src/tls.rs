@@ -543,6 +543,19 @@ pub fn client_config(pinned: CertFingerprint) -> Result<quinn::ClientConfig, Tls
     client_config_with(provider, Arc::new(verifier))
 }
 
+/// How long a client's connection stays silent before it sends a keep-alive: it keeps an idle
+/// connection (and any NAT mapping on the way) open, and its going unanswered is how a DS that
+/// has gone is found out.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// How long a client waits without hearing from its DS before it counts the connection as gone
+/// and reconnects (the effective timeout is the smaller of this and the DS's
+/// `idle_timeout_secs`). It is what a client has to go on when the DS's host vanished without a
+/// stateless reset (frozen, cut off, powered off): three keep-alive intervals, so a keep-alive
+/// lost on the way does not end a healthy connection, but not a minute of "connected" to a
+/// server that is gone.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn client_config_with(
     provider: Arc<rustls::crypto::CryptoProvider>,
     verifier: Arc<dyn ServerCertVerifier>,
@@ -560,8 +573,8 @@ fn client_config_with(
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_uni_streams(0u32.into())
-        .keep_alive_interval(Some(Duration::from_secs(10)))
-        .max_idle_timeout(Duration::from_secs(60).try_into().ok())
+        .keep_alive_interval(Some(CLIENT_KEEP_ALIVE))
+        .max_idle_timeout(CLIENT_IDLE_TIMEOUT.try_into().ok())
         .send_window(16 * 1024 * 1024)
         .stream_receive_window((16u32 * 1024 * 1024).into())
         .receive_window((32u32 * 1024 * 1024).into());
