@@ -285,7 +285,7 @@ async fn a_ds_that_stops_answering_is_given_up_at_the_clients_idle_timeout() {
     );
     assert!(
         waited >= tls::CLIENT_IDLE_TIMEOUT - Duration::from_secs(5),
-        "gave up after {waited:?}, before its idle timeout: keep-alives do not keep it open"
+        "gave up after {waited:?}, sooner than its idle timeout allows"
     );
 }
 
