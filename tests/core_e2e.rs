@@ -261,6 +261,96 @@ async fn offline_member_catches_up() {
     .await;
 }
 
+/// A member removed and added again while its client was stopped gets, once it starts, what
+/// was sent before its removal, the removal, then the Welcome of each re-addition with what
+/// followed it, and never what was sent while it was out. Twice over, so that the DS keeps
+/// more than one unfinished membership of one user in one group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
+    timed(Duration::from_secs(120), async {
+        let (_ds, _root, [mut alice, mut bob, mut carol]) =
+            start_peers(["alice", "bob", "carol"]).await;
+        let group = create_group(&mut alice, "in and out").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        carol.stop().await;
+
+        let mut for_carol = Vec::new();
+        let mut not_for_carol = Vec::new();
+        for round in 0..2 {
+            let before = format!("before carol's removal #{round}");
+            alice.send_text(&id, &before);
+            alice.wait_sent(&id, &before).await;
+            for_carol.push(before);
+            alice.command(Command::Kick {
+                group: id.clone(),
+                user: user("carol"),
+            });
+            alice
+                .wait_for("carol removed", |event| {
+                    matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
+                })
+                .await;
+            let out = format!("while carol is out #{round}");
+            bob.send_text(&id, &out);
+            bob.wait_sent(&id, &out).await;
+            not_for_carol.push(out);
+            alice.command(Command::Invite {
+                group: id.clone(),
+                users: vec![user("carol")],
+            });
+            alice
+                .wait_for("carol added", |event| {
+                    matches!(event, CoreEvent::MemberAdded { group, user, .. } if group.id == id && user == "carol")
+                })
+                .await;
+        }
+        let back = "after carol is back".to_string();
+        bob.send_text(&id, &back);
+        bob.wait_sent(&id, &back).await;
+        for_carol.push(back);
+
+        carol.restart().await;
+        for before in &for_carol[..2] {
+            carol.wait_message(&id, before).await;
+            carol
+                .wait_for("removed", |event| {
+                    matches!(event, CoreEvent::Left { group, by } if group.id == id && by == "alice")
+                })
+                .await;
+            carol
+                .wait_for("joined again", |event| {
+                    matches!(event, CoreEvent::Joined { group, by } if group.id == id && by == "alice")
+                })
+                .await;
+        }
+        carol.wait_message(&id, &for_carol[2]).await;
+        carol.send_text(&id, "hello again");
+        carol.wait_sent(&id, "hello again").await;
+        alice.wait_message(&id, "hello again").await;
+        bob.wait_message(&id, "hello again").await;
+        let (_, _, members) = converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        assert_eq!(members, 3);
+        let received: Vec<String> = carol
+            .messages(&id)
+            .into_iter()
+            .map(|(_, text, _)| text)
+            .collect();
+        assert_eq!(received, for_carol, "carol's messages");
+        assert!(
+            received.iter().all(|text| !not_for_carol.contains(text)),
+            "carol read what was sent while she was out"
+        );
+        assert_in_order(&mut carol, &id);
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
 /// A member's client processes deliveries without an fsync each and acknowledges them only once
 /// a sync made them durable: with the sync held back for seconds, the DS's cursor for the
 /// member stays behind the messages shown, then reaches the last one with no further traffic,

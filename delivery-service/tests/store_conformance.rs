@@ -108,6 +108,7 @@ macro_rules! conformance {
                 idempotency_outlives_purged_messages,
                 application_messages_are_checked,
                 membership_changes_route_welcome_and_cut_off_removed_members,
+                a_member_removed_and_added_again_keeps_what_it_had_not_fetched,
                 invalid_membership_changes_are_rejected_without_side_effects,
                 ack_moves_cursor_forward_only_and_is_clamped,
                 fetch_pages_through_the_log,
@@ -1214,6 +1215,169 @@ async fn membership_changes_route_welcome_and_cut_off_removed_members<B: Backend
     assert_eq!(seqs(&bobs_view), vec![6]);
     assert_eq!(bobs_view[0].kind, DeliveryKind::Welcome as u8);
     assert_eq!(bobs_view[0].payload.as_slice(), b"welcome bob again");
+}
+
+/// A member removed and added again before it fetched its removal keeps the rest of its first
+/// membership: its client must process the removal before it can take the new Welcome. Twice
+/// over, so that three memberships of one user in one group are kept at once.
+async fn a_member_removed_and_added_again_keeps_what_it_had_not_fetched<B: Backend>(backend: B) {
+    let store = backend.open(StoreLimits::default()).await;
+    let alice = user("alice");
+    let bob = user("bob");
+    let g = group("in-and-out");
+    group_with_members(&store, &g, &alice, &[&bob]).await;
+    store.ack(&bob, &g, 1).await.expect("bob takes his Welcome");
+    // Seqs: 2 for bob, 3 removes him, 4 not for him, 5 adds him again, 6 for him, 7 removes
+    // him, 8 not for him, 9 adds him again, 10 for him.
+    let mut epoch = 1;
+    let mut n = 0;
+    let mut next_id = || {
+        n += 1;
+        message_id(40, n)
+    };
+    for round in 0..2 {
+        let text = format!("before removal {round}");
+        store
+            .append(application(&g, &alice, epoch, next_id(), text.as_bytes()))
+            .await
+            .expect("append");
+        store
+            .append(commit(
+                &g,
+                &alice,
+                epoch,
+                next_id(),
+                b"remove bob",
+                removing(&[&bob]),
+            ))
+            .await
+            .expect("remove bob");
+        epoch += 1;
+        store
+            .append(application(&g, &alice, epoch, next_id(), b"not for bob"))
+            .await
+            .expect("append");
+        let welcome = format!("welcome bob {round}");
+        let added = store
+            .append(commit(
+                &g,
+                &alice,
+                epoch,
+                next_id(),
+                b"add bob",
+                adding(&[&bob], welcome.as_bytes()),
+            ))
+            .await
+            .expect("add bob again");
+        assert_eq!(added.added, vec![bob.clone()]);
+        epoch += 1;
+    }
+    let last = store
+        .append(application(&g, &alice, epoch, next_id(), b"after"))
+        .await
+        .expect("append");
+    assert_eq!((last.seq, last.epoch), (10, 5));
+    assert_eq!(
+        store
+            .append(commit(
+                &g,
+                &alice,
+                epoch,
+                next_id(),
+                b"c",
+                adding(&[&bob], b"w")
+            ))
+            .await,
+        Err(StoreError::InvalidMembership(
+            "bob is already a member".into()
+        )),
+        "only one membership is current"
+    );
+
+    let expected: Vec<(Seq, u8, Epoch, &[u8])> = vec![
+        (2, DeliveryKind::Application as u8, 1, b"before removal 0"),
+        (3, DeliveryKind::Commit as u8, 1, b"remove bob"),
+        (5, DeliveryKind::Welcome as u8, 3, b"welcome bob 0"),
+        (6, DeliveryKind::Application as u8, 3, b"before removal 1"),
+        (7, DeliveryKind::Commit as u8, 3, b"remove bob"),
+        (9, DeliveryKind::Welcome as u8, 5, b"welcome bob 1"),
+        (10, DeliveryKind::Application as u8, 5, b"after"),
+    ];
+    let view = |deliveries: &[mlschat_ds::protocol::Delivery]| -> Vec<(Seq, u8, Epoch, Vec<u8>)> {
+        deliveries
+            .iter()
+            .map(|d| (d.seq, d.kind, d.epoch, d.payload.as_slice().to_vec()))
+            .collect()
+    };
+    let expected_view: Vec<(Seq, u8, Epoch, Vec<u8>)> = expected
+        .iter()
+        .map(|(seq, kind, epoch, payload)| (*seq, *kind, *epoch, payload.to_vec()))
+        .collect();
+    assert_eq!(view(&fetch_all(&store, &bob, &g, 1).await), expected_view);
+    // One delivery per page, across the memberships, never an empty page that says "more".
+    let mut paged = Vec::new();
+    let mut after = 1;
+    loop {
+        let page = store.fetch(&bob, &g, after, 1).await.expect("fetch");
+        assert!(page.deliveries.len() <= 1);
+        if let Some(delivery) = page.deliveries.last() {
+            after = delivery.seq;
+        } else {
+            assert!(!page.more, "an empty page said there was more");
+        }
+        paged.extend(page.deliveries);
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(view(&paged), expected_view);
+    assert_eq!(
+        memberships_map(store.memberships(&bob).await.expect("memberships")),
+        BTreeMap::from([(g.as_bytes().to_vec(), 1)]),
+        "the oldest membership's cursor"
+    );
+    assert_eq!(store.cursor(&bob, &g).await, Ok(Some(1)));
+
+    // The purge keeps what bob has not fetched of each membership.
+    store.ack(&alice, &g, 10).await.expect("ack");
+    let purged = store.purge(0).await.expect("purge");
+    assert_eq!(view(&fetch_all(&store, &bob, &g, 1).await), expected_view);
+    assert_eq!(
+        purged.messages, 3,
+        "1, 4 and 8 were delivered to everyone who gets them"
+    );
+
+    // Acknowledging a removal ends that membership; the next one takes over.
+    store.ack(&bob, &g, 3).await.expect("ack");
+    assert_eq!(store.cursor(&bob, &g).await, Ok(Some(4)));
+    assert_eq!(
+        view(&fetch_all(&store, &bob, &g, 3).await),
+        expected_view[2..]
+    );
+    store.ack(&bob, &g, 10).await.expect("ack");
+    assert_eq!(store.cursor(&bob, &g).await, Ok(Some(10)));
+    assert_eq!(
+        memberships_map(store.memberships(&bob).await.expect("memberships")),
+        BTreeMap::from([(g.as_bytes().to_vec(), 10)])
+    );
+    let from_bob = store
+        .append(application(&g, &bob, epoch, next_id(), b"hello again"))
+        .await
+        .expect("bob sends in his current membership");
+    assert_eq!(from_bob.seq, 11);
+    // Removing him now ends only the current membership.
+    store
+        .append(commit(
+            &g,
+            &alice,
+            epoch,
+            next_id(),
+            b"remove bob",
+            removing(&[&bob]),
+        ))
+        .await
+        .expect("remove bob");
+    assert_eq!(seqs(&fetch_all(&store, &bob, &g, 10).await), vec![11, 12]);
 }
 
 async fn invalid_membership_changes_are_rejected_without_side_effects<B: Backend>(backend: B) {

@@ -189,6 +189,55 @@ pub(crate) fn delivery_for_member(
     }))
 }
 
+/// One membership of a user in a group, as the `members` table of either backend holds it: a
+/// user removed and added again before it fetched its removal has two (see
+/// [`Store::fetch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemberSpan {
+    /// The seq of the commit that added the user (0: the creator).
+    pub joined_seq: Seq,
+    /// The seq of the commit that removed it, if one did.
+    pub left_seq: Option<Seq>,
+    /// The last seq the user acknowledged within this membership.
+    pub cursor: Seq,
+}
+
+impl MemberSpan {
+    /// The seqs `(start, end]` of this membership after `after_seq`, if any are left.
+    pub fn range_after(&self, after_seq: Seq) -> Option<(Seq, Seq)> {
+        let start = after_seq.max(self.joined_seq.saturating_sub(1));
+        let end = self.left_seq.unwrap_or(Seq::MAX);
+        (start < end).then_some((start, end))
+    }
+}
+
+impl FetchPage {
+    /// Adds a stored message read within `span` to a page of at most `limit` deliveries.
+    /// Returns true, with `more` set, if the page was already full.
+    pub(crate) fn push(
+        &mut self,
+        group_id: &GroupId,
+        span: &MemberSpan,
+        message: StoredMessage,
+        limit: u64,
+    ) -> Result<bool, StoreError> {
+        if self.deliveries.len() as u64 >= limit {
+            self.more = true;
+            return Ok(true);
+        }
+        if let Some(delivery) = delivery_for_member(group_id, span.joined_seq, message)? {
+            self.deliveries.push(delivery);
+        }
+        Ok(false)
+    }
+
+    /// How many stored messages to read for the rest of a page of `limit`: one more than
+    /// fits, to learn whether there are more.
+    pub(crate) fn rows_to_read(&self, limit: u64) -> u64 {
+        (limit + 1).saturating_sub(self.deliveries.len() as u64)
+    }
+}
+
 /// An append submitted with [`Store::submit_append`].
 #[derive(Debug)]
 pub enum PendingAppend {
@@ -322,12 +371,15 @@ pub trait Store: Send + Sync + 'static {
         async move { PendingAppend::Done(self.append(request).await) }
     }
 
+    /// The groups the user has access to, each with the lowest cursor of its memberships
+    /// there (see [`Store::fetch`]).
     fn memberships(
         &self,
         user: &UserName,
     ) -> impl Future<Output = Result<Vec<Membership>, StoreError>> + Send;
 
-    /// The user's acknowledged cursor in the group, if it has access to it.
+    /// The user's acknowledged cursor in the group (the lowest of its memberships there), if
+    /// it has access to it.
     fn cursor(
         &self,
         user: &UserName,
@@ -335,6 +387,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Seq>, StoreError>> + Send;
 
     /// Messages after `after_seq` as delivered to `user` (Welcome substitution, removal cut-off).
+    ///
+    /// A user removed and then added again before it fetched the commit that removed it gets
+    /// the rest of its first membership, up to that commit, then the Welcome of the second and
+    /// what follows it; not what was sent while it was out. Its client has to process its
+    /// removal before it can join again from the Welcome.
     fn fetch(
         &self,
         user: &UserName,

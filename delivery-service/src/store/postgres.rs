@@ -32,14 +32,14 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, Statement};
 
 use super::url::redact_postgres_url;
 use super::{
-    AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, NewKeyPackage, Purged,
-    Registration, RemoteAppend, Store, StoreError, StoreLimits, StoredMessage, check_append_rules,
-    check_membership_shape, delivery_for_member, now_unix_secs, payload_hash,
+    AppendRequest, Appended, ClaimedKeyPackage, FetchPage, MemberSpan, Membership, NewKeyPackage,
+    Purged, Registration, RemoteAppend, Store, StoreError, StoreLimits, StoredMessage,
+    check_append_rules, check_membership_shape, now_unix_secs, payload_hash,
 };
 use crate::protocol::{DeliveryKind, GroupId, Seq, UserName};
 
 /// The schema version this code writes (table `mlschat_schema`).
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 /// Key of the advisory lock that serialises migrations of nodes starting together.
 const MIGRATION_LOCK: i64 = 0x6d6c_7363_6861_7401;
 /// Tag of the advisory lock that lets one node at a time purge (combined with the schema, so
@@ -113,7 +113,17 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_by_time ON idempotency (created_at);
 ";
 
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1];
+/// Version 2: one row per membership, not per user and group, as in the SQLite backend's
+/// version 6: a member removed and added again before it fetched its removal keeps the rest of
+/// its first membership beside the new one. At most one membership per user and group is
+/// current.
+const SCHEMA_V2: &str = "
+ALTER TABLE members DROP CONSTRAINT members_pkey;
+ALTER TABLE members ADD PRIMARY KEY (group_id, user_name, joined_seq);
+CREATE UNIQUE INDEX members_current ON members (group_id, user_name) WHERE left_seq IS NULL;
+";
+
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
 
 /// Tuning of the PostgreSQL backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -695,8 +705,12 @@ impl Statements {
                  WHERE group_id = $1 AND sender = $2 AND client_message_id = $3",
             )
             .await?,
-            member: prepare("SELECT left_seq FROM members WHERE group_id = $1 AND user_name = $2")
-                .await?,
+            // The current membership only; earlier ones may still be waiting to be fetched.
+            member: prepare(
+                "SELECT left_seq FROM members
+                 WHERE group_id = $1 AND user_name = $2 AND left_seq IS NULL",
+            )
+            .await?,
             user: prepare("SELECT 1 FROM users WHERE name = $1").await?,
             insert_message: prepare(
                 "INSERT INTO messages (group_id, seq, epoch, kind, sender, payload, welcome, created_at)
@@ -714,14 +728,15 @@ impl Statements {
             )
             .await?,
             remove: prepare(
-                "UPDATE members SET left_seq = $3 WHERE group_id = $1 AND user_name = $2",
+                "UPDATE members SET left_seq = $3
+                 WHERE group_id = $1 AND user_name = $2 AND left_seq IS NULL",
             )
             .await?,
             add: prepare(
+                // A membership that ended before its member fetched its removal stays beside
+                // this one (schema version 2).
                 "INSERT INTO members (group_id, user_name, joined_seq, left_seq, cursor_seq)
-                 VALUES ($1, $2, $3, NULL, $4)
-                 ON CONFLICT (group_id, user_name) DO UPDATE
-                 SET joined_seq = EXCLUDED.joined_seq, left_seq = NULL, cursor_seq = EXCLUDED.cursor_seq",
+                 VALUES ($1, $2, $3, NULL, $4)",
             )
             .await?,
             notify: prepare("SELECT pg_notify($1, $2)").await?,
@@ -1202,7 +1217,10 @@ impl Store for PostgresStore {
     async fn memberships(&self, user: &UserName) -> Result<Vec<Membership>, StoreError> {
         let client = self.client().await?;
         let statement = client
-            .prepare_cached("SELECT group_id, cursor_seq FROM members WHERE user_name = $1")
+            .prepare_cached(
+                "SELECT group_id, MIN(cursor_seq) FROM members WHERE user_name = $1
+                 GROUP BY group_id",
+            )
             .await
             .map_err(backend)?;
         let rows = client
@@ -1223,14 +1241,17 @@ impl Store for PostgresStore {
     async fn cursor(&self, user: &UserName, group_id: &GroupId) -> Result<Option<Seq>, StoreError> {
         let client = self.client().await?;
         let statement = client
-            .prepare_cached("SELECT cursor_seq FROM members WHERE group_id = $1 AND user_name = $2")
+            .prepare_cached(
+                "SELECT MIN(cursor_seq) FROM members WHERE group_id = $1 AND user_name = $2",
+            )
             .await
             .map_err(backend)?;
-        Ok(client
-            .query_opt(&statement, &[&group_id.as_bytes(), &user.as_str()])
+        let cursor: Option<i64> = client
+            .query_one(&statement, &[&group_id.as_bytes(), &user.as_str()])
             .await
             .map_err(backend)?
-            .map(|row| from_sql(row.get(0))))
+            .get(0);
+        Ok(cursor.map(from_sql))
     }
 
     async fn fetch(
@@ -1243,21 +1264,25 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let member = client
             .prepare_cached(
-                "SELECT joined_seq, left_seq FROM members WHERE group_id = $1 AND user_name = $2",
+                "SELECT joined_seq, left_seq, cursor_seq FROM members
+                 WHERE group_id = $1 AND user_name = $2 ORDER BY joined_seq",
             )
             .await
             .map_err(backend)?;
-        let Some(row) = client
-            .query_opt(&member, &[&group_id.as_bytes(), &user.as_str()])
+        let spans: Vec<MemberSpan> = client
+            .query(&member, &[&group_id.as_bytes(), &user.as_str()])
             .await
             .map_err(backend)?
-        else {
+            .into_iter()
+            .map(|row| MemberSpan {
+                joined_seq: from_sql(row.get(0)),
+                left_seq: row.get::<_, Option<i64>>(1).map(from_sql),
+                cursor: from_sql(row.get(2)),
+            })
+            .collect();
+        if spans.is_empty() {
             return Err(StoreError::NotMember);
-        };
-        let joined_seq = from_sql(row.get(0));
-        let left_seq: Option<i64> = row.get(1);
-        let start = after_seq.max(joined_seq.saturating_sub(1));
-        let end = left_seq.map_or(u64::MAX, from_sql);
+        }
         let limit = u64::from(limit.max(1));
         let statement = client
             .prepare_cached(
@@ -1266,38 +1291,41 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(backend)?;
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &group_id.as_bytes(),
-                    &to_sql(start),
-                    &to_sql(end),
-                    &to_sql(limit + 1),
-                ],
-            )
-            .await
-            .map_err(backend)?;
-        let mut deliveries = Vec::new();
-        let mut more = false;
-        for row in rows {
-            if deliveries.len() as u64 == limit {
-                more = true;
-                break;
-            }
-            let stored = StoredMessage {
-                seq: from_sql(row.get(0)),
-                epoch: from_sql(row.get(1)),
-                kind: i64::from(row.get::<_, i16>(2)),
-                sender: row.get(3),
-                payload: row.get(4),
-                welcome: row.get(5),
+        let mut page = FetchPage {
+            deliveries: Vec::new(),
+            more: false,
+        };
+        for span in spans {
+            let Some((start, end)) = span.range_after(after_seq) else {
+                continue;
             };
-            if let Some(delivery) = delivery_for_member(group_id, joined_seq, stored)? {
-                deliveries.push(delivery);
+            let rows = client
+                .query(
+                    &statement,
+                    &[
+                        &group_id.as_bytes(),
+                        &to_sql(start),
+                        &to_sql(end),
+                        &to_sql(page.rows_to_read(limit)),
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            for row in rows {
+                let stored = StoredMessage {
+                    seq: from_sql(row.get(0)),
+                    epoch: from_sql(row.get(1)),
+                    kind: i64::from(row.get::<_, i16>(2)),
+                    sender: row.get(3),
+                    payload: row.get(4),
+                    welcome: row.get(5),
+                };
+                if page.push(group_id, &span, stored, limit)? {
+                    return Ok(page);
+                }
             }
         }
-        Ok(FetchPage { deliveries, more })
+        Ok(page)
     }
 
     async fn ack(&self, user: &UserName, group_id: &GroupId, seq: Seq) -> Result<(), StoreError> {

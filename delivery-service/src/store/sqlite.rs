@@ -11,9 +11,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    AppendRequest, Appended, ClaimedKeyPackage, FetchPage, Membership, MembershipChange,
-    NewKeyPackage, PendingAppend, Purged, Registration, Store, StoreError, StoreLimits,
-    StoredMessage, check_append_rules, check_membership_shape, delivery_for_member, now_unix_secs,
+    AppendRequest, Appended, ClaimedKeyPackage, FetchPage, MemberSpan, Membership,
+    MembershipChange, NewKeyPackage, PendingAppend, Purged, Registration, Store, StoreError,
+    StoreLimits, StoredMessage, check_append_rules, check_membership_shape, now_unix_secs,
     payload_hash,
 };
 use crate::protocol::{DeliveryKind, GroupId, Seq, UserName};
@@ -28,7 +28,7 @@ const UNSYNCED_BATCHES: usize = 64;
 /// opening connections (and file descriptors, and blocking threads) without bound under load.
 const MAX_READERS: usize = 8;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// Groups whose state the writer thread keeps in memory; past this, one is forgotten (and read
 /// again from the database when next needed) for each group loaded.
 const MAX_CACHED_GROUPS: usize = 4096;
@@ -191,6 +191,27 @@ DROP INDEX IF EXISTS messages_by_client_id;
 CREATE INDEX messages_by_client_id ON messages (client_message_id, group_id);
 ";
 
+/// Version 6: one row per membership, not per user and group. A member removed and added
+/// again before its client fetched its removal keeps the rest of its first membership (up to
+/// the commit that removed it) next to the new one, instead of having its cursor moved to the
+/// new Welcome: its client must see the removal before it can take the Welcome. At most one
+/// membership per user and group is current (`left_seq IS NULL`).
+const SCHEMA_V6: &str = "
+CREATE TABLE members_v6 (
+    group_id BLOB NOT NULL,
+    user TEXT NOT NULL,
+    joined_seq INTEGER NOT NULL,
+    left_seq INTEGER,
+    cursor INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user, joined_seq)
+);
+INSERT INTO members_v6 SELECT group_id, user, joined_seq, left_seq, cursor FROM members;
+DROP TABLE members;
+ALTER TABLE members_v6 RENAME TO members;
+CREATE INDEX members_by_user ON members (user);
+CREATE UNIQUE INDEX members_current ON members (group_id, user) WHERE left_seq IS NULL;
+";
+
 fn backend(error: rusqlite::Error) -> StoreError {
     StoreError::Backend(error.to_string())
 }
@@ -334,6 +355,9 @@ fn migrate_in_transaction(connection: &Connection, version: i64) -> Result<(), S
     }
     if version < 5 {
         connection.execute_batch(SCHEMA_V5).map_err(backend)?;
+    }
+    if version < 6 {
+        connection.execute_batch(SCHEMA_V6).map_err(backend)?;
     }
     connection
         .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
@@ -1385,27 +1409,29 @@ fn checkpointer_loop(
     }
 }
 
-fn member_row(
+/// The memberships of `user` in `group_id` that are current or not yet fully delivered, oldest
+/// first: more than one when the user was removed and added again before it fetched its removal.
+fn memberships_in_group(
     connection: &Connection,
     group_id: &GroupId,
     user: &UserName,
-) -> Result<Option<(u64, Option<u64>, u64)>, StoreError> {
-    connection
+) -> Result<Vec<MemberSpan>, StoreError> {
+    let mut statement = connection
         .prepare_cached(
-            "SELECT joined_seq, left_seq, cursor FROM members WHERE group_id = ?1 AND user = ?2",
+            "SELECT joined_seq, left_seq, cursor FROM members WHERE group_id = ?1 AND user = ?2
+             ORDER BY joined_seq",
         )
-        .and_then(|mut statement| {
-            statement
-                .query_row(params![group_id.as_bytes(), user.as_str()], |row| {
-                    Ok((
-                        from_sql_u64(row.get(0)?),
-                        row.get::<_, Option<i64>>(1)?.map(from_sql_u64),
-                        from_sql_u64(row.get(2)?),
-                    ))
-                })
-                .optional()
+        .map_err(backend)?;
+    let rows = statement
+        .query_map(params![group_id.as_bytes(), user.as_str()], |row| {
+            Ok(MemberSpan {
+                joined_seq: from_sql_u64(row.get(0)?),
+                left_seq: row.get::<_, Option<i64>>(1)?.map(from_sql_u64),
+                cursor: from_sql_u64(row.get(2)?),
+            })
         })
-        .map_err(backend)
+        .map_err(backend)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(backend)
 }
 
 fn user_exists(connection: &Connection, user: &UserName) -> Result<bool, StoreError> {
@@ -1613,7 +1639,9 @@ fn write_append(
         .map_err(backend)?;
     for user in &change.removed {
         connection
-            .prepare_cached("UPDATE members SET left_seq = ?3 WHERE group_id = ?1 AND user = ?2")
+            .prepare_cached(
+                "UPDATE members SET left_seq = ?3 WHERE group_id = ?1 AND user = ?2 AND left_seq IS NULL",
+            )
             .and_then(|mut statement| {
                 statement.execute(params![
                     request.group_id.as_bytes(),
@@ -1624,9 +1652,11 @@ fn write_append(
             .map_err(backend)?;
     }
     for user in &change.added {
+        // A membership that ended before its member fetched its removal stays beside this one
+        // (schema version 6); one that was fully delivered was deleted by the last ack.
         connection
             .prepare_cached(
-                "INSERT OR REPLACE INTO members (group_id, user, joined_seq, left_seq, cursor)
+                "INSERT INTO members (group_id, user, joined_seq, left_seq, cursor)
                  VALUES (?1, ?2, ?3, NULL, ?4)",
             )
             .and_then(|mut statement| {
@@ -1649,11 +1679,10 @@ fn fetch(
     after_seq: Seq,
     limit: u32,
 ) -> Result<FetchPage, StoreError> {
-    let Some((joined_seq, left_seq, _cursor)) = member_row(connection, group_id, user)? else {
+    let spans = memberships_in_group(connection, group_id, user)?;
+    if spans.is_empty() {
         return Err(StoreError::NotMember);
-    };
-    let start = after_seq.max(joined_seq.saturating_sub(1));
-    let end = left_seq.unwrap_or(u64::MAX);
+    }
     let limit = u64::from(limit.max(1));
     let mut statement = connection
         .prepare_cached(
@@ -1661,47 +1690,42 @@ fn fetch(
              WHERE group_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
         )
         .map_err(backend)?;
-    let rows = statement
-        .query_map(
-            params![
-                group_id.as_bytes(),
-                to_sql_u64(start),
-                to_sql_u64(end),
-                to_sql_u64(limit + 1)
-            ],
-            |row| {
-                Ok((
-                    from_sql_u64(row.get(0)?),
-                    from_sql_u64(row.get(1)?),
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, Vec<u8>>(4)?,
-                    row.get::<_, Option<Vec<u8>>>(5)?,
-                ))
-            },
-        )
-        .map_err(backend)?;
-    let mut deliveries = Vec::new();
-    let mut more = false;
-    for row in rows {
-        let (seq, epoch, kind, sender, payload, welcome) = row.map_err(backend)?;
-        if deliveries.len() as u64 == limit {
-            more = true;
-            break;
-        }
-        let stored = StoredMessage {
-            seq,
-            epoch,
-            kind,
-            sender,
-            payload,
-            welcome,
+    let mut page = FetchPage {
+        deliveries: Vec::new(),
+        more: false,
+    };
+    for span in spans {
+        let Some((start, end)) = span.range_after(after_seq) else {
+            continue;
         };
-        if let Some(delivery) = delivery_for_member(group_id, joined_seq, stored)? {
-            deliveries.push(delivery);
+        let rows = statement
+            .query_map(
+                params![
+                    group_id.as_bytes(),
+                    to_sql_u64(start),
+                    to_sql_u64(end),
+                    to_sql_u64(page.rows_to_read(limit))
+                ],
+                |row| {
+                    Ok(StoredMessage {
+                        seq: from_sql_u64(row.get(0)?),
+                        epoch: from_sql_u64(row.get(1)?),
+                        kind: row.get(2)?,
+                        sender: row.get(3)?,
+                        payload: row.get(4)?,
+                        welcome: row.get(5)?,
+                    })
+                },
+            )
+            .map_err(backend)?;
+        for row in rows {
+            let stored = row.map_err(backend)?;
+            if page.push(group_id, &span, stored, limit)? {
+                return Ok(page);
+            }
         }
     }
-    Ok(FetchPage { deliveries, more })
+    Ok(page)
 }
 
 impl Store for SqliteStore {
@@ -1912,7 +1936,9 @@ impl Store for SqliteStore {
         let user = user.clone();
         self.read(move |connection| {
             let mut statement = connection
-                .prepare_cached("SELECT group_id, cursor FROM members WHERE user = ?1")
+                .prepare_cached(
+                    "SELECT group_id, MIN(cursor) FROM members WHERE user = ?1 GROUP BY group_id",
+                )
                 .map_err(backend)?;
             let rows = statement
                 .query_map(params![user.as_str()], |row| {
@@ -1935,7 +1961,10 @@ impl Store for SqliteStore {
         let user = user.clone();
         let group_id = group_id.clone();
         self.read(move |connection| {
-            Ok(member_row(connection, &group_id, &user)?.map(|(_, _, cursor)| cursor))
+            Ok(memberships_in_group(connection, &group_id, &user)?
+                .iter()
+                .map(|span| span.cursor)
+                .min())
         })
         .await
     }
@@ -3027,6 +3056,92 @@ mod tests {
             .await
             .expect("retry");
         assert_eq!((retry.seq, retry.duplicate), (1, true));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_5_database_is_migrated() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("ds.sqlite3");
+        {
+            let connection = Connection::open(&path).expect("open");
+            // Seq 1 added bob, seq 2 removed him before he fetched anything.
+            connection
+                .execute_batch(&format!(
+                    "{SCHEMA_V1}
+                     {SCHEMA_V2}
+                     {SCHEMA_V3}
+                     {SCHEMA_V4}
+                     {SCHEMA_V5}
+                     PRAGMA user_version = 5;
+                     INSERT INTO users VALUES ('alice', x'01', 0);
+                     INSERT INTO users VALUES ('bob', x'02', 0);
+                     INSERT INTO groups (group_id, epoch, last_seq, first_seq, created_at, stored)
+                         VALUES (x'67', 2, 2, 1, 0, 2);
+                     INSERT INTO members VALUES (x'67', 'alice', 0, NULL, 2);
+                     INSERT INTO members VALUES (x'67', 'bob', 1, 2, 0);
+                     INSERT INTO messages (group_id, seq, epoch, kind, sender, client_message_id,
+                                           payload_hash, payload, welcome, created_at)
+                         VALUES (x'67', 1, 0, 3, 'alice', x'{}', x'{}', x'aa', x'77', 10),
+                                (x'67', 2, 1, 3, 'alice', x'{}', x'{}', x'bb', NULL, 20);",
+                    hex::encode([1u8; 16]),
+                    hex::encode(payload_hash(&[0xaa])),
+                    hex::encode([2u8; 16]),
+                    hex::encode(payload_hash(&[0xbb])),
+                ))
+                .expect("a version 5 database");
+        }
+        let store = SqliteStore::open(&path, StoreLimits::default()).expect("migrate");
+        let bob = UserName::new("bob").expect("name");
+        let g = GroupId::new(b"g".to_vec()).expect("group id");
+        let added = store
+            .append(AppendRequest {
+                group_id: g.clone(),
+                sender: UserName::new("alice").expect("name"),
+                client_message_id: [3u8; 16],
+                epoch: 2,
+                kind: DeliveryKind::Commit,
+                payload: vec![0xcc],
+                membership: Some(MembershipChange {
+                    welcome: Some(vec![0x78]),
+                    added: vec![bob.clone()],
+                    removed: Vec::new(),
+                }),
+            })
+            .await
+            .expect("add bob again");
+        assert_eq!(added.seq, 3);
+        // Bob's first membership survived the migration, beside the new one.
+        let page = store.fetch(&bob, &g, 0, 10).await.expect("fetch");
+        let seen: Vec<(Seq, u8, Vec<u8>)> = page
+            .deliveries
+            .iter()
+            .map(|delivery| {
+                (
+                    delivery.seq,
+                    delivery.kind,
+                    delivery.payload.as_slice().to_vec(),
+                )
+            })
+            .collect();
+        let (welcome, commit) = (DeliveryKind::Welcome as u8, DeliveryKind::Commit as u8);
+        assert_eq!(
+            seen,
+            vec![
+                (1, welcome, vec![0x77]),
+                (2, commit, vec![0xbb]),
+                (3, welcome, vec![0x78])
+            ]
+        );
+        let version: i64 = store
+            .read(|connection| {
+                connection
+                    .query_row("PRAGMA user_version", [], |row| row.get(0))
+                    .map_err(backend)
+            })
+            .await
+            .expect("read");
+        assert_eq!(version, SCHEMA_VERSION);
         store.close().await;
     }
 
