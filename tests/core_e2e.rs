@@ -283,15 +283,7 @@ async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
             alice.send_text(&id, &before);
             alice.wait_sent(&id, &before).await;
             for_carol.push(before);
-            alice.command(Command::Kick {
-                group: id.clone(),
-                user: user("carol"),
-            });
-            alice
-                .wait_for("carol removed", |event| {
-                    matches!(event, CoreEvent::MemberRemoved { group, user, .. } if group.id == id && user == "carol")
-                })
-                .await;
+            kick_offline(&mut alice, &id, "carol").await;
             let out = format!("while carol is out #{round}");
             bob.send_text(&id, &out);
             bob.wait_sent(&id, &out).await;
@@ -349,6 +341,118 @@ async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
         }
     })
     .await;
+}
+
+/// The same while the DS's retention runs out: when the member comes back, the messages up to
+/// its removal have expired, and the DS has only the Welcome that added it again. Its client
+/// learns its removal from that Welcome and joins again instead of staying in the old epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
+    timed(Duration::from_secs(120), async {
+        let (ds, _root, [mut alice, mut bob, mut carol]) =
+            start_peers(["alice", "bob", "carol"]).await;
+        let group = create_group(&mut alice, "expired").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        carol.stop().await;
+
+        alice.send_text(&id, "expires before carol is back");
+        alice.wait_sent(&id, "expires before carol is back").await;
+        kick_offline(&mut alice, &id, "carol").await;
+        bob.send_text(&id, "while carol is out");
+        let last_expired = bob.wait_sent(&id, "while carol is out").await;
+        alice.command(Command::Invite {
+            group: id.clone(),
+            users: vec![user("carol")],
+        });
+        alice
+            .wait_for("carol added", |event| {
+                matches!(event, CoreEvent::MemberAdded { group, user, .. } if group.id == id && user == "carol")
+            })
+            .await;
+
+        // Everything up to the message after carol's removal expires: backdated while the DS
+        // is down, deleted by the purge it runs as it starts.
+        let stopped = ds.stop().await;
+        let database = stopped.data_dir().join("ds.sqlite3");
+        let connection = rusqlite::Connection::open(&database).expect("the DS's database opens");
+        let backdated = connection
+            .execute(
+                "UPDATE messages SET created_at = 0 WHERE group_id = ?1 AND seq <= ?2",
+                rusqlite::params![id.as_bytes(), last_expired as i64],
+            )
+            .expect("backdate");
+        assert!(backdated >= 2, "the removal and the message after it are stored");
+        drop(connection);
+        let _ds = stopped.start().await;
+        let purged = async {
+            let connection =
+                rusqlite::Connection::open(&database).expect("the DS's database opens");
+            loop {
+                let left: i64 = connection
+                    .query_row(
+                        "SELECT COUNT(*) FROM messages WHERE created_at = 0",
+                        [],
+                        |row| row.get(0),
+                    )
+                    .expect("count");
+                if left == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(STEP, purged)
+            .await
+            .expect("the DS purges expired messages as it starts");
+
+        carol.restart().await;
+        carol
+            .wait_for("joined again", |event| {
+                matches!(event, CoreEvent::Joined { group, by } if group.id == id && by == "alice")
+            })
+            .await;
+        alice.send_text(&id, "welcome back");
+        carol.wait_message(&id, "welcome back").await;
+        carol.send_text(&id, "glad to be back");
+        carol.wait_sent(&id, "glad to be back").await;
+        alice.wait_message(&id, "glad to be back").await;
+        bob.wait_message(&id, "glad to be back").await;
+        let (_, _, members) = converge(&mut [&mut alice, &mut bob, &mut carol], &id).await;
+        assert_eq!(members, 3);
+        let received: Vec<String> = carol
+            .messages(&id)
+            .into_iter()
+            .map(|(_, text, _)| text)
+            .collect();
+        assert_eq!(received, vec!["welcome back".to_string()]);
+        let history = carol.history(&id).await;
+        assert!(
+            history
+                .iter()
+                .any(|entry| entry.text.contains("removed from the group while away")),
+            "carol's timeline says what happened: {history:#?}"
+        );
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+            peer.stop().await;
+        }
+    })
+    .await;
+}
+
+/// `kicker` removes `user`, whose client is not running; waits until the kicker saw it.
+async fn kick_offline(kicker: &mut Peer, group: &GroupId, kicked: &str) {
+    kicker.command(Command::Kick {
+        group: group.clone(),
+        user: user(kicked),
+    });
+    kicker
+        .wait_for(&format!("{kicked} removed"), |event| {
+            matches!(event, CoreEvent::MemberRemoved { group: g, user, .. } if g.id == *group && user == kicked)
+        })
+        .await;
 }
 
 /// A member's client processes deliveries without an fsync each and acknowledges them only once

@@ -2942,6 +2942,7 @@ impl Engine {
                     group_id,
                     Some(seq),
                     &timeline::left(by, &me),
+                    Unsent::KeepBuilt,
                 )?;
             }
             key_changes = Engine::observe_in_step(connection, &group_ref, seq, &observed)?;
@@ -3031,7 +3032,7 @@ impl Engine {
     /// its last member).
     fn deactivate(&mut self, group_id: &GroupId, note: String) {
         let result = db::transaction(&self.connection, || {
-            Engine::deactivate_in_step(&self.connection, group_id, None, &note)
+            Engine::deactivate_in_step(&self.connection, group_id, None, &note, Unsent::KeepBuilt)
         });
         match result {
             Ok(unsent) => self.deactivated(group_id, unsent),
@@ -3047,6 +3048,7 @@ impl Engine {
         group_id: &GroupId,
         seq: Option<u64>,
         note: &str,
+        unsent: Unsent,
     ) -> Result<Vec<i64>, CoreError> {
         // An application message already built stays: it may have been sent, and the DS may
         // have sequenced it before the commit that removes us (the others then have it), even
@@ -3054,7 +3056,9 @@ impl Engine {
         // or `NotMember` if it came too late); `pump_once` sends it again if it is not awaited.
         let rest: Vec<OutboxRow> = db::outbox_of_group(connection, group_id.as_bytes())?
             .into_iter()
-            .filter(|row| !(row.intent.is_application() && row.payload.is_some()))
+            .filter(|row| {
+                unsent == Unsent::FailAll || !(row.intent.is_application() && row.payload.is_some())
+            })
             .collect();
         let unsent: Vec<i64> = rest
             .iter()
@@ -3097,16 +3101,19 @@ impl Engine {
     /// storage (see [`Held`]) and must not be acknowledged.
     fn on_welcome(&mut self, delivery: Delivery) -> bool {
         let group_id = delivery.group_id.clone();
-        // Already a member, or a Welcome replayed from before what we processed since (acks
-        // lost with a connection): joining again from it would rewind the group and replay
-        // its messages.
-        if self
-            .groups
-            .get(&group_id)
-            .is_some_and(|group| group.active || delivery.seq <= group.cursor)
-        {
-            return true;
-        }
+        // A Welcome replayed from before what we processed since (acks lost with a
+        // connection): joining again from it would rewind the group and replay its messages.
+        // A later one for a group we are still in means that we were removed and added again,
+        // and that the DS no longer had the commit that removed us when we came back (the
+        // messages expired): the DS delivers a removal before a later Welcome when it has it.
+        let removal_missed = match self.groups.get(&group_id) {
+            Some(group) if delivery.seq <= group.cursor => return true,
+            Some(group) if group.active && delivery.epoch <= group.mls.epoch().as_u64() => {
+                return true;
+            }
+            Some(group) => group.active,
+            None => false,
+        };
         let replace = self.groups.contains_key(&group_id);
         // Added again after a removal: the name we knew still applies until the inviter's
         // name message arrives.
@@ -3121,6 +3128,17 @@ impl Engine {
         // As events will name the group once it is joined (the name we knew, if any).
         let group_ref = self.group_ref(&group_id);
         let joined = db::transaction(connection, || {
+            let unsent = if removal_missed {
+                Engine::deactivate_in_step(
+                    connection,
+                    &group_id,
+                    Some(delivery.seq),
+                    &timeline::removal_missed(),
+                    Unsent::FailAll,
+                )?
+            } else {
+                Vec::new()
+            };
             let message = MlsMessageIn::tls_deserialize_exact(payload).map_err(mls_error)?;
             let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
                 return Err(CoreError::Invalid(
@@ -3175,10 +3193,13 @@ impl Engine {
             }
             let key_changes =
                 Engine::observe_in_step(connection, &group_ref, delivery.seq, &others)?;
-            Ok((mls, by, key_changes, epoch))
+            Ok((mls, by, key_changes, epoch, unsent))
         });
         match joined {
-            Ok((mls, by, key_changes, epoch)) => {
+            Ok((mls, by, key_changes, epoch, unsent)) => {
+                if removal_missed {
+                    self.deactivated(&group_id, unsent);
+                }
                 self.groups.insert(
                     group_id.clone(),
                     Group {
@@ -3217,6 +3238,19 @@ impl Engine {
         }
         true
     }
+}
+
+/// What ending our membership of a group does with the application messages already built
+/// for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unsent {
+    /// They stay until the DS answers them: it may have sequenced them before our removal.
+    KeepBuilt,
+    /// They fail with the rest. For a removal learned only from a later Welcome: whatever
+    /// the DS sequenced before it has expired there, and sent again they would meet a later
+    /// epoch and be built again for the new membership, which is not what they were written
+    /// for.
+    FailAll,
 }
 
 /// Who a commit adds and removes, and whose keys it shows.

@@ -218,6 +218,14 @@ pub mod timeline {
     }
 
     /// Our own departure, as `me` sees it.
+    /// Our removal, learned from a later Welcome: the DS had deleted the messages up to the
+    /// commit that removed us (they expired) before we fetched them.
+    pub fn removal_missed() -> String {
+        "you were removed from the group while away, and the messages up to your removal \
+         expired at the server before you came back"
+            .to_string()
+    }
+
     pub fn left(by: &str, me: &str) -> String {
         if by == me {
             "you left the group".to_string()

@@ -100,6 +100,11 @@ pub struct StoppedDs {
 }
 
 impl StoppedDs {
+    /// The DS's data directory (its SQLite database is `ds.sqlite3` there).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts the DS again on the same address and data (its certificate included), so that
     /// clients reconnect to it.
     pub async fn start(self) -> Ds {
