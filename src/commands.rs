@@ -95,6 +95,16 @@ pub fn parse(line: &str) -> Result<SlashCommand, String> {
         [word] => user(word),
         _ => Err(format!("usage: {usage}")),
     };
+    // A command that takes nothing refuses what it was given: `/leave now` or `/quit soon`
+    // may be a message typed without its first character, and leaving (or quitting) on it
+    // would be a surprise.
+    let bare = |command: SlashCommand, usage: &str| {
+        if words.is_empty() {
+            Ok(command)
+        } else {
+            Err(format!("usage: {usage} (it takes no arguments)"))
+        }
+    };
     match command {
         "create" if !argument.is_empty() => Ok(SlashCommand::Create(argument.to_string())),
         "create" => Err("usage: /create NAME".into()),
@@ -105,24 +115,25 @@ pub fn parse(line: &str) -> Result<SlashCommand, String> {
             .map(SlashCommand::Invite),
         "invite" => Err("usage: /invite USER...".into()),
         "kick" => one_user("/kick USER").map(SlashCommand::Kick),
-        "leave" => Ok(SlashCommand::Leave),
+        "leave" => bare(SlashCommand::Leave, "/leave"),
         "rename" if !argument.is_empty() => Ok(SlashCommand::Rename(argument.to_string())),
         "rename" => Err("usage: /rename NAME".into()),
         "switch" if !argument.is_empty() => Ok(SlashCommand::Switch(argument.to_string())),
         "switch" => Err("usage: /switch NAME".into()),
-        "members" => Ok(SlashCommand::Members),
-        "update" => Ok(SlashCommand::Update),
+        "members" => bare(SlashCommand::Members, "/members"),
+        "update" => bare(SlashCommand::Update, "/update"),
         "fingerprint" => match words.as_slice() {
             [] => Ok(SlashCommand::Fingerprint(None)),
             [word] => user(word).map(|user| SlashCommand::Fingerprint(Some(user))),
             _ => Err("usage: /fingerprint [USER]".into()),
         },
         "verify" => one_user("/verify USER").map(SlashCommand::Verify),
-        "status" => Ok(SlashCommand::Status),
+        "status" => bare(SlashCommand::Status, "/status"),
         "search" if !argument.is_empty() => Ok(SlashCommand::Search(argument.to_string())),
         "search" => Err("usage: /search TEXT".into()),
-        "help" => Ok(SlashCommand::Help),
-        "quit" | "exit" => Ok(SlashCommand::Quit),
+        "help" => bare(SlashCommand::Help, "/help"),
+        "quit" => bare(SlashCommand::Quit, "/quit"),
+        "exit" => bare(SlashCommand::Quit, "/exit"),
         other => Err(format!(
             "unknown command /{other}; /help lists the commands"
         )),
@@ -194,5 +205,14 @@ mod tests {
         assert!(parse("/invite Bob").expect_err("bad name").contains("Bob"));
         assert!(parse("/create").is_err());
         assert!(parse("/rename").expect_err("usage").contains("usage"));
+        for command in [
+            "leave", "members", "update", "status", "help", "quit", "exit",
+        ] {
+            assert_eq!(
+                parse(&format!("/{command} now")),
+                Err(format!("usage: /{command} (it takes no arguments)")),
+            );
+            assert!(parse(&format!("/{command}  ")).is_ok(), "{command}");
+        }
     }
 }

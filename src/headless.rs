@@ -178,6 +178,10 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "member_removed", "group": name, "group_id": id, "user": user, "by": by})
             }
+            CoreEvent::LeaveRequested { group } => {
+                let (name, id) = group_fields(group);
+                json!({"event": "leave_requested", "group": name, "group_id": id})
+            }
             CoreEvent::Left { group, by } => {
                 self.active.insert(group.id.clone(), false);
                 let (name, id) = group_fields(group);

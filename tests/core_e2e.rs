@@ -124,6 +124,15 @@ async fn three_users_chat_kick_and_leave() {
         carol
             .wait_for("error", |event| matches!(event, CoreEvent::Error { .. }))
             .await;
+        // What her client keeps of the group is the epoch that removed her, without its
+        // secrets or a tree she is in: no code or member list to show.
+        assert_eq!(carol.members(&id).await, Vec::<String>::new());
+        carol.command(Command::Status { group: id.clone() });
+        carol
+            .wait_for("status refused", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("no longer a member"))
+            })
+            .await;
         carol.stop().await;
 
         // The DS agrees: Carol's access ended with the commit that removed her.
@@ -162,6 +171,10 @@ async fn three_users_chat_kick_and_leave() {
 
         // Bob leaves: Alice's client commits his proposal by itself.
         bob.command(Command::Leave { group: id.clone() });
+        bob.wait_for("leave requested", |event| {
+            matches!(event, CoreEvent::LeaveRequested { group } if group.id == id)
+        })
+        .await;
         bob.wait_for("left", |event| {
             matches!(event, CoreEvent::Left { group, .. } if group.id == id)
         })

@@ -217,6 +217,18 @@ async fn headless_contract() {
         assert_eq!(message["group_id"], room1.as_str());
         assert_eq!(alice.errors().len(), 3, "only the three provoked errors");
 
+        // With no other member online, a leave is only requested: `left` waits for one of
+        // them to commit it.
+        bob.send_line("/leave").await;
+        let requested = bob
+            .wait_event("leave_requested", |e| e["event"] == "leave_requested")
+            .await;
+        assert_eq!(requested["group_id"], room1.as_str());
+        assert_eq!(requested["group"], "room1");
+        assert!(
+            !bob.log.iter().any(|e| e["event"] == "left"),
+            "bob left alone"
+        );
         assert_eq!(bob.close_stdin().await.code(), Some(0));
         assert_eq!(bob.errors(), Vec::<Value>::new());
 

@@ -535,6 +535,22 @@ fn clamp_scroll(state: &mut State) {
 }
 
 fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
+    // A terminal sends Alt+key as Esc followed by the key, so an Esc typed just before a key
+    // (a fast typist, tmux, a slow link) can arrive as Alt+key. One that nothing is bound to
+    // is taken as the two keys: Esc then "/kick bob" must not lose its '/' and post
+    // "kick bob" to the group.
+    if let KeyCode::Char(c) = key.code
+        && key.modifiers - KeyModifiers::SHIFT == KeyModifiers::ALT
+        && !matches!(c, '1'..='9')
+        && state.settings.keymap.action(&key).is_none()
+    {
+        let mut effects = on_key(state, KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE));
+        effects.extend(on_key(
+            state,
+            KeyEvent::new(KeyCode::Char(c), key.modifiers - KeyModifiers::ALT),
+        ));
+        return effects;
+    }
     match &state.mode {
         Mode::Help | Mode::Search { .. } => {
             match key.code {
@@ -1025,9 +1041,19 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             }
             effects.push(Effect::Core(Command::Members { group: group.id }));
         }
+        CoreEvent::LeaveRequested { group } => {
+            let name = state.shown_name_of(&group);
+            state.info(format!(
+                "leaving {name}: you are out once another member's client takes your leave"
+            ));
+        }
         CoreEvent::Left { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = false;
+            // "leaving…" is over.
+            if by == state.me && matches!(state.status, Some((_, Severity::Info))) {
+                state.status = None;
+            }
             let text = timeline::left(&by, &state.me);
             state.system_line(index, text, true);
         }

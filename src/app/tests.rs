@@ -1102,3 +1102,64 @@ fn clicks_off_the_listed_groups_do_nothing() {
     update(&mut state, click(list.x + 1, list.y + 1));
     assert_eq!(state.current, Some(1));
 }
+
+#[test]
+fn a_requested_leave_says_so_until_it_is_done() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    let group = GroupRef {
+        id: team.id.clone(),
+        name: "team".into(),
+    };
+    type_text(&mut state, "/leave");
+    assert_eq!(
+        update(&mut state, key(KeyCode::Enter)),
+        vec![Effect::Core(Command::Leave {
+            group: team.id.clone(),
+        })]
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::LeaveRequested {
+            group: group.clone(),
+        }),
+    );
+    assert!(
+        matches!(&state.status, Some((text, Severity::Info)) if text.starts_with("leaving team")),
+        "{:?}",
+        state.status
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Left {
+            group,
+            by: "alice".into(),
+        }),
+    );
+    assert_eq!(state.status, None, "the notice goes once the leave is done");
+    assert!(!state.groups[0].active);
+}
+
+#[test]
+fn an_esc_that_arrives_joined_to_the_next_key_counts_as_both() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    type_text(&mut state, "/help");
+    update(&mut state, key(KeyCode::Enter));
+    assert_eq!(state.mode, Mode::Help);
+    // Esc and '/' in one read, as the terminal's Alt+'/': the help closes, the '/' stays.
+    update(&mut state, alt(KeyCode::Char('/')));
+    assert_eq!(state.mode, Mode::Normal);
+    type_text(&mut state, "kick bob");
+    assert_eq!(
+        update(&mut state, key(KeyCode::Enter)),
+        vec![Effect::Core(Command::Kick {
+            group: team.id.clone(),
+            user: UserName::new("bob").expect("name"),
+        })]
+    );
+    // A bound Alt key keeps its meaning.
+    with_group(&mut state, "crew", 2);
+    update(&mut state, alt(KeyCode::Char('2')));
+    assert_eq!(state.current, Some(1));
+}

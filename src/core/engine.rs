@@ -1364,11 +1364,19 @@ impl Engine {
             .collect()
     }
 
+    /// None for a group we left or were removed from: the MLS state we keep of it has merged
+    /// the commit that removed us without learning the new epoch, so its member list (and
+    /// its code, see [`Self::status`]) would be out of date.
     fn members(&self, group_id: &GroupId) -> Result<(), String> {
         let group = self.groups.get(group_id).ok_or("no such group")?;
+        let members = if group.active {
+            self.member_infos(group)
+        } else {
+            Vec::new()
+        };
         self.emit(CoreEvent::Members {
             group: self.group_ref(group_id),
-            members: self.member_infos(group),
+            members,
         });
         Ok(())
     }
@@ -1397,8 +1405,9 @@ impl Engine {
         Ok(())
     }
 
+    /// Only of a group we are in (see [`Self::members`]).
     fn status(&self, group_id: &GroupId) -> Result<(), String> {
-        let group = self.groups.get(group_id).ok_or("no such group")?;
+        let group = self.active_group(group_id)?;
         let authenticator = group.mls.epoch_authenticator().as_slice();
         self.emit(CoreEvent::Status {
             group: self.group_ref(group_id),
@@ -2120,6 +2129,9 @@ impl Engine {
             }
         } else if row.intent == Intent::Leave {
             self.awaiting_commit.insert(client_message_id);
+            self.emit(CoreEvent::LeaveRequested {
+                group: self.group_ref(&group_id),
+            });
             // If everyone else is leaving too, we are the one to commit.
             self.pump(&group_id);
         }

@@ -311,6 +311,11 @@ pub enum CoreEvent {
         user: String,
         by: String,
     },
+    /// The DS took our Remove proposal (`/leave`): we are out once another member's client
+    /// commits it, which needs one of them online.
+    LeaveRequested {
+        group: GroupRef,
+    },
     /// This client is no longer in the group (removed, or its leave was committed).
     Left {
         group: GroupRef,
