@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{
     Ds, Peer, STEP, agreed_status, converge, create_group, invite, kick, raw_login, start_peers,
-    timed, user,
+    stop_clean, timed, user,
 };
 use mlschat::core::{Command, ConnectionState, CoreEvent, GroupRef};
 use mlschat_ds::protocol::{DeliveryKind, ErrorCode, Fetch, Frame, GroupId, Send};
@@ -266,10 +266,7 @@ async fn offline_member_catches_up() {
         sorted.sort_unstable();
         assert_eq!(seqs, sorted);
 
-        for peer in [&mut alice, &mut bob, &mut carol, &mut dave] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol, &mut dave]).await;
     })
     .await;
 }
@@ -348,10 +345,7 @@ async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
             "carol read what was sent while she was out"
         );
         assert_in_order(&mut carol, &id);
-        for peer in [&mut alice, &mut bob, &mut carol] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol]).await;
     })
     .await;
 }
@@ -447,10 +441,7 @@ async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
                 .any(|entry| entry.text.contains("removed from the group while away")),
             "carol's timeline says what happened: {history:#?}"
         );
-        for peer in [&mut alice, &mut bob, &mut carol] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol]).await;
     })
     .await;
 }
@@ -1160,10 +1151,7 @@ async fn restart_after_every_step() {
         assert_eq!(bob.messages(&id).len(), expected_at_bob.len());
         assert_in_order(&mut alice, &id);
         assert_in_order(&mut bob, &id);
-        for peer in [&mut alice, &mut bob, &mut carol] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol]).await;
     })
     .await;
 }
@@ -1282,10 +1270,7 @@ async fn connections_replaced_mid_traffic() {
                 }
             }
         }
-        for peer in [&mut alice, &mut bob, &mut carol] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol]).await;
     })
     .await;
 }
@@ -1541,10 +1526,7 @@ async fn everyone_leaves_at_once() {
         // Nobody is left to commit the others' Remove proposals unless a leaver does it.
         all_leave(&mut [&mut alice, &mut bob]).await;
         all_leave(&mut [&mut alice, &mut bob, &mut carol]).await;
-        for peer in [&mut alice, &mut bob, &mut carol] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol]).await;
     })
     .await;
 }
@@ -1760,10 +1742,7 @@ async fn unread_counts_and_the_last_viewed_group_survive_a_restart() {
         bob.stop().await;
         bob.restart().await;
         assert_eq!(unread(&bob.listing(), &team.id), (1, false, true));
-        for peer in [&mut alice, &mut bob] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob]).await;
     })
     .await;
 }
@@ -1852,10 +1831,7 @@ async fn a_member_renames_the_group_for_everyone() {
             .filter(|event| matches!(event, CoreEvent::GroupRenamed { by: Some(_), .. }))
             .count();
         assert_eq!(renames, 0, "carol only learned the name");
-        for peer in [&mut alice, &mut carol] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut carol]).await;
         bob.stop().await;
     })
     .await;
@@ -1904,10 +1880,7 @@ async fn a_message_that_waited_shows_when_it_was_written() {
             .find(|entry| entry.text == "written while bob was away")
             .expect("stored");
         assert_eq!(stored.at, live);
-        for peer in [&mut alice, &mut bob] {
-            assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
-            peer.stop().await;
-        }
+        stop_clean(&mut [&mut alice, &mut bob]).await;
     })
     .await;
 }

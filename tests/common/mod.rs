@@ -603,6 +603,14 @@ pub async fn kick(kicker: &mut Peer, kicked: &mut Peer, others: &mut [&mut Peer]
     }
 }
 
+/// Checks that no peer saw an error event, then stops each one.
+pub async fn stop_clean(peers: &mut [&mut Peer]) {
+    for peer in peers.iter_mut() {
+        assert_eq!(peer.errors(), Vec::<String>::new(), "{}", peer.name);
+        peer.stop().await;
+    }
+}
+
 /// Asks every peer for its `Status` once: the common (epoch, authenticator, members) if all
 /// agree, else every peer's answer.
 pub async fn agreed_status(
