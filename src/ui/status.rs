@@ -29,12 +29,16 @@ pub fn render(state: &State, frame: &mut Frame, area: Rect) {
         parts.push(state.server.clone());
     }
     if let Some(group) = state.current_group() {
-        let members = group.members.len();
+        let members = if group.active {
+            format!("{} members", group.members.len())
+        } else {
+            "not a member".to_string()
+        };
         parts.push(match state.distinguishing_prefix(group) {
-            Some(prefix) => format!("{} ({prefix}, {members} members)", group.name),
-            None => format!("{} ({members} members)", group.name),
+            Some(prefix) => format!("{} ({prefix}, {members})", group.name),
+            None => format!("{} ({members})", group.name),
         });
-        if let (Some(epoch), Some(code)) = (group.epoch, &group.code) {
+        if let (true, Some(epoch), Some(code)) = (group.active, group.epoch, &group.code) {
             parts.push(format!("epoch {epoch} · code {code}"));
         }
     }

@@ -178,6 +178,29 @@ fn member_pane_and_key_change_warning_100x30() {
 }
 
 #[test]
+fn a_group_we_were_removed_from_shows_no_epoch_or_members() {
+    let mut state = session(80, 24);
+    feed(
+        &mut state,
+        vec![
+            CoreEvent::Left {
+                group: team(),
+                by: "bob".into(),
+            },
+            CoreEvent::Members {
+                group: team(),
+                members: Vec::new(),
+            },
+        ],
+    );
+    let screen = render(&state);
+    assert!(screen.contains("team · not a member"), "{screen}");
+    assert!(screen.contains("(not a member)"), "{screen}");
+    assert!(!screen.contains("code 482 913"), "{screen}");
+    insta::assert_snapshot!(screen);
+}
+
+#[test]
 fn members_pane_hidden_when_toggled() {
     let mut state = session(80, 24);
     state.show_members = false;

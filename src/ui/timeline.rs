@@ -286,7 +286,10 @@ pub fn render(state: &State, frame: &mut Frame, area: Rect) {
         return;
     };
     let name = state.shown_name(group);
+    // A group we are out of has no current epoch: the last code we knew is history (it
+    // stays in the timeline).
     let title = match (&group.epoch, &group.code) {
+        _ if !group.active => format!(" {name} · not a member "),
         (Some(epoch), Some(code)) => format!(" {name} · epoch {epoch} · {code} "),
         _ => format!(" {name} "),
     };
