@@ -60,7 +60,20 @@ impl Session {
     pub fn interpret(&mut self, line: &str) -> Result<Reaction, String> {
         let command = commands::parse(line)?;
         Ok(match command {
-            SlashCommand::Create(name) => Reaction::Core(Command::CreateGroup { name }),
+            SlashCommand::Create(name) => {
+                // The group is current from this line on, not from its `group_created`: a
+                // script that goes on with `/invite` or a message without waiting must not
+                // reach the group that was current before. So the id is picked here.
+                let name = crate::core::valid_group_name(&name)?;
+                let raw_id: [u8; 16] = rand::random();
+                let id = GroupId::new(raw_id.to_vec()).map_err(|error| error.to_string())?;
+                self.names.insert(id.clone(), name.clone());
+                self.current = Some(id);
+                Reaction::Core(Command::CreateGroup {
+                    name,
+                    id: Some(raw_id),
+                })
+            }
             SlashCommand::Invite(users) => Reaction::Core(Command::Invite {
                 group: self.current()?,
                 users,
@@ -146,14 +159,18 @@ impl Session {
                 json!({"event": "connection", "state": state, "detail": detail})
             }
             CoreEvent::GroupCreated { group } => {
+                // Current since its `/create` line (see `interpret`).
                 self.remember(group);
-                self.current = Some(group.id.clone());
                 let (name, id) = group_fields(group);
                 json!({"event": "group_created", "group": name, "group_id": id})
             }
             CoreEvent::Joined { group, by } => {
                 self.remember(group);
-                self.current = Some(group.id.clone());
+                // Only when there is no current group: anyone can add us to a group, and the
+                // script's next message must not go there instead of where it was going.
+                if self.current.is_none() {
+                    self.current = Some(group.id.clone());
+                }
                 let (name, id) = group_fields(group);
                 json!({"event": "joined", "group": name, "group_id": id, "by": by})
             }
@@ -361,7 +378,9 @@ pub async fn run(
             break;
         }
     }
-    let mut lines = input.lines();
+    // Split on bytes, not read as text: a line that is not UTF-8 (a Latin-1 byte in piped
+    // input) must be refused on its own, not end the session as a read error would.
+    let mut lines = input.split(b'\n');
     let mut quitting = false;
     let mut ended = Ended::Quit;
     // SIGTERM and SIGINT received; a second one means "now". Hangups never count: a closed
@@ -380,10 +399,29 @@ pub async fn run(
     }
     loop {
         tokio::select! {
-            line = lines.next_line(), if !quitting => {
+            line = lines.next_segment(), if !quitting => {
                 let line = match line {
-                    Ok(Some(line)) => line,
-                    Ok(None) | Err(_) => {
+                    Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                        Ok(mut line) => {
+                            if line.ends_with('\r') {
+                                line.pop();
+                            }
+                            line
+                        }
+                        Err(_) => {
+                            let refused = json!({"event": "error", "message": "a line of input is not UTF-8; it was not sent"});
+                            if !output.write(&refused).await {
+                                quit(&client, &mut quitting);
+                            }
+                            continue;
+                        }
+                    },
+                    Ok(None) => {
+                        quit(&client, &mut quitting);
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read standard input; quitting");
                         quit(&client, &mut quitting);
                         continue;
                     }

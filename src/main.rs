@@ -67,7 +67,19 @@ fn log_path(cli: &Cli, options: Option<&ClientOptions>) -> Result<PathBuf> {
         .ok_or_else(|| eyre!("cannot determine where to log; pass --log-file"))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // Said once, on one line: color-eyre's report would repeat each cause that its
+            // message already ends with.
+            eprintln!("Error: {}", mlschat_ds::report::describe(error.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     // Colours only for a person reading a terminal: a bot's stderr goes to a file or a journal.
     let theme = if std::io::stderr().is_terminal() {
         color_eyre::config::Theme::dark()

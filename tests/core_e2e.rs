@@ -459,6 +459,51 @@ async fn kick_offline(kicker: &mut Peer, group: &GroupId, kicked: &str) {
         .await;
 }
 
+/// An invite queued behind another invite of the same user finds the user added by then: it
+/// says so instead of being dropped without a word (and claims none of the user's
+/// KeyPackages). Before, the second `/invite` got no answer at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_invite_of_a_user_added_meanwhile_says_so() {
+    timed(Duration::from_secs(60), async {
+        let (_ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        let group = create_group(&mut alice, "twice").await;
+        let id = group.id.clone();
+        for _ in 0..2 {
+            alice.command(Command::Invite {
+                group: id.clone(),
+                users: vec![user("bob")],
+            });
+        }
+        bob.wait_for("joined", |event| {
+            matches!(event, CoreEvent::Joined { group, .. } if group.id == id)
+        })
+        .await;
+        let error = alice
+            .wait_for("not invited again", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("bob is already in twice"))
+            })
+            .await;
+        assert!(
+            matches!(&error, CoreEvent::Error { message } if message.contains("not invited again")),
+            "{error:?}"
+        );
+        alice.idle(Duration::from_millis(300)).await;
+        let added = alice
+            .log
+            .iter()
+            .filter(|event| matches!(event, CoreEvent::MemberAdded { user, .. } if user == "bob"))
+            .count();
+        assert_eq!(added, 1);
+        let (_, _, members) = converge(&mut [&mut alice, &mut bob], &id).await;
+        assert_eq!(members, 2);
+        let errors = alice.errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        bob.stop().await;
+        alice.stop().await;
+    })
+    .await;
+}
+
 /// A member's client processes deliveries without an fsync each and acknowledges them only once
 /// a sync made them durable: with the sync held back for seconds, the DS's cursor for the
 /// member stays behind the messages shown, then reaches the last one with no further traffic,

@@ -252,6 +252,107 @@ async fn headless_contract() {
     .await;
 }
 
+/// A script's lines reach the group it meant: the lines after `/create`, written at once, go to
+/// the new group (not to the one current before, whose members must not read them), a group
+/// someone else adds the script to does not take its next message, and a line that is not
+/// UTF-8 is refused on its own without ending the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_reach_the_group_the_script_meant() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Headless::start(&ds, "alice", root.path(), &[]).await;
+        let mut bob = Headless::start(&ds, "bob", root.path(), &[]).await;
+        let mut carol = Headless::start(&ds, "carol", root.path(), &[]).await;
+        let mut mallory = Headless::start(&ds, "mallory", root.path(), &[]).await;
+        alice.send_line("/create public").await;
+        let public = alice
+            .wait_event("group_created", |e| e["event"] == "group_created")
+            .await["group_id"]
+            .clone();
+        alice.send_line("/invite bob").await;
+        alice
+            .wait_event("bob added", |e| e["event"] == "member_added")
+            .await;
+        bob.wait_event("joined", |e| e["event"] == "joined").await;
+
+        alice
+            .send_bytes(b"/create private\n/invite carol\nfor carol only\n/switch private\n")
+            .await;
+        let private = alice
+            .wait_event("group_created", |e| e["event"] == "group_created")
+            .await["group_id"]
+            .clone();
+        let added = alice
+            .wait_event("carol added", |e| e["event"] == "member_added")
+            .await;
+        assert_eq!(added["group_id"], private, "{added}");
+        let message = carol
+            .wait_event("message", |e| e["event"] == "message")
+            .await;
+        assert_eq!(message["text"], "for carol only");
+        assert_eq!(message["group_id"], private);
+        let switched = alice
+            .wait_event("switched", |e| e["event"] == "switched")
+            .await;
+        assert_eq!(switched["group_id"], private);
+
+        // Mallory adds bob to her group; bob's next line still goes to public.
+        mallory.send_line("/create outsiders").await;
+        mallory.send_line("/invite bob").await;
+        let outsiders = bob
+            .wait_event("joined outsiders", |e| {
+                e["event"] == "joined" && e["group_id"] != public
+            })
+            .await["group_id"]
+            .clone();
+        bob.send_line("for public").await;
+        let sent = bob.wait_event("sent", |e| e["event"] == "sent").await;
+        assert_eq!(sent["group_id"], public);
+        let message = alice
+            .wait_event("message", |e| e["event"] == "message")
+            .await;
+        assert_eq!(message["text"], "for public");
+        bob.send_line("/switch outsiders").await;
+        bob.wait_event("switched", |e| e["event"] == "switched")
+            .await;
+        bob.send_line("hello mallory").await;
+        let message = mallory
+            .wait_event("message", |e| e["event"] == "message")
+            .await;
+        assert_eq!(message["text"], "hello mallory");
+        assert_eq!(message["group_id"], outsiders);
+
+        // Latin-1 "café": refused, and the session goes on.
+        bob.send_bytes(b"caf\xe9 in latin-1\n/status\n").await;
+        let refused = bob.wait_event("error", |e| e["event"] == "error").await;
+        assert!(
+            refused["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not UTF-8")),
+            "{refused}"
+        );
+        let status = bob.wait_event("status", |e| e["event"] == "status").await;
+        assert_eq!(status["group_id"], outsiders);
+
+        assert_eq!(
+            bob.messages(public.as_str().expect("id")).len(),
+            0,
+            "{:?}",
+            bob.log
+        );
+        for peer in [&mut alice, &mut bob, &mut carol, &mut mallory] {
+            if peer.name == "bob" {
+                assert_eq!(peer.errors().len(), 1, "only the refused line");
+            } else {
+                assert_eq!(peer.errors(), Vec::<Value>::new(), "{}", peer.name);
+            }
+            assert_eq!(peer.close_stdin().await.code(), Some(0));
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_the_queue_first_and_a_profile_runs_in_one_process() {
     timed(Duration::from_secs(90), async {

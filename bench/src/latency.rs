@@ -84,6 +84,7 @@ async fn setup(ds: &DsProcess, size: usize) -> Result<Members> {
     send(
         &clients[0],
         Command::CreateGroup {
+            id: None,
             name: "bench".into(),
         },
     )?;

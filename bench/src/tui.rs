@@ -107,6 +107,7 @@ async fn create_profile(ds: &DsProcess, dir: &Path, name: &UserName) -> Result<(
                     client
                         .inputs
                         .send(CoreInput::Command(Command::CreateGroup {
+                            id: None,
                             name: format!("bench-g{index:02}"),
                         }))
                         .map_err(|_| anyhow!("the core stopped"))?;

@@ -15,11 +15,13 @@
 //! - [`tls`]: certificates and the quinn endpoint configuration.
 //! - [`dir_lock`]: one process per data directory (and per client profile).
 //! - [`signals`]: whether a signal was ignored at start (`nohup`), for both programs.
+//! - [`report`]: how both programs word the error that stops them.
 
 pub mod client;
 pub mod config;
 pub mod dir_lock;
 pub mod protocol;
+pub mod report;
 pub mod server;
 pub mod signals;
 pub mod store;

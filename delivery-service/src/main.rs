@@ -106,7 +106,19 @@ fn say(line: &str) {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    match serve().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // Said once, on one line: the Debug form of the error would repeat each cause that
+            // its message already ends with, under "Caused by".
+            eprintln!("Error: {}", mlschat_ds::report::describe(error.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

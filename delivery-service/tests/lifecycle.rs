@@ -132,6 +132,28 @@ fn an_invalid_limit_stops_the_start_and_is_named() {
 }
 
 #[test]
+fn a_config_typo_stops_the_start_and_is_said_once() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("ds.toml");
+    std::fs::write(&config, "max_conections = 5\n").expect("write config");
+    let output = ds_command(&dir.path().join("data"))
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run mlschat-ds");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("Error: invalid config file"), "{stderr}");
+    assert_eq!(
+        stderr.matches("unknown field `max_conections`").count(),
+        1,
+        "the cause once, not again under \"Caused by\": {stderr}"
+    );
+}
+
+#[test]
 fn half_a_certificate_pair_stops_the_start_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let data = dir.path().join("data");

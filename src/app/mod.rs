@@ -197,6 +197,10 @@ pub struct State {
     pub dirty: bool,
     /// Switch to the next group we create.
     switch_to_created: bool,
+    /// The "added you to" notice on show, with its group and who added us: a group we join
+    /// is named by a placeholder until the inviter's name message arrives, and the notice
+    /// then takes the name.
+    join_notice: Option<(GroupId, String)>,
     /// When the current group was last marked read (unix seconds).
     read_marked_at: i64,
 }
@@ -254,6 +258,7 @@ impl State {
             now,
             dirty: true,
             switch_to_created: false,
+            join_notice: None,
             read_marked_at: now,
         }
     }
@@ -823,7 +828,7 @@ fn submit(state: &mut State) -> Vec<Effect> {
     let command = match command {
         SlashCommand::Create(name) => {
             state.switch_to_created = true;
-            Command::CreateGroup { name }
+            Command::CreateGroup { name, id: None }
         }
         SlashCommand::Help => {
             state.mode = Mode::Help;
@@ -1000,10 +1005,25 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 state.groups[index].unread += 1;
                 let name = state.shown_name(&state.groups[index]);
                 state.info(format!("{by} added you to {name}"));
+                state.join_notice = Some((group.id.clone(), by));
             }
         }
         CoreEvent::GroupRenamed { group, by } => {
+            let notice = state
+                .join_notice
+                .as_ref()
+                .filter(|(id, _)| by.is_none() && *id == group.id)
+                .map(|(_, inviter)| inviter.clone())
+                .zip(state.status.as_ref().map(|(text, _)| text.clone()));
             let index = state.group_entry(&group);
+            // The notice still on show named the group by its placeholder.
+            if let Some((inviter, shown)) = notice
+                && shown.starts_with(&format!("{inviter} added you to "))
+            {
+                let name = state.shown_name(&state.groups[index]);
+                state.info(format!("{inviter} added you to {name}"));
+                state.join_notice = None;
+            }
             if let Some(by) = by {
                 let text = timeline::renamed(&by, &state.me, &group.name);
                 state.system_line(index, text, false);

@@ -160,6 +160,7 @@ fn created_group_becomes_current_but_a_join_does_not_steal_focus() {
     assert_eq!(
         update(&mut state, key(KeyCode::Enter)),
         vec![Effect::Core(Command::CreateGroup {
+            id: None,
             name: "team".into()
         })]
     );
@@ -1162,4 +1163,39 @@ fn an_esc_that_arrives_joined_to_the_next_key_counts_as_both() {
     with_group(&mut state, "crew", 2);
     update(&mut state, alt(KeyCode::Char('2')));
     assert_eq!(state.current, Some(1));
+}
+
+#[test]
+fn the_notice_of_a_join_takes_the_name_learned_after_it() {
+    let mut state = state();
+    with_group(&mut state, "team", 1);
+    let placeholder = GroupRef {
+        id: group("group-0202", 2).id,
+        name: "group-0202".into(),
+    };
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Joined {
+            group: placeholder.clone(),
+            by: "bob".into(),
+        }),
+    );
+    assert_eq!(
+        state.status,
+        Some(("bob added you to group-0202".into(), Severity::Info))
+    );
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::GroupRenamed {
+            group: GroupRef {
+                id: placeholder.id.clone(),
+                name: "ops".into(),
+            },
+            by: None,
+        }),
+    );
+    assert_eq!(
+        state.status,
+        Some(("bob added you to ops".into(), Severity::Info))
+    );
 }

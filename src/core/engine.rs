@@ -124,7 +124,7 @@ fn message_time(sent_at: Option<i64>, now: i64) -> i64 {
 }
 
 /// A group name as typed, trimmed, or why it cannot be one.
-fn valid_group_name(name: &str) -> Result<String, String> {
+pub fn valid_group_name(name: &str) -> Result<String, String> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > MAX_GROUP_NAME || name.chars().any(misleads) {
         return Err(format!(
@@ -1022,7 +1022,7 @@ impl Engine {
 
     fn on_command(&mut self, command: Command) {
         let result = match command {
-            Command::CreateGroup { name } => self.create_group(name),
+            Command::CreateGroup { name, id } => self.create_group(name, id),
             Command::Send { group, text } => self.queue_text(group, text),
             Command::Invite { group, users } => self.queue_invite(group, users),
             Command::Kick { group, user } => self.queue_handshake(
@@ -1106,10 +1106,13 @@ impl Engine {
         }
     }
 
-    fn create_group(&mut self, name: String) -> Result<(), String> {
+    fn create_group(&mut self, name: String, id: Option<[u8; 16]>) -> Result<(), String> {
         let name = valid_group_name(&name)?;
-        let raw_id: [u8; 16] = rand::random();
+        let raw_id: [u8; 16] = id.unwrap_or_else(rand::random);
         let group_id = GroupId::new(raw_id.to_vec()).map_err(|error| error.to_string())?;
+        if self.groups.contains_key(&group_id) {
+            return Err(format!("a group with the id {} exists", group_id.to_hex()));
+        }
         let mls = db::transaction(&self.connection, || {
             let mls = MlsGroup::builder()
                 .with_group_id(MlsGroupId::from_slice(&raw_id))
@@ -1794,11 +1797,29 @@ impl Engine {
             let Intent::Invite { users } = &row.intent else {
                 return Ok(Built::Waiting);
             };
+            // An earlier invite (ours, queued before this one, or another member's) may have
+            // added some of them since this one was queued: their KeyPackages are not claimed
+            // for nothing, and the user hears why they are left out.
+            let (already, wanted): (Vec<String>, Vec<String>) = users
+                .iter()
+                .cloned()
+                .partition(|user| self.is_member(group_id, user));
+            self.report_already_members(group_id, &already);
+            if wanted.is_empty() {
+                db::delete_outbox(&self.connection, row.id)?;
+                return Ok(Built::Settled);
+            }
             return self
-                .start_claims(group_id, row.id, users.clone())
+                .start_claims(group_id, row.id, wanted)
                 .map(|()| Built::Waiting);
         }
         let claimed = self.claimed.get(&row.id).cloned().unwrap_or_default();
+        // Added by another member while the KeyPackages were being claimed.
+        let already: Vec<String> = claimed
+            .iter()
+            .map(|(user, _)| user.to_string())
+            .filter(|user| self.is_member(group_id, user))
+            .collect();
         let Some(group) = self.groups.get_mut(group_id) else {
             return Ok(Built::Waiting);
         };
@@ -1830,15 +1851,9 @@ impl Engine {
                     (seal(&mut group.mls, provider, signer, &envelope)?, None)
                 }
                 Intent::Invite { .. } => {
-                    // Someone else may have added a user while we were claiming or retrying.
-                    let members: Vec<String> = group
-                        .mls
-                        .members()
-                        .map(|member| identity_of(&member.credential))
-                        .collect();
                     let key_packages: Vec<KeyPackage> = claimed
                         .iter()
-                        .filter(|(user, _)| !members.iter().any(|member| member == user.as_str()))
+                        .filter(|(user, _)| !already.iter().any(|member| member == user.as_str()))
                         .map(|(_, key_package)| key_package.clone())
                         .collect();
                     if key_packages.is_empty() {
@@ -1949,6 +1964,9 @@ impl Engine {
                 ..row.clone()
             }))
         });
+        if built.is_ok() {
+            self.report_already_members(group_id, &already);
+        }
         match built {
             Ok(built) => {
                 if row.intent == Intent::Leave
@@ -1967,6 +1985,28 @@ impl Engine {
                 Err(error)
             }
         }
+    }
+
+    fn is_member(&self, group_id: &GroupId, user: &str) -> bool {
+        self.groups.get(group_id).is_some_and(|group| {
+            group
+                .mls
+                .members()
+                .any(|member| identity_of(&member.credential) == user)
+        })
+    }
+
+    /// Says which users an invite leaves out because they are in the group by now.
+    fn report_already_members(&self, group_id: &GroupId, users: &[String]) {
+        if users.is_empty() {
+            return;
+        }
+        let name = self.group_ref(group_id).name;
+        let verb = if users.len() == 1 { "is" } else { "are" };
+        self.error(format!(
+            "{} {verb} already in {name} by now: not invited again",
+            users.join(", ")
+        ));
     }
 
     fn start_claims(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use mlschat_ds::protocol::{GroupId, UserName};
 use tokio::sync::mpsc::UnboundedSender;
 
-pub use engine::spawn;
+pub use engine::{spawn, valid_group_name};
 
 use crate::net::NetEvent;
 
@@ -85,6 +85,9 @@ impl CoreConfig {
 pub enum Command {
     CreateGroup {
         name: String,
+        /// The new group's id; `None`: a random one. A front end that sends further commands
+        /// for the group before its `GroupCreated` comes back picks a random id itself.
+        id: Option<[u8; 16]>,
     },
     Invite {
         group: GroupId,

@@ -535,6 +535,7 @@ pub async fn start_peers<const N: usize>(names: [&str; N]) -> (Ds, tempfile::Tem
 /// `alice` creates a group named `name`; returns its reference.
 pub async fn create_group(creator: &mut Peer, name: &str) -> GroupRef {
     creator.command(Command::CreateGroup {
+        id: None,
         name: name.to_string(),
     });
     match creator
@@ -814,11 +815,13 @@ impl Headless {
     }
 
     pub async fn send_line(&mut self, line: &str) {
+        self.send_bytes(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Writes `bytes` to stdin in one write (several lines, or a line that is not UTF-8).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin is open");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .expect("write to stdin");
+        stdin.write_all(bytes).await.expect("write to stdin");
         stdin.flush().await.expect("flush stdin");
     }
 

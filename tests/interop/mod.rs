@@ -275,7 +275,10 @@ impl Chat {
 
     /// `/create NAME`; returns the new group's id.
     pub async fn create_group(&mut self, name: &str) -> GroupId {
-        self.command(Command::CreateGroup { name: name.into() });
+        self.command(Command::CreateGroup {
+            name: name.into(),
+            id: None,
+        });
         self.wait_for("group created", |event| match event {
             CoreEvent::GroupCreated { group } => Some(group.id.clone()),
             _ => None,
