@@ -480,7 +480,7 @@ async fn a_second_invite_of_a_user_added_meanwhile_says_so() {
         .await;
         let error = alice
             .wait_for("not invited again", |event| {
-                matches!(event, CoreEvent::Error { message } if message.contains("bob is already in twice"))
+                matches!(event, CoreEvent::Error { message } if message.contains("bob is already a member of twice"))
             })
             .await;
         assert!(

@@ -1996,17 +1996,18 @@ impl Engine {
         })
     }
 
-    /// Says which users an invite leaves out because they are in the group by now.
+    /// Says which users an invite leaves out because they are in the group by now, in the
+    /// words of the refusal of an invite of a member ([`Self::queue_invite`]).
     fn report_already_members(&self, group_id: &GroupId, users: &[String]) {
         if users.is_empty() {
             return;
         }
         let name = self.group_ref(group_id).name;
-        let verb = if users.len() == 1 { "is" } else { "are" };
-        self.error(format!(
-            "{} {verb} already in {name} by now: not invited again",
-            users.join(", ")
-        ));
+        for user in users {
+            self.error(format!(
+                "{user} is already a member of {name} by now: not invited again"
+            ));
+        }
     }
 
     fn start_claims(
