@@ -379,7 +379,9 @@ pub async fn run(
         }
     }
     // Split on bytes, not read as text: a line that is not UTF-8 (a Latin-1 byte in piped
-    // input) must be refused on its own, not end the session as a read error would.
+    // input) must be refused on its own, not end the session as a read error would. Like
+    // `lines()`, `Split` keeps a partly read line in itself, so the `select!` below may drop
+    // `next_segment` without losing input.
     let mut lines = input.split(b'\n');
     let mut quitting = false;
     let mut ended = Ended::Quit;
