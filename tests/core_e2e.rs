@@ -461,9 +461,9 @@ async fn kick_offline(kicker: &mut Peer, group: &GroupId, kicked: &str) {
 
 /// An invite queued behind another invite of the same user finds the user added by then: it
 /// says so instead of being dropped without a word (and claims none of the user's
-/// KeyPackages). Before, the second `/invite` got no answer at all.
+/// KeyPackages). The same for a kick behind a kick. Before, the second command got no answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_invite_of_a_user_added_meanwhile_says_so() {
+async fn a_second_invite_or_kick_that_became_moot_says_so() {
     timed(Duration::from_secs(60), async {
         let (_ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
         let group = create_group(&mut alice, "twice").await;
@@ -496,8 +496,19 @@ async fn a_second_invite_of_a_user_added_meanwhile_says_so() {
         assert_eq!(added, 1);
         let (_, _, members) = converge(&mut [&mut alice, &mut bob], &id).await;
         assert_eq!(members, 2);
+        for _ in 0..2 {
+            alice.command(Command::Kick {
+                group: id.clone(),
+                user: user("bob"),
+            });
+        }
+        alice
+            .wait_for("not removed again", |event| {
+                matches!(event, CoreEvent::Error { message } if message == "bob is not a member of twice any more: not removed again")
+            })
+            .await;
         let errors = alice.errors();
-        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors.len(), 2, "{errors:?}");
         bob.stop().await;
         alice.stop().await;
     })

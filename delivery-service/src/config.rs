@@ -157,10 +157,16 @@ impl Limits {
             (1..=600).contains(&self.auth_timeout_secs),
             "must be 1 to 600 seconds".into(),
         )?;
+        // Below two keep-alive intervals, a quiet but healthy client is timed out between two
+        // keep-alives and reconnects over and over.
+        let keep_alive = crate::tls::CLIENT_KEEP_ALIVE.as_secs();
         check(
             "idle_timeout_secs",
-            (1..=DAY).contains(&self.idle_timeout_secs),
-            "must be 1 second to 1 day".into(),
+            (2 * keep_alive..=DAY).contains(&self.idle_timeout_secs),
+            format!(
+                "must be {} seconds (twice the clients' {keep_alive} s keep-alive) to 1 day",
+                2 * keep_alive
+            ),
         )?;
         check(
             "udp_buffer_bytes",
@@ -265,7 +271,7 @@ mod tests {
 
     #[test]
     fn absurd_limits_are_rejected_by_name() {
-        let cases: [(&str, Limits); 9] = [
+        let cases: [(&str, Limits); 10] = [
             (
                 "requests_per_second",
                 Limits {
@@ -298,6 +304,13 @@ mod tests {
                 "udp_buffer_bytes",
                 Limits {
                     udp_buffer_bytes: 65_535,
+                    ..Limits::default()
+                },
+            ),
+            (
+                "idle_timeout_secs",
+                Limits {
+                    idle_timeout_secs: 19,
                     ..Limits::default()
                 },
             ),

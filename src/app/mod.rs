@@ -1001,11 +1001,18 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             state.system_line(index, timeline::added_you(&by), false);
             if state.current.is_none() {
                 effects.extend(state.switch_to(index));
-            } else if state.current != Some(index) {
-                state.groups[index].unread += 1;
-                let name = state.shown_name(&state.groups[index]);
-                state.info(format!("{by} added you to {name}"));
-                state.join_notice = Some((group.id.clone(), by));
+            } else {
+                // Added again to the group on screen, whose list emptied when we left it: the
+                // member pane and the status bar need it now, not at the next switch.
+                effects.push(Effect::Core(Command::Members {
+                    group: group.id.clone(),
+                }));
+                if state.current != Some(index) {
+                    state.groups[index].unread += 1;
+                    let name = state.shown_name(&state.groups[index]);
+                    state.info(format!("{by} added you to {name}"));
+                    state.join_notice = Some((group.id.clone(), by));
+                }
             }
         }
         CoreEvent::GroupRenamed { group, by } => {

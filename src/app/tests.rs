@@ -1199,3 +1199,30 @@ fn the_notice_of_a_join_takes_the_name_learned_after_it() {
         Some(("bob added you to ops".into(), Severity::Info))
     );
 }
+
+#[test]
+fn added_again_to_the_group_on_screen_reloads_its_members() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::Left {
+            group: team.clone(),
+            by: "bob".into(),
+        }),
+    );
+    let effects = update(
+        &mut state,
+        Msg::Core(CoreEvent::Joined {
+            group: team.clone(),
+            by: "bob".into(),
+        }),
+    );
+    assert!(state.groups[0].active);
+    assert!(
+        effects.contains(&Effect::Core(Command::Members {
+            group: team.id.clone()
+        })),
+        "{effects:?}"
+    );
+}

@@ -356,6 +356,9 @@ struct Engine {
     in_flight: HashMap<i64, [u8; 16]>,
     /// Client message ids of leave proposals the DS accepted (waiting for a commit).
     awaiting_commit: HashSet<[u8; 16]>,
+    /// Leaves (outbox ids) whose `LeaveRequested` was emitted: the proposal is sent again in
+    /// every epoch until a member commits it, and the user hears of it once.
+    announced_leaves: HashSet<i64>,
     /// Invites whose KeyPackages are being claimed.
     claims: HashMap<i64, Claim>,
     /// Invites whose KeyPackages are all claimed, kept until the add commit is sequenced.
@@ -545,6 +548,7 @@ impl Engine {
             claims: HashMap::new(),
             claimed: HashMap::new(),
             awaiting_commit: HashSet::new(),
+            announced_leaves: HashSet::new(),
             retry_at: HashMap::new(),
             unbuilt: HashMap::new(),
             storage_failing: false,
@@ -1814,6 +1818,11 @@ impl Engine {
                 .map(|()| Built::Waiting);
         }
         let claimed = self.claimed.get(&row.id).cloned().unwrap_or_default();
+        // Removed by another member's commit (or our own earlier kick) since this was queued.
+        let kicked_already = match &row.intent {
+            Intent::Kick { user } if !self.is_member(group_id, user) => Some(user.clone()),
+            _ => None,
+        };
         // Added by another member while the KeyPackages were being claimed.
         let already: Vec<String> = claimed
             .iter()
@@ -1966,6 +1975,12 @@ impl Engine {
         });
         if built.is_ok() {
             self.report_already_members(group_id, &already);
+            if let Some(user) = kicked_already {
+                let name = self.group_ref(group_id).name;
+                self.error(format!(
+                    "{user} is not a member of {name} any more: not removed again"
+                ));
+            }
         }
         match built {
             Ok(built) => {
@@ -2170,9 +2185,11 @@ impl Engine {
             }
         } else if row.intent == Intent::Leave {
             self.awaiting_commit.insert(client_message_id);
-            self.emit(CoreEvent::LeaveRequested {
-                group: self.group_ref(&group_id),
-            });
+            if self.announced_leaves.insert(outbox) {
+                self.emit(CoreEvent::LeaveRequested {
+                    group: self.group_ref(&group_id),
+                });
+            }
             // If everyone else is leaving too, we are the one to commit.
             self.pump(&group_id);
         }

@@ -30,7 +30,10 @@ pub fn render(state: &State, frame: &mut Frame, area: Rect) {
     }
     if let Some(group) = state.current_group() {
         let members = if group.active {
-            format!("{} members", group.members.len())
+            match group.members.len() {
+                1 => "1 member".to_string(),
+                count => format!("{count} members"),
+            }
         } else {
             "not a member".to_string()
         };
