@@ -515,6 +515,50 @@ async fn a_second_invite_or_kick_that_became_moot_says_so() {
     .await;
 }
 
+/// A group whose backlog at the DS is full (a member is away) refuses sends: the sender's
+/// client says so once, keeps what was typed, and sends it when the member is back and the DS
+/// has purged what everyone acknowledged. Before, the messages waited without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_group_backlog_is_reported_and_its_messages_wait() {
+    timed(Duration::from_secs(90), async {
+        let ds = Ds::start_with(mlschat_ds::config::Limits {
+            max_group_backlog: 8,
+            purge_interval_secs: 1,
+            ..mlschat_ds::config::Limits::default()
+        })
+        .await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut alice = Peer::start(&ds, "alice", root.path()).await;
+        let mut bob = Peer::start(&ds, "bob", root.path()).await;
+        let group = create_group(&mut alice, "full").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        bob.stop().await;
+        let texts: Vec<String> = (0..12).map(|n| format!("while bob is away {n}")).collect();
+        for text in &texts {
+            alice.send_text(&id, text);
+        }
+        alice
+            .wait_for("backlog full", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("as many undelivered messages"))
+            })
+            .await;
+        bob.restart().await;
+        for text in &texts {
+            bob.wait_message(&id, text).await;
+        }
+        for text in &texts {
+            alice.wait_sent(&id, text).await;
+        }
+        let errors = alice.errors();
+        assert_eq!(errors.len(), 1, "told once: {errors:?}");
+        alice.stop().await;
+        stop_clean(&mut [&mut bob]).await;
+    })
+    .await;
+}
+
 /// A member's client processes deliveries without an fsync each and acknowledges them only once
 /// a sync made them durable: with the sync held back for seconds, the DS's cursor for the
 /// member stays behind the messages shown, then reaches the last one with no further traffic,

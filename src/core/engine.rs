@@ -57,6 +57,9 @@ use storage_failures::{
 const TICK: Duration = Duration::from_millis(250);
 /// Wait before retrying a request the DS refused for load (rate limit, internal error).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long a send waits after the DS said the group's backlog is full: it frees up when a
+/// member who has been away catches up, or when messages expire, not within a second.
+const QUOTA_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// How long to wait before trying a failed sync again (see `Engine::sync`).
 const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// The longest group name, in characters.
@@ -359,6 +362,9 @@ struct Engine {
     /// Leaves (outbox ids) whose `LeaveRequested` was emitted: the proposal is sent again in
     /// every epoch until a member commits it, and the user hears of it once.
     announced_leaves: HashSet<i64>,
+    /// Groups whose backlog the DS last reported full, told to the user once until a send to
+    /// the group is accepted again.
+    backlog_full: HashSet<GroupId>,
     /// Invites whose KeyPackages are being claimed.
     claims: HashMap<i64, Claim>,
     /// Invites whose KeyPackages are all claimed, kept until the add commit is sequenced.
@@ -549,6 +555,7 @@ impl Engine {
             claimed: HashMap::new(),
             awaiting_commit: HashSet::new(),
             announced_leaves: HashSet::new(),
+            backlog_full: HashSet::new(),
             retry_at: HashMap::new(),
             unbuilt: HashMap::new(),
             storage_failing: false,
@@ -2173,6 +2180,7 @@ impl Engine {
         let Ok(group_id) = GroupId::new(row.group_id.clone()) else {
             return;
         };
+        self.backlog_full.remove(&group_id);
         if row.intent.is_application() {
             self.in_flight.remove(&outbox);
             if self.settle_application(&group_id, outbox, &row.intent, seq) {
@@ -2315,7 +2323,20 @@ impl Engine {
                 }
                 self.pump(&group_id);
             }
-            Some(ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::QuotaExceeded) => {
+            Some(ErrorCode::QuotaExceeded) => {
+                // Kept and sent again: nothing is lost, but the user must know why it waits.
+                if self.backlog_full.insert(group_id.clone()) {
+                    let name = self.group_ref(&group_id).name;
+                    self.error(format!(
+                        "{name}: the server holds as many undelivered messages for this group as \
+                         it allows, for a member who has been away; what you send waits, and goes \
+                         out once they catch up or old messages expire"
+                    ));
+                }
+                self.retry_at
+                    .insert(outbox, Instant::now() + QUOTA_RETRY_DELAY);
+            }
+            Some(ErrorCode::RateLimited | ErrorCode::Internal) => {
                 self.retry_at.insert(outbox, Instant::now() + RETRY_DELAY);
             }
             Some(ErrorCode::NotMember)

@@ -63,14 +63,16 @@ pub struct Ds {
 
 impl Ds {
     pub async fn start() -> Ds {
+        Ds::start_with(Limits::default()).await
+    }
+
+    /// A DS with other limits than the defaults.
+    pub async fn start_with(limits: Limits) -> Ds {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let server = LocalServer::start(
-            "127.0.0.1:0".parse().expect("address"),
-            dir.path(),
-            Limits::default(),
-        )
-        .await
-        .expect("the DS starts");
+        let server =
+            LocalServer::start("127.0.0.1:0".parse().expect("address"), dir.path(), limits)
+                .await
+                .expect("the DS starts");
         Ds { server, dir }
     }
 

@@ -340,7 +340,15 @@ pub fn complete_send<S: Store>(
     let id = routing.request_id;
     let appended = match outcome {
         Ok(appended) => appended,
-        Err(failure) => return store_error(id, failure),
+        Err(failure) => {
+            if let StoreError::QuotaExceeded(detail) = &failure {
+                // The group is stuck until its slowest member catches up or its messages
+                // expire: the operator may want to raise the limit or to know who is away.
+                // Clients wait 10 s between attempts, so this repeats at that pace at most.
+                tracing::warn!(group = %routing.group_id.to_hex(), sender = %context.user, %detail, "group backlog full; send refused");
+            }
+            return store_error(id, failure);
+        }
     };
     if !appended.duplicate {
         let delivery = Delivery {
