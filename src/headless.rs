@@ -199,6 +199,11 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "leave_requested", "group": name, "group_id": id})
             }
+            CoreEvent::OutOfSync { group } => {
+                self.active.insert(group.id.clone(), false);
+                let (name, id) = group_fields(group);
+                json!({"event": "out_of_sync", "group": name, "group_id": id})
+            }
             CoreEvent::Left { group, by } => {
                 self.active.insert(group.id.clone(), false);
                 let (name, id) = group_fields(group);

@@ -379,40 +379,10 @@ async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
             })
             .await;
 
-        // Everything up to the message after carol's removal expires: backdated while the DS
-        // is down, deleted by the purge it runs as it starts.
-        let stopped = ds.stop().await;
-        let database = stopped.data_dir().join("ds.sqlite3");
-        let connection = rusqlite::Connection::open(&database).expect("the DS's database opens");
-        let backdated = connection
-            .execute(
-                "UPDATE messages SET created_at = 0 WHERE group_id = ?1 AND seq <= ?2",
-                rusqlite::params![id.as_bytes(), last_expired as i64],
-            )
-            .expect("backdate");
-        assert!(backdated >= 2, "the removal and the message after it are stored");
-        drop(connection);
-        let _ds = stopped.start().await;
-        let purged = async {
-            let connection =
-                rusqlite::Connection::open(&database).expect("the DS's database opens");
-            loop {
-                let left: i64 = connection
-                    .query_row(
-                        "SELECT COUNT(*) FROM messages WHERE created_at = 0",
-                        [],
-                        |row| row.get(0),
-                    )
-                    .expect("count");
-                if left == 0 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(STEP, purged)
-            .await
-            .expect("the DS purges expired messages as it starts");
+        // Everything up to the message after carol's removal expires.
+        let backdated = expire_up_to(ds, &id, last_expired).await;
+        assert!(backdated.1 >= 2, "the removal and the message after it are stored");
+        let _ds = backdated.0;
 
         carol.restart().await;
         carol
@@ -555,6 +525,117 @@ async fn a_full_group_backlog_is_reported_and_its_messages_wait() {
         assert_eq!(errors.len(), 1, "told once: {errors:?}");
         alice.stop().await;
         stop_clean(&mut [&mut bob]).await;
+    })
+    .await;
+}
+
+/// Makes the messages of `group` up to `seq` expire: backdated while the DS is down, deleted by
+/// the purge it runs as it starts again. Returns the restarted DS and how many were backdated.
+async fn expire_up_to(ds: Ds, group: &GroupId, seq: u64) -> (Ds, usize) {
+    let stopped = ds.stop().await;
+    let database = stopped.data_dir().join("ds.sqlite3");
+    let connection = rusqlite::Connection::open(&database).expect("the DS's database opens");
+    let backdated = connection
+        .execute(
+            "UPDATE messages SET created_at = 0 WHERE group_id = ?1 AND seq <= ?2",
+            rusqlite::params![group.as_bytes(), seq as i64],
+        )
+        .expect("backdate");
+    drop(connection);
+    let ds = stopped.start().await;
+    let purged = async {
+        let connection = rusqlite::Connection::open(&database).expect("the DS's database opens");
+        loop {
+            let left: i64 = connection
+                .query_row(
+                    "SELECT COUNT(*) FROM messages WHERE created_at = 0",
+                    [],
+                    |row| row.get(0),
+                )
+                .expect("count");
+            if left == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(STEP, purged)
+        .await
+        .expect("the DS purges expired messages as it starts");
+    (ds, backdated)
+}
+
+/// A member away while a commit expired at the DS can no longer follow the group: its client
+/// says so once (not an error per message, with what it types "sending" for ever), and a
+/// removal and re-addition by a member brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_missed_commit_expired_is_told_and_can_be_added_again() {
+    timed(Duration::from_secs(120), async {
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        let group = create_group(&mut alice, "expiring").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        bob.stop().await;
+        alice.command(Command::Update { group: id.clone() });
+        alice
+            .wait_for("epoch 2", |event| {
+                matches!(event, CoreEvent::EpochChanged { group, epoch: 2, .. } if group.id == id)
+            })
+            .await;
+        alice.send_text(&id, "after the update");
+        let after_update = alice.wait_sent(&id, "after the update").await;
+        let (_ds, backdated) = expire_up_to(ds, &id, after_update - 1).await;
+        assert!(backdated >= 1, "the update is stored");
+
+        bob.restart().await;
+        bob.wait_for(
+            "out of sync",
+            |event| matches!(event, CoreEvent::OutOfSync { group } if group.id == id),
+        )
+        .await;
+        bob.command(Command::Send {
+            group: id.clone(),
+            text: "can anyone hear me?".into(),
+        });
+        bob.wait_for("refused", |event| {
+            matches!(event, CoreEvent::Error { message } if message.contains("no longer a member"))
+        })
+        .await;
+        let history = bob.history(&id).await;
+        assert!(
+            history
+                .iter()
+                .any(|entry| entry.text.contains("can no longer read or send here")),
+            "{history:#?}"
+        );
+
+        // Bob's client, out of the group, does not follow the removal; alice sees it.
+        kick_offline(&mut alice, &id, "bob").await;
+        alice.command(Command::Invite {
+            group: id.clone(),
+            users: vec![user("bob")],
+        });
+        bob.wait_for("joined again", |event| {
+            matches!(event, CoreEvent::Joined { group, by } if group.id == id && by == "alice")
+        })
+        .await;
+        alice.send_text(&id, "welcome back");
+        bob.wait_message(&id, "welcome back").await;
+        let (_, _, members) = converge(&mut [&mut alice, &mut bob], &id).await;
+        assert_eq!(members, 2);
+        let errors: Vec<String> = bob
+            .errors()
+            .into_iter()
+            .filter(|error| !error.contains("no longer a member"))
+            .collect();
+        assert_eq!(
+            errors,
+            Vec::<String>::new(),
+            "one notice, no error per message"
+        );
+        alice.stop().await;
+        bob.stop().await;
     })
     .await;
 }

@@ -1074,6 +1074,13 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 "leaving {name}: you are out once another member's client takes your leave"
             ));
         }
+        CoreEvent::OutOfSync { group } => {
+            let index = state.group_entry(&group);
+            state.groups[index].active = false;
+            state.system_line(index, timeline::out_of_sync(), true);
+            let name = state.shown_name(&state.groups[index]);
+            state.warn(format!("{name}: {}", timeline::out_of_sync()));
+        }
         CoreEvent::Left { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = false;

@@ -2661,6 +2661,13 @@ impl Engine {
             self.ack(&group_id, seq);
             return;
         }
+        if delivery.epoch > group.mls.epoch().as_u64() {
+            // The DS delivers every commit before what follows it, so one we needed is gone:
+            // nothing of this group can be read or sent any more, and saying so once beats an
+            // error per message and messages "sending" for ever.
+            self.fall_out_of_sync(&group_id, seq);
+            return;
+        }
         if seq > group.cursor + 1 {
             if self.application_in_flight(&group_id) {
                 // Our own message, which the DS does not push back, may be in the gap: its
@@ -2738,6 +2745,38 @@ impl Engine {
             self.emit(event);
         }
         self.pump(&group_id);
+    }
+
+    /// Ends our part in a group we can no longer follow (see [`CoreEvent::OutOfSync`]), at the
+    /// delivery `seq` that showed it. A Welcome, once a member adds us again, replaces it.
+    fn fall_out_of_sync(&mut self, group_id: &GroupId, seq: u64) {
+        tracing::warn!(group = %group_id, seq, "a delivery of a later epoch: commits are missing");
+        let connection = &self.connection;
+        let stepped = db::transaction(connection, || {
+            let unsent = Engine::deactivate_in_step(
+                connection,
+                group_id,
+                Some(seq),
+                &timeline::out_of_sync(),
+                Unsent::FailAll,
+            )?;
+            db::set_cursor(connection, group_id.as_bytes(), seq)?;
+            Ok(unsent)
+        });
+        match stepped {
+            Ok(unsent) => {
+                if let Some(group) = self.groups.get_mut(group_id) {
+                    group.move_cursor(seq);
+                }
+                self.deactivated(group_id, unsent);
+                self.emit(CoreEvent::OutOfSync {
+                    group: self.group_ref(group_id),
+                });
+                self.ack(group_id, seq);
+            }
+            Err(error @ CoreError::Unavailable(_)) => self.hold_delivery(group_id, seq, &error),
+            Err(error) => self.error(error.to_string()),
+        }
     }
 
     /// Whether an application message of ours in `group_id` is sent and not yet answered.

@@ -221,6 +221,14 @@ pub mod timeline {
     }
 
     /// Our own departure, as `me` sees it.
+    /// See [`CoreEvent::OutOfSync`].
+    pub fn out_of_sync() -> String {
+        "this client missed changes to the group that the server no longer has (they expired \
+         while it was away), so it can no longer read or send here: ask a member to remove you \
+         and add you again"
+            .to_string()
+    }
+
     /// Our removal, learned from a later Welcome: the DS had deleted the messages up to the
     /// commit that removed us (they expired) before we fetched them.
     pub fn removal_missed() -> String {
@@ -317,6 +325,12 @@ pub enum CoreEvent {
     /// The DS took our Remove proposal (`/leave`): we are out once another member's client
     /// commits it, which needs one of them online.
     LeaveRequested {
+        group: GroupRef,
+    },
+    /// This client can no longer follow the group: a delivery of a later epoch than its own
+    /// came, so a commit it needed is gone (expired at the DS while it was away, or one it
+    /// could not process). It is out until a member removes it and adds it again.
+    OutOfSync {
         group: GroupRef,
     },
     /// This client is no longer in the group (removed, or its leave was committed).
