@@ -353,6 +353,28 @@ async fn lines_reach_the_group_the_script_meant() {
     .await;
 }
 
+/// A `--server-cert-sha256` that is not the DS's, on a profile that never met the DS: the
+/// client refuses to talk to it, says that the given fingerprint does not match (not that the
+/// certificate "changed", with advice about a file that has no such line), and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_on_first_use_is_named_as_such() {
+    timed(Duration::from_secs(60), async {
+        let ds = Ds::start().await;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let mut erin = Headless::new(&ds, "erin", root.path(), &[]).pinning(&"ab".repeat(32));
+        erin.spawn();
+        let error = erin.wait_event("error", |e| e["event"] == "error").await;
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("is not the one given with --server-cert-sha256"),
+            "{message}"
+        );
+        assert!(!message.contains("changed"), "{message}");
+        assert!(!erin.wait_exit().await.success());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_the_queue_first_and_a_profile_runs_in_one_process() {
     timed(Duration::from_secs(90), async {

@@ -168,6 +168,16 @@ async fn connect(
             Ok((endpoint, connection))
         }
         Ok(Err(error)) => match (expected, presented) {
+            // Pinned on the command line, never seen before: nothing "changed", the pin is
+            // not the server's (or this is not the server meant).
+            (Some(expected), Some(presented)) if expected != presented && known.is_none() => {
+                Err(ConnectFailure::Untrusted(format!(
+                    "the certificate of {} is not the one given with --server-cert-sha256: \
+                     expected SHA-256 {expected}, presented {presented}. Check the fingerprint \
+                     with the operator of {}",
+                    config.server, config.server
+                )))
+            }
             (Some(expected), Some(presented)) if expected != presented => {
                 Err(ConnectFailure::Untrusted(format!(
                     "the certificate of {} changed: pinned SHA-256 {expected}, presented {presented}. \

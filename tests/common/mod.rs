@@ -753,6 +753,12 @@ impl Headless {
         }
     }
 
+    /// Pins another certificate fingerprint than the DS's (64 hex digits).
+    pub fn pinning(mut self, fingerprint: &str) -> Headless {
+        self.pinned = fingerprint.to_string();
+        self
+    }
+
     /// Starts the binary (again) on the same profile and waits for `ready`.
     pub async fn restart(&mut self) {
         self.spawn();
