@@ -44,6 +44,14 @@ fn assert_in_order(peer: &mut Peer, group: &GroupId) {
     );
 }
 
+/// alice, bob and carol on one DS, in a group alice created under `name`.
+async fn three_in_a_group(name: &str) -> (Ds, tempfile::TempDir, [Peer; 3], GroupRef) {
+    let (ds, root, [mut alice, mut bob, mut carol]) = start_peers(["alice", "bob", "carol"]).await;
+    let group = create_group(&mut alice, name).await;
+    invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+    (ds, root, [alice, bob, carol], group)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_users_chat_kick_and_leave() {
     timed(Duration::from_secs(90), async {
@@ -278,11 +286,9 @@ async fn offline_member_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
     timed(Duration::from_secs(120), async {
-        let (_ds, _root, [mut alice, mut bob, mut carol]) =
-            start_peers(["alice", "bob", "carol"]).await;
-        let group = create_group(&mut alice, "in and out").await;
+        let (_ds, _root, [mut alice, mut bob, mut carol], group) =
+            three_in_a_group("in and out").await;
         let id = group.id.clone();
-        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
         converge(&mut [&mut alice, &mut bob], &id).await;
         carol.stop().await;
 
@@ -356,11 +362,9 @@ async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
     timed(Duration::from_secs(120), async {
-        let (ds, _root, [mut alice, mut bob, mut carol]) =
-            start_peers(["alice", "bob", "carol"]).await;
-        let group = create_group(&mut alice, "expired").await;
+        let (ds, _root, [mut alice, mut bob, mut carol], group) =
+            three_in_a_group("expired").await;
         let id = group.id.clone();
-        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
         converge(&mut [&mut alice, &mut bob], &id).await;
         carol.stop().await;
 
@@ -1386,11 +1390,8 @@ async fn leave_races_with_commits() {
 async fn connections_replaced_mid_traffic() {
     const ROUNDS: usize = 5;
     timed(Duration::from_secs(120), async {
-        let (ds, _root, [mut alice, mut bob, mut carol]) =
-            start_peers(["alice", "bob", "carol"]).await;
-        let group = create_group(&mut alice, "flaky").await;
+        let (ds, _root, [mut alice, mut bob, mut carol], group) = three_in_a_group("flaky").await;
         let id = group.id.clone();
-        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
 
         let mut texts: Vec<(String, String)> = Vec::new();
         for round in 0..ROUNDS {
@@ -2076,11 +2077,8 @@ async fn a_message_that_waited_shows_when_it_was_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_renames_leave_every_member_with_the_same_name() {
     timed(Duration::from_secs(90), async {
-        let (_ds, _root, [mut alice, mut bob, mut carol]) =
-            start_peers(["alice", "bob", "carol"]).await;
-        let group = create_group(&mut alice, "team").await;
+        let (_ds, _root, [mut alice, mut bob, mut carol], group) = three_in_a_group("team").await;
         let id = group.id.clone();
-        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
 
         const ROUNDS: usize = 8;
         for round in 0..ROUNDS {
