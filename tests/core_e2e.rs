@@ -569,6 +569,44 @@ async fn expire_up_to(ds: Ds, group: &GroupId, seq: u64) -> (Ds, usize) {
     (ds, backdated)
 }
 
+/// A user invited while away, whose Welcome expired at the DS before it came back, cannot join:
+/// its client says so once when the group's next message arrives, naming who to ask, instead
+/// of dropping every message of the group without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_that_expired_before_its_user_came_back_is_reported() {
+    timed(Duration::from_secs(90), async {
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        bob.stop().await;
+        let group = create_group(&mut alice, "late").await;
+        let id = group.id.clone();
+        alice.command(Command::Invite {
+            group: id.clone(),
+            users: vec![user("bob")],
+        });
+        alice
+            .wait_for("bob added", |event| {
+                matches!(event, CoreEvent::MemberAdded { group, user, .. } if group.id == id && user == "bob")
+            })
+            .await;
+        alice.send_text(&id, "first");
+        let first = alice.wait_sent(&id, "first").await;
+        let (_ds, _) = expire_up_to(ds, &id, first - 1).await;
+        alice.send_text(&id, "second");
+        alice.wait_sent(&id, "second").await;
+        bob.restart().await;
+        bob.wait_for("told", |event| {
+            matches!(event, CoreEvent::Error { message } if message.contains("invitation expired") && message.contains("a group of alice"))
+        })
+        .await;
+        bob.idle(Duration::from_millis(300)).await;
+        assert_eq!(bob.errors().len(), 1, "told once");
+        assert!(!bob.in_group(&id));
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}
+
 /// A member away while a commit expired at the DS can no longer follow the group: its client
 /// says so once (not an error per message, with what it types "sending" for ever), and a
 /// removal and re-addition by a member brings it back.

@@ -365,6 +365,9 @@ struct Engine {
     /// Groups whose backlog the DS last reported full, told to the user once until a send to
     /// the group is accepted again.
     backlog_full: HashSet<GroupId>,
+    /// Groups we get deliveries of without having joined them (their Welcome expired), told
+    /// once per run.
+    welcome_missed: HashSet<GroupId>,
     /// Invites whose KeyPackages are being claimed.
     claims: HashMap<i64, Claim>,
     /// Invites whose KeyPackages are all claimed, kept until the add commit is sequenced.
@@ -556,6 +559,7 @@ impl Engine {
             awaiting_commit: HashSet::new(),
             announced_leaves: HashSet::new(),
             backlog_full: HashSet::new(),
+            welcome_missed: HashSet::new(),
             retry_at: HashMap::new(),
             unbuilt: HashMap::new(),
             storage_failing: false,
@@ -2649,6 +2653,18 @@ impl Engine {
             return;
         }
         let Some(group) = self.groups.get(&group_id) else {
+            // A group we were added to without joining it: its Welcome expired at the DS before
+            // we fetched it, or could not be opened. Nothing else lets us in, but the user can
+            // ask to be added again.
+            if self.welcome_missed.insert(group_id.clone()) {
+                self.error(format!(
+                    "you are in a group of {} ({}) that this client could not join (the \
+                     invitation expired at the server while you were away, or could not be \
+                     opened): ask them to remove you and add you again",
+                    delivery.sender,
+                    group_id.to_hex()
+                ));
+            }
             self.ack(&group_id, seq);
             return;
         };
@@ -3364,7 +3380,15 @@ impl Engine {
                 self.hold_delivery(&group_id, delivery.seq, &error);
                 return false;
             }
-            Err(error) => self.error(format!("could not join a group from its Welcome: {error}")),
+            Err(error) => {
+                // Said here with its reason; the group's later messages need not say it again.
+                self.welcome_missed.insert(group_id.clone());
+                self.error(format!(
+                    "could not join a group of {} from its Welcome: {error}; ask them to remove \
+                     you and add you again",
+                    delivery.sender
+                ));
+            }
         }
         true
     }
