@@ -607,6 +607,47 @@ async fn an_invitation_that_expired_before_its_user_came_back_is_reported() {
     .await;
 }
 
+/// Messages that expired at the DS before a member fetched them leave a gap in its seqs: its
+/// timeline says so where they would have been, instead of nothing but a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_expired_unread_are_noted_where_they_were() {
+    timed(Duration::from_secs(90), async {
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        let group = create_group(&mut alice, "gap").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        bob.stop().await;
+        for text in ["lost 1", "lost 2", "kept"] {
+            alice.send_text(&id, text);
+        }
+        let lost = alice.wait_sent(&id, "lost 2").await;
+        alice.wait_sent(&id, "kept").await;
+        let (_ds, backdated) = expire_up_to(ds, &id, lost).await;
+        assert!(backdated >= 2);
+        bob.restart().await;
+        bob.wait_message(&id, "kept").await;
+        bob.wait_for("told", |event| {
+            matches!(event, CoreEvent::Error { message } if message == "gap: up to 2 messages expired at the server before this client fetched them")
+        })
+        .await;
+        let history = bob.history(&id).await;
+        let noted = history
+            .iter()
+            .position(|entry| entry.text.contains("expired at the server"))
+            .expect("noted in the timeline");
+        let kept = history
+            .iter()
+            .position(|entry| entry.text == "kept")
+            .expect("kept");
+        assert!(noted < kept, "the note stands where the messages were");
+        assert!(bob.in_group(&id), "still in the group");
+        alice.stop().await;
+        bob.stop().await;
+    })
+    .await;
+}
+
 /// A member away while a commit expired at the DS can no longer follow the group: its client
 /// says so once (not an error per message, with what it types "sending" for ever), and a
 /// removal and re-addition by a member brings it back.

@@ -2684,18 +2684,23 @@ impl Engine {
             self.fall_out_of_sync(&group_id, seq);
             return;
         }
+        let mut expired = None;
         if seq > group.cursor + 1 {
             if self.application_in_flight(&group_id) {
                 // Our own message, which the DS does not push back, may be in the gap: its
                 // `Accepted` can come after the next delivery.
                 tracing::debug!(group = %group_id, expected = group.cursor + 1, seq, "a gap our message in flight may fill");
             } else {
+                // The DS delivers a group's messages without gaps but for what it deleted:
+                // messages that expired (a commit among them would have put us out of sync,
+                // above). The timeline says so where they would have been.
                 tracing::warn!(group = %group_id, expected = group.cursor + 1, seq, "gap in deliveries (expired messages?)");
+                expired = Some(timeline::expired(seq - group.cursor - 1));
             }
         }
         let from_me = delivery.sender == self.me;
         tracing::debug!(group = %group_id, seq, kind = delivery.kind, sender = %delivery.sender, epoch = delivery.epoch, "delivery");
-        let outcome = self.process_delivery(&group_id, &delivery, from_me);
+        let outcome = self.process_delivery(&group_id, &delivery, from_me, expired.as_deref());
         let events = match outcome {
             Ok(events) => events,
             Err(error @ CoreError::Unavailable(_)) => {
@@ -2810,6 +2815,7 @@ impl Engine {
         group_id: &GroupId,
         delivery: &Delivery,
         from_me: bool,
+        expired: Option<&str>,
     ) -> Result<Vec<CoreEvent>, CoreError> {
         let kind = DeliveryKind::from_u8(delivery.kind);
         let payload = delivery.payload.as_slice();
@@ -2843,8 +2849,20 @@ impl Engine {
         let cursor = group.cursor_after(seq);
         let provider = &self.provider;
         let connection = &self.connection;
+        if let Some(note) = expired {
+            events.push(CoreEvent::Error {
+                message: format!("{}: {note}", group_ref.name),
+            });
+        }
         // Unsynced: until we acknowledge it (after the sync), the DS delivers it again.
         db::transaction_unsynced(connection, || {
+            if let Some(note) = expired {
+                db::insert_history(
+                    connection,
+                    group_id.as_bytes(),
+                    NewHistory::warning(Some(seq), note),
+                )?;
+            }
             match (kind, from_me) {
                 (Some(DeliveryKind::Application), true) => {
                     // Our own message, from the DS's backlog after a reconnect (within a session

@@ -221,6 +221,16 @@ pub mod timeline {
     }
 
     /// Our own departure, as `me` sees it.
+    /// `count` seqs of a group were never delivered to us (they expired at the DS first).
+    pub fn expired(count: u64) -> String {
+        match count {
+            1 => "a message expired at the server before this client fetched it".to_string(),
+            count => format!(
+                "up to {count} messages expired at the server before this client fetched them"
+            ),
+        }
+    }
+
     /// See [`CoreEvent::OutOfSync`].
     pub fn out_of_sync() -> String {
         "this client missed changes to the group that the server no longer has (they expired \
