@@ -1349,11 +1349,7 @@ impl Engine {
             if user == self.me.as_str() {
                 return Err("use /leave to leave a group".into());
             }
-            if !group
-                .mls
-                .members()
-                .any(|member| identity_of(&member.credential) == *user)
-            {
+            if !self.is_member(&group_id, user) {
                 return Err(format!("{user} is not a member"));
             }
         }
@@ -2025,9 +2021,6 @@ impl Engine {
     /// Says which users an invite leaves out because they are in the group by now, in the
     /// words of the refusal of an invite of a member ([`Self::queue_invite`]).
     fn report_already_members(&self, group_id: &GroupId, users: &[String]) {
-        if users.is_empty() {
-            return;
-        }
         let name = self.group_ref(group_id).name;
         for user in users {
             self.error(format!(
