@@ -204,6 +204,11 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "out_of_sync", "group": name, "group_id": id})
             }
+            CoreEvent::RemovalExpired { group } => {
+                self.active.insert(group.id.clone(), false);
+                let (name, id) = group_fields(group);
+                json!({"event": "removal_expired", "group": name, "group_id": id})
+            }
             CoreEvent::Left { group, by } => {
                 self.active.insert(group.id.clone(), false);
                 let (name, id) = group_fields(group);

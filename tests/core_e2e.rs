@@ -420,6 +420,67 @@ async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
     .await;
 }
 
+/// A member removed while away, whose removal expired at the DS before it came back and who was
+/// not added again, gets nothing of the group any more. Its first send is refused as not a
+/// member; the client then finds that the DS holds nothing of the group for it and closes the
+/// group, saying why, instead of keeping it open with every send failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_removal_expired_is_told_when_it_sends() {
+    timed(Duration::from_secs(120), async {
+        let (ds, _root, [mut alice, mut bob, mut carol], group) =
+            three_in_a_group("removed").await;
+        let id = group.id.clone();
+        converge(&mut [&mut alice, &mut bob], &id).await;
+        carol.stop().await;
+        kick_offline(&mut alice, &id, "carol").await;
+        bob.send_text(&id, "after carol's removal");
+        let last = bob.wait_sent(&id, "after carol's removal").await;
+        let (_ds, backdated) = expire_up_to(ds, &id, last).await;
+        assert!(backdated >= 2, "the removal and the message after it are stored");
+
+        carol.restart().await;
+        assert!(carol.in_group(&id), "nothing has told carol yet");
+        carol.send_text(&id, "anyone here?");
+        carol
+            .wait_for("the send refused", |event| {
+                matches!(event, CoreEvent::Failed { group, .. } if group.id == id)
+            })
+            .await;
+        carol
+            .wait_for("told", |event| {
+                matches!(event, CoreEvent::RemovalExpired { group } if group.id == id)
+            })
+            .await;
+        assert!(!carol.in_group(&id), "the group is closed");
+        let history = carol.history(&id).await;
+        assert!(
+            history
+                .iter()
+                .any(|entry| entry.text.contains("removed from the group while away")),
+            "carol's timeline says what happened: {history:#?}"
+        );
+        // Closed for good: the next send fails here, without the DS.
+        carol.send_text(&id, "still here?");
+        carol
+            .wait_for("refused locally", |event| {
+                matches!(event, CoreEvent::Error { message } if message.contains("no longer a member"))
+            })
+            .await;
+        assert!(
+            alice.messages(&id).iter().all(|(_, text, _)| !text.contains("here?")),
+            "nothing of carol's reached the group"
+        );
+        assert_eq!(
+            carol.errors(),
+            vec!["you are no longer a member of removed".to_string()],
+            "the one error is the local refusal"
+        );
+        carol.stop().await;
+        stop_clean(&mut [&mut alice, &mut bob]).await;
+    })
+    .await;
+}
+
 /// `kicker` removes `user`, whose client is not running; waits until the kicker saw it.
 async fn kick_offline(kicker: &mut Peer, group: &GroupId, kicked: &str) {
     kicker.command(Command::Kick {

@@ -1675,6 +1675,12 @@ async fn purge_by_expiry_deletes_everything_and_keeps_sequence<B: Backend>(backe
     let purged = store.purge(0).await.expect("purge nothing");
     assert_eq!(purged.messages, 0);
     assert_eq!(fetch_all(&store, &bob, &g, 0).await.len(), 7);
+    // A fetch after the last possible seq asks only whether the requester has access: a
+    // member and a removed member whose removal is still stored get an empty page.
+    for member in [&alice, &carol] {
+        let probed = store.fetch(member, &g, Seq::MAX, 1).await.expect("probe");
+        assert!(probed.deliveries.is_empty() && !probed.more, "{member}");
+    }
 
     let far_future = i64::MAX / 2;
     let purged = store.purge(far_future).await.expect("purge everything");
@@ -1688,6 +1694,12 @@ async fn purge_by_expiry_deletes_everything_and_keeps_sequence<B: Backend>(backe
     // Carol's leftover membership can never be delivered to any more.
     assert_eq!(purged.memberships, 1);
     assert_eq!(store.memberships(&carol).await, Ok(Vec::new()));
+    assert!(matches!(
+        store.fetch(&carol, &g, Seq::MAX, 1).await,
+        Err(StoreError::NotMember)
+    ));
+    let probed = store.fetch(&bob, &g, Seq::MAX, 1).await.expect("probe");
+    assert!(probed.deliveries.is_empty() && !probed.more);
     // The group, its epoch and its members stay; sequence numbers are never reused.
     let next = store
         .append(application(

@@ -1081,6 +1081,13 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             let name = state.shown_name(&state.groups[index]);
             state.warn(format!("{name}: {}", timeline::out_of_sync()));
         }
+        CoreEvent::RemovalExpired { group } => {
+            let index = state.group_entry(&group);
+            state.groups[index].active = false;
+            state.system_line(index, timeline::removal_missed(), true);
+            let name = state.shown_name(&state.groups[index]);
+            state.warn(format!("{name}: {}", timeline::removal_missed()));
+        }
         CoreEvent::Left { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = false;

@@ -33,7 +33,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use mlschat_ds::dir_lock::{self, DirLock, DirLockError};
 use mlschat_ds::protocol::{
     AUTHENTICATE_LABEL, Ack, Authenticate, AuthenticationTbs, ClaimKeyPackage, CommitRouting,
-    CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode, ErrorResponse, Frame,
+    CountKeyPackages, CreateGroup, Delivery, DeliveryKind, ErrorCode, ErrorResponse, Fetch, Frame,
     GroupId, REGISTER_LABEL, Register, Send, UploadKeyPackages, UserName,
 };
 
@@ -299,6 +299,9 @@ enum Request {
     UploadKeyPackages,
     /// A held group's deliveries (see [`Held`]).
     Fetch(GroupId),
+    /// Whether the DS still holds a membership of ours in a group: a `Fetch` after the last
+    /// possible seq, which returns an empty page if so and `NotMember` if not.
+    Probe(GroupId),
 }
 
 /// What [`Engine::apply_rename`] did with a sequenced rename.
@@ -823,11 +826,14 @@ impl Engine {
                 }
             }
             Frame::Deliver(delivery) => self.on_deliver(delivery),
-            Frame::Messages(page) => {
-                if let Some(Request::Fetch(group_id)) = self.requests.remove(&page.request_id) {
-                    self.on_fetched(group_id, page);
+            Frame::Messages(page) => match self.requests.remove(&page.request_id) {
+                Some(Request::Fetch(group_id)) => self.on_fetched(group_id, page),
+                // Still a member, or the commit that removed us is still stored and on its way.
+                Some(Request::Probe(group_id)) => {
+                    tracing::debug!(group = %group_id, "the DS still holds a membership of ours");
                 }
-            }
+                _ => {}
+            },
             Frame::Pong(_) => {}
             other => tracing::warn!(kind = ?other.kind(), "unexpected frame from the DS"),
         }
@@ -926,6 +932,13 @@ impl Engine {
                     tracing::warn!(group = %group_id, %message, "fetching held deliveries failed");
                     held.failures = held.failures.saturating_add(1);
                     held.retry_at = Some(Instant::now() + storage_retry_delay(held.failures));
+                }
+            }
+            Some(Request::Probe(group_id)) => {
+                if code == Some(ErrorCode::NotMember) {
+                    self.on_removal_expired(&group_id);
+                } else {
+                    tracing::warn!(group = %group_id, %message, "cannot ask the DS about a membership");
                 }
             }
             None => tracing::warn!(code = error.code, %message, "error from the DS"),
@@ -2356,8 +2369,71 @@ impl Engine {
             _ => {
                 self.discard_pending(&group_id, &row.intent);
                 self.fail_outbox(&group_id, outbox, &row.intent, &message);
+                if code == Some(ErrorCode::NotMember) {
+                    self.probe_membership(&group_id);
+                }
                 self.pump(&group_id);
             }
+        }
+    }
+
+    /// Asks the DS whether anything of `group_id` is left for us, after it refused a send
+    /// because we are not a member. If the commit that removed us is still stored, it is on its
+    /// way and ends the group as any removal does. If nothing is left, we were removed while
+    /// away and that commit expired before we fetched it: without the probe the group would
+    /// stay open here, every send failing, for good.
+    fn probe_membership(&mut self, group_id: &GroupId) {
+        let probing = self
+            .requests
+            .values()
+            .any(|request| matches!(request, Request::Probe(id) if id == group_id));
+        let open = self
+            .groups
+            .get(group_id)
+            .is_some_and(|group| group.active && group.announced && !group.leaving);
+        if probing || !open {
+            return;
+        }
+        let probed = group_id.clone();
+        self.request(Request::Probe(group_id.clone()), |request_id| {
+            Frame::Fetch(Fetch {
+                request_id,
+                group_id: probed,
+                after_seq: u64::MAX,
+                limit: 1,
+            })
+        });
+    }
+
+    /// The DS holds nothing of a group for us any more while we still take part in it: see
+    /// [`Self::probe_membership`]. Ends our part, as a removal does.
+    fn on_removal_expired(&mut self, group_id: &GroupId) {
+        let open = self
+            .groups
+            .get(group_id)
+            .is_some_and(|group| group.active && !group.leaving);
+        if !open {
+            return;
+        }
+        tracing::warn!(group = %group_id, "the DS no longer counts us as a member; the removal expired");
+        let connection = &self.connection;
+        let stepped = db::transaction(connection, || {
+            Engine::deactivate_in_step(
+                connection,
+                group_id,
+                None,
+                &timeline::removal_missed(),
+                Unsent::FailAll,
+            )
+        });
+        match stepped {
+            Ok(unsent) => {
+                self.deactivated(group_id, unsent);
+                self.emit(CoreEvent::RemovalExpired {
+                    group: self.group_ref(group_id),
+                });
+            }
+            Err(error) => self.error(error.to_string()),
         }
     }
 

@@ -343,6 +343,13 @@ pub enum CoreEvent {
     OutOfSync {
         group: GroupRef,
     },
+    /// The DS refused a send because we are not a member, and holds nothing of the group for
+    /// us: we were removed while away, and the commit that did it expired at the DS before
+    /// this client fetched it. The group is closed here as after [`CoreEvent::Left`]; a
+    /// Welcome replaces it if a member adds us again.
+    RemovalExpired {
+        group: GroupRef,
+    },
     /// This client is no longer in the group (removed, or its leave was committed).
     Left {
         group: GroupRef,

@@ -469,7 +469,13 @@ impl Peer {
                 {
                     Some(true)
                 }
-                CoreEvent::Left { group: g, .. } if g.id == *group => Some(false),
+                CoreEvent::Left { group: g, .. }
+                | CoreEvent::OutOfSync { group: g }
+                | CoreEvent::RemovalExpired { group: g }
+                    if g.id == *group =>
+                {
+                    Some(false)
+                }
                 _ => None,
             })
             .unwrap_or(false)
