@@ -52,6 +52,25 @@ async fn three_in_a_group(name: &str) -> (Ds, tempfile::TempDir, [Peer; 3], Grou
     (ds, root, [alice, bob, carol], group)
 }
 
+/// Asserts that a line of `peer`'s stored timeline of `group` contains `text`.
+async fn assert_timeline_says(peer: &mut Peer, group: &GroupId, text: &str) {
+    let history = peer.history(group).await;
+    assert!(
+        history.iter().any(|entry| entry.text.contains(text)),
+        "{}'s timeline says {text:?}: {history:#?}",
+        peer.name
+    );
+}
+
+/// [`three_in_a_group`], with alice and bob agreeing on it and carol's client stopped.
+async fn three_with_carol_away(name: &str) -> (Ds, tempfile::TempDir, [Peer; 3], GroupId) {
+    let (ds, root, [mut alice, mut bob, mut carol], group) = three_in_a_group(name).await;
+    let id = group.id.clone();
+    converge(&mut [&mut alice, &mut bob], &id).await;
+    carol.stop().await;
+    (ds, root, [alice, bob, carol], id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_users_chat_kick_and_leave() {
     timed(Duration::from_secs(90), async {
@@ -286,11 +305,8 @@ async fn offline_member_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
     timed(Duration::from_secs(120), async {
-        let (_ds, _root, [mut alice, mut bob, mut carol], group) =
-            three_in_a_group("in and out").await;
-        let id = group.id.clone();
-        converge(&mut [&mut alice, &mut bob], &id).await;
-        carol.stop().await;
+        let (_ds, _root, [mut alice, mut bob, mut carol], id) =
+            three_with_carol_away("in and out").await;
 
         let mut for_carol = Vec::new();
         let mut not_for_carol = Vec::new();
@@ -362,11 +378,8 @@ async fn a_member_removed_and_added_again_while_offline_follows_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
     timed(Duration::from_secs(120), async {
-        let (ds, _root, [mut alice, mut bob, mut carol], group) =
-            three_in_a_group("expired").await;
-        let id = group.id.clone();
-        converge(&mut [&mut alice, &mut bob], &id).await;
-        carol.stop().await;
+        let (ds, _root, [mut alice, mut bob, mut carol], id) =
+            three_with_carol_away("expired").await;
 
         alice.send_text(&id, "expires before carol is back");
         alice.wait_sent(&id, "expires before carol is back").await;
@@ -408,13 +421,7 @@ async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
             .map(|(_, text, _)| text)
             .collect();
         assert_eq!(received, vec!["welcome back".to_string()]);
-        let history = carol.history(&id).await;
-        assert!(
-            history
-                .iter()
-                .any(|entry| entry.text.contains("removed from the group while away")),
-            "carol's timeline says what happened: {history:#?}"
-        );
+        assert_timeline_says(&mut carol, &id, "removed from the group while away").await;
         stop_clean(&mut [&mut alice, &mut bob, &mut carol]).await;
     })
     .await;
@@ -427,11 +434,8 @@ async fn a_member_whose_removal_expired_joins_again_from_the_next_welcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_removal_expired_is_told_when_it_sends() {
     timed(Duration::from_secs(120), async {
-        let (ds, _root, [mut alice, mut bob, mut carol], group) =
-            three_in_a_group("removed").await;
-        let id = group.id.clone();
-        converge(&mut [&mut alice, &mut bob], &id).await;
-        carol.stop().await;
+        let (ds, _root, [mut alice, mut bob, mut carol], id) =
+            three_with_carol_away("removed").await;
         kick_offline(&mut alice, &id, "carol").await;
         bob.send_text(&id, "after carol's removal");
         let last = bob.wait_sent(&id, "after carol's removal").await;
@@ -452,13 +456,7 @@ async fn a_member_whose_removal_expired_is_told_when_it_sends() {
             })
             .await;
         assert!(!carol.in_group(&id), "the group is closed");
-        let history = carol.history(&id).await;
-        assert!(
-            history
-                .iter()
-                .any(|entry| entry.text.contains("removed from the group while away")),
-            "carol's timeline says what happened: {history:#?}"
-        );
+        assert_timeline_says(&mut carol, &id, "removed from the group while away").await;
         // Closed for good: the next send fails here, without the DS.
         carol.send_text(&id, "still here?");
         carol
@@ -746,13 +744,7 @@ async fn a_member_whose_missed_commit_expired_is_told_and_can_be_added_again() {
             matches!(event, CoreEvent::Error { message } if message.contains("no longer a member"))
         })
         .await;
-        let history = bob.history(&id).await;
-        assert!(
-            history
-                .iter()
-                .any(|entry| entry.text.contains("can no longer read or send here")),
-            "{history:#?}"
-        );
+        assert_timeline_says(&mut bob, &id, "can no longer read or send here").await;
 
         // Bob's client, out of the group, does not follow the removal; alice sees it.
         kick_offline(&mut alice, &id, "bob").await;

@@ -324,6 +324,17 @@ impl State {
         self.notice(text.into(), Severity::Info);
     }
 
+    /// A group this client is out of because what it needed expired at the DS while it was
+    /// away (see `CoreEvent::OutOfSync` and `CoreEvent::RemovalExpired`): closed, with `why`
+    /// in its timeline and as a warning.
+    fn closed_by_expiry(&mut self, group: &GroupRef, why: String) {
+        let index = self.group_entry(group);
+        self.groups[index].active = false;
+        self.system_line(index, why.clone(), true);
+        let name = self.shown_name(&self.groups[index]);
+        self.warn(format!("{name}: {why}"));
+    }
+
     fn warn(&mut self, text: impl Into<String>) {
         self.notice(text.into(), Severity::Warning);
     }
@@ -1074,19 +1085,9 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 "leaving {name}: you are out once another member's client takes your leave"
             ));
         }
-        CoreEvent::OutOfSync { group } => {
-            let index = state.group_entry(&group);
-            state.groups[index].active = false;
-            state.system_line(index, timeline::out_of_sync(), true);
-            let name = state.shown_name(&state.groups[index]);
-            state.warn(format!("{name}: {}", timeline::out_of_sync()));
-        }
+        CoreEvent::OutOfSync { group } => state.closed_by_expiry(&group, timeline::out_of_sync()),
         CoreEvent::RemovalExpired { group } => {
-            let index = state.group_entry(&group);
-            state.groups[index].active = false;
-            state.system_line(index, timeline::removal_missed(), true);
-            let name = state.shown_name(&state.groups[index]);
-            state.warn(format!("{name}: {}", timeline::removal_missed()));
+            state.closed_by_expiry(&group, timeline::removal_missed());
         }
         CoreEvent::Left { group, by } => {
             let index = state.group_entry(&group);

@@ -1226,3 +1226,29 @@ fn added_again_to_the_group_on_screen_reloads_its_members() {
         "{effects:?}"
     );
 }
+
+#[test]
+fn a_removal_that_expired_closes_the_group_and_says_why() {
+    let mut state = state();
+    let team = with_group(&mut state, "team", 1);
+    update(
+        &mut state,
+        Msg::Core(CoreEvent::RemovalExpired {
+            group: team.clone(),
+        }),
+    );
+    assert!(!state.groups[0].active);
+    let why = timeline::removal_missed();
+    assert!(
+        matches!(
+            &state.groups[0].entries.last().map(|entry| &entry.kind),
+            Some(EntryKind::System { text, warning: true }) if *text == why
+        ),
+        "{:?}",
+        state.groups[0].entries
+    );
+    assert_eq!(
+        state.status,
+        Some((format!("team: {why}"), Severity::Warning))
+    );
+}
