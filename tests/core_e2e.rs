@@ -479,6 +479,56 @@ async fn a_member_whose_removal_expired_is_told_when_it_sends() {
     .await;
 }
 
+/// A member that left and was added again, then restarted, must not bring back what its first
+/// membership had queued: its own Remove proposal was still in the stored group state, and its
+/// next commit after the restart included it, removing whoever had its old leaf by then (or
+/// itself) at the committer only, so that every other member fell out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_again_after_leaving_commits_nothing_of_its_first_membership() {
+    timed(Duration::from_secs(120), async {
+        let (_ds, _root, [mut alice, mut bob, mut carol, mut erin]) =
+            start_peers(["alice", "bob", "carol", "erin"]).await;
+        let group = create_group(&mut alice, "again").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob, &mut carol]).await;
+        carol.command(Command::Leave { group: id.clone() });
+        carol
+            .wait_for("left", |event| {
+                matches!(event, CoreEvent::Left { group, .. } if group.id == id)
+            })
+            .await;
+        // Erin takes carol's old leaf; carol comes back in a new one.
+        invite(&mut alice, &group, &mut [&mut erin]).await;
+        invite(&mut alice, &group, &mut [&mut carol]).await;
+        converge(&mut [&mut alice, &mut bob, &mut carol, &mut erin], &id).await;
+
+        let (before, _, _) = alice.status(&id).await;
+        carol.stop().await;
+        carol.restart().await;
+        carol.command(Command::Update { group: id.clone() });
+        for peer in [&mut alice, &mut bob, &mut carol, &mut erin] {
+            peer.wait_for("carol's update", |event| {
+                matches!(event, CoreEvent::EpochChanged { group, epoch, .. } if group.id == id && *epoch == before + 1)
+            })
+            .await;
+        }
+        let (_, _, members) = converge(&mut [&mut alice, &mut bob, &mut carol, &mut erin], &id).await;
+        assert_eq!(members, 4, "nobody was removed");
+        carol.send_text(&id, "from carol");
+        carol.wait_sent(&id, "from carol").await;
+        erin.send_text(&id, "from erin");
+        erin.wait_sent(&id, "from erin").await;
+        for peer in [&mut alice, &mut bob, &mut erin] {
+            peer.wait_message(&id, "from carol").await;
+        }
+        for peer in [&mut alice, &mut bob, &mut carol] {
+            peer.wait_message(&id, "from erin").await;
+        }
+        stop_clean(&mut [&mut alice, &mut bob, &mut carol, &mut erin]).await;
+    })
+    .await;
+}
+
 /// `kicker` removes `user`, whose client is not running; waits until the kicker saw it.
 async fn kick_offline(kicker: &mut Peer, group: &GroupId, kicked: &str) {
     kicker.command(Command::Kick {

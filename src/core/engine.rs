@@ -3380,7 +3380,30 @@ impl Engine {
             };
             let mut builder = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
                 .map_err(welcome_error)?;
+            // SECURITY: the group we are added to must be the one the DS delivered the Welcome
+            // in. A Welcome for another group could replace the state of a group we are in
+            // (below), under the wrong name and members.
+            let mls_id = MlsGroupId::from_slice(group_id.as_bytes());
+            if *builder
+                .processed_welcome()
+                .unverified_group_info()
+                .group_id()
+                != mls_id
+            {
+                return Err(CoreError::Invalid(format!(
+                    "the Welcome from {} is for another group than the one it came in",
+                    delivery.sender
+                )));
+            }
             if replace {
+                // openmls overwrites the old state as it joins, but not all of it: the
+                // proposals queued in our first membership (our own leave, say) would come
+                // back with the next load and go into our next commit.
+                if let Some(mut old) =
+                    MlsGroup::load(provider.storage(), &mls_id).map_err(mls_error)?
+                {
+                    old.delete(provider.storage()).map_err(mls_error)?;
+                }
                 builder = builder.replace_old_group();
             }
             let staged = builder.build().map_err(|error| match error {
