@@ -50,6 +50,51 @@ async fn open_node(url: &str) -> PostgresStore {
         .expect("a DS node connects")
 }
 
+/// A node that cannot connect says why, as the server or the network said it: "db error" and
+/// "error connecting to server" alone, which is all tokio-postgres and the pool print
+/// themselves, left an operator guessing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_failures_say_why() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let missing_database = format!(
+        "{}_missing?{}",
+        database.base_url().split('?').next().unwrap_or_default(),
+        "connect_timeout=5"
+    );
+    let refused = match PostgresStore::connect(
+        &missing_database,
+        StoreLimits::default(),
+        PostgresOptions::default(),
+    )
+    .await
+    {
+        Ok(_) => panic!("a database that does not exist"),
+        Err(error) => error.to_string(),
+    };
+    assert!(refused.contains("does not exist"), "{refused}");
+
+    // A port nobody listens on.
+    let unused_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres:s3cret@127.0.0.1:{unused_port}/x");
+    let refused = match PostgresStore::connect(
+        &url,
+        StoreLimits::default(),
+        PostgresOptions::default(),
+    )
+    .await
+    {
+        Ok(_) => panic!("nobody listens there"),
+        Err(error) => error.to_string(),
+    };
+    assert!(refused.to_lowercase().contains("refused"), "{refused}");
+    assert!(!refused.contains("s3cret"), "{refused}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_append_on_one_node_wakes_the_other() {
     let Some(database) = TestDatabase::create().await else {

@@ -147,8 +147,22 @@ impl Default for PostgresOptions {
     }
 }
 
-fn backend(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(error.to_string())
+/// The error with its causes: tokio-postgres and the pool print only "db error" or "error
+/// connecting to server" themselves, and keep what the server said (a database that does not
+/// exist, a refused connection) as their source.
+fn backend(error: impl std::error::Error) -> StoreError {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some wrappers repeat their source in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    StoreError::Backend(text)
 }
 
 fn closed() -> StoreError {

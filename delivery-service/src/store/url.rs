@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Where the DS keeps its state.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
-    /// `sqlite://PATH` (or a bare path): the embedded single-node backend.
+    /// `sqlite://PATH`: the embedded single-node backend.
     Sqlite(PathBuf),
     /// `postgres://…` or `postgresql://…`: the shared backend several DS nodes can use. Kept
     /// as given (it may hold a password); see [`DatabaseUrl::redacted`].
@@ -19,15 +19,21 @@ pub enum DatabaseUrlError {
     UnsupportedScheme(String),
     #[error("the sqlite:// URL names no file")]
     EmptyPath,
+    /// Not echoed: a libpq `key=value` string given by mistake may hold a password.
+    #[error(
+        "the database URL has no scheme: use sqlite://PATH or postgres://USER@HOST/DB (libpq's \
+         key=value connection strings are not accepted)"
+    )]
+    NoScheme,
 }
 
 impl DatabaseUrl {
     pub fn parse(url: &str) -> Result<DatabaseUrl, DatabaseUrlError> {
+        // A bare path used to be taken as a SQLite file, which turned a libpq key=value string
+        // into a file of that name in the working directory: a lone node, silently, with the
+        // password in a file name.
         let Some((scheme, rest)) = url.split_once("://") else {
-            if url.is_empty() {
-                return Err(DatabaseUrlError::EmptyPath);
-            }
-            return Ok(DatabaseUrl::Sqlite(PathBuf::from(url)));
+            return Err(DatabaseUrlError::NoScheme);
         };
         match scheme.to_ascii_lowercase().as_str() {
             "sqlite" if rest.is_empty() => Err(DatabaseUrlError::EmptyPath),
@@ -52,30 +58,41 @@ pub(crate) fn redact_postgres_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "postgres://***".into();
     };
-    // The authority ends at the first '/', '?' or '#'; credentials end at its last '@'.
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((credentials, host)) => match credentials.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
+    // A password may hold '/', '?', '#' and even '@' unencoded (tokio-postgres takes what comes
+    // before the first '@', a person may mean up to the last): everything up to the last '@'
+    // anywhere is credentials here. An '@' in a later parameter hides more than it must,
+    // never less.
+    let (credentials, host_and_rest) = match rest.rsplit_once('@') {
+        Some((credentials, host_and_rest)) => {
+            let credentials = match credentials.split_once(':') {
+                Some((user, _password)) => format!("{user}:***@"),
+                None => format!("{}@", redact_password_parameters(credentials)),
+            };
+            (credentials, host_and_rest)
         }
-        None => tail.to_string(),
+        None => (String::new(), rest),
     };
-    format!("{scheme}://{authority}{tail}")
+    format!(
+        "{scheme}://{credentials}{}",
+        redact_password_parameters(host_and_rest)
+    )
+}
+
+/// Replaces the value of every `password=` parameter (case-insensitive, anywhere) up to the next
+/// '&' with `***`.
+fn redact_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.to_ascii_lowercase().find(KEY) {
+        let value_start = start + KEY.len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        rest = &rest[value_start..];
+        rest = &rest[rest.find('&').unwrap_or(rest.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl<'de> serde::Deserialize<'de> for DatabaseUrl {
@@ -112,9 +129,21 @@ mod tests {
             Ok(DatabaseUrl::Sqlite("/var/lib/ds.sqlite3".into()))
         );
         assert_eq!(
-            DatabaseUrl::parse("relative/ds.sqlite3"),
+            DatabaseUrl::parse("sqlite://relative/ds.sqlite3"),
             Ok(DatabaseUrl::Sqlite("relative/ds.sqlite3".into()))
         );
+        // Not a file named after a libpq connection string (with its password).
+        for bare in [
+            "relative/ds.sqlite3",
+            "host=127.0.0.1 port=5432 password=kvsecret dbname=ds",
+            "",
+        ] {
+            let refused = DatabaseUrl::parse(bare);
+            assert_eq!(refused, Err(DatabaseUrlError::NoScheme), "{bare}");
+            if let Err(error) = refused {
+                assert!(!error.to_string().contains("kvsecret"));
+            }
+        }
         assert!(matches!(
             DatabaseUrl::parse("postgres://ds@db.example/mlschat"),
             Ok(DatabaseUrl::Postgres(_))
@@ -165,6 +194,19 @@ mod tests {
             redact_postgres_url("postgres://a:b@c@host/x"),
             "postgres://a:***@host/x",
             "the last @ ends the credentials"
+        );
+        // Unencoded '/', '?' and '#' in a password (tokio-postgres connects with these).
+        for password in ["pa/ss99", "pa?ss99", "pa#ss99", "p@ss/99"] {
+            let url = format!("postgres://postgres:{password}@127.0.0.1:5432/ds");
+            let shown = DatabaseUrl::parse(&url).expect("valid").to_string();
+            assert_eq!(
+                shown, "postgres://postgres:***@127.0.0.1:5432/ds",
+                "{password}"
+            );
+        }
+        assert_eq!(
+            redact_postgres_url("postgres://db/x?PassWord=s3cret&user=ds"),
+            "postgres://db/x?PassWord=***&user=ds"
         );
     }
 }

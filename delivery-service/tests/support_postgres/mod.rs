@@ -48,6 +48,11 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
 }
 
 impl TestDatabase {
+    /// The URL of the database the test schemas live in.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     /// A fresh schema, or `None` (after printing why) when PostgreSQL is not reachable outside
     /// CI. Panics in CI.
     pub async fn create() -> Option<TestDatabase> {
