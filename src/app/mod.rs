@@ -117,11 +117,15 @@ impl GroupView {
             .unwrap_or(0)
     }
 
-    fn push(&mut self, entry: Entry) {
+    /// Adds an entry at the bottom. A view scrolled up stays on the lines it shows: `scroll`
+    /// counts lines up from the bottom, so it grows by the new entry's height at `columns`.
+    fn push(&mut self, entry: Entry, columns: u16, utc_offset: i32) {
+        self.entries.push(entry);
         if self.scroll > 0 {
             self.new_below += 1;
+            let last = self.entries.len() - 1;
+            self.scroll += crate::ui::timeline::entry_height(self, last, columns, utc_offset);
         }
-        self.entries.push(entry);
         if self.entries.len() > MAX_ENTRIES {
             let excess = self.entries.len() - MAX_ENTRIES;
             self.entries.drain(..excess);
@@ -349,13 +353,20 @@ impl State {
     }
 
     fn system_line(&mut self, index: usize, text: String, warning: bool) {
-        let now = self.now;
+        let entry = Entry {
+            at: self.now,
+            seq: None,
+            kind: EntryKind::System { text, warning },
+        };
+        self.push_entry(index, entry);
+    }
+
+    /// Adds an entry at the bottom of a group's timeline (see [`GroupView::push`]).
+    fn push_entry(&mut self, index: usize, entry: Entry) {
+        let columns = crate::ui::timeline_width(self);
+        let utc_offset = self.utc_offset;
         if let Some(group) = self.groups.get_mut(index) {
-            group.push(Entry {
-                at: now,
-                seq: None,
-                kind: EntryKind::System { text, warning },
-            });
+            group.push(entry, columns, utc_offset);
         }
     }
 
@@ -1109,18 +1120,21 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             let index = state.group_entry(&group);
             let mention = from != state.me && timeline::mentions(&state.me, &text);
             let is_current = state.current == Some(index);
-            let view = &mut state.groups[index];
-            view.push(Entry {
-                at,
-                seq: Some(seq),
-                kind: EntryKind::Message {
-                    from,
-                    text,
-                    own: false,
-                    delivery: Delivery::Received,
-                    mention,
+            state.push_entry(
+                index,
+                Entry {
+                    at,
+                    seq: Some(seq),
+                    kind: EntryKind::Message {
+                        from,
+                        text,
+                        own: false,
+                        delivery: Delivery::Received,
+                        mention,
+                    },
                 },
-            });
+            );
+            let view = &mut state.groups[index];
             if !is_current {
                 view.unread += 1;
             }
@@ -1139,17 +1153,20 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
             let index = state.group_entry(&group);
             let now = state.now;
             let me = state.me.clone();
-            state.groups[index].push(Entry {
-                at: now,
-                seq: None,
-                kind: EntryKind::Message {
-                    from: me,
-                    text,
-                    own: true,
-                    delivery: Delivery::Sending(local_id),
-                    mention: false,
+            state.push_entry(
+                index,
+                Entry {
+                    at: now,
+                    seq: None,
+                    kind: EntryKind::Message {
+                        from: me,
+                        text,
+                        own: true,
+                        delivery: Delivery::Sending(local_id),
+                        mention: false,
+                    },
                 },
-            });
+            );
         }
         CoreEvent::Sent {
             group,

@@ -288,12 +288,26 @@ fn reading_history_is_not_yanked_down_by_new_messages() {
     update(&mut state, key(KeyCode::PageUp));
     let scrolled = state.groups[0].scroll;
     assert!(scrolled > 0);
+    // `scroll` counts lines up from the bottom: the view stays on the same lines only if it
+    // grows by what arrives below (one line per short message here).
     update(&mut state, message(&team, "bob", "new", 100));
     update(&mut state, message(&team, "bob", "newer", 101));
-    assert_eq!(state.groups[0].scroll, scrolled);
+    assert_eq!(state.groups[0].scroll, scrolled + 2);
     assert_eq!(state.groups[0].new_below, 2);
-    update(&mut state, key(KeyCode::PageDown));
-    update(&mut state, key(KeyCode::PageDown));
+    // A message that wraps moves it by every line it takes.
+    let long = "word ".repeat(40);
+    update(&mut state, message(&team, "bob", &long, 102));
+    let wrapped = crate::ui::timeline::entry_height(
+        &state.groups[0],
+        state.groups[0].entries.len() - 1,
+        crate::ui::timeline_width(&state),
+        state.utc_offset,
+    );
+    assert!(wrapped > 1);
+    assert_eq!(state.groups[0].scroll, scrolled + 2 + wrapped);
+    for _ in 0..3 {
+        update(&mut state, key(KeyCode::PageDown));
+    }
     assert_eq!(state.groups[0].scroll, 0);
     assert_eq!(state.groups[0].new_below, 0);
     // Scrolling is bounded by the content.

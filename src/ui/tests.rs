@@ -344,3 +344,43 @@ fn a_long_groups_list_shows_the_current_group_and_its_range() {
         "{screen}"
     );
 }
+
+/// Reading history while messages arrive: the lines on screen stay where they were (only the
+/// "new below" notice takes the bottom row), instead of the view sliding down a line for each
+/// line that arrived.
+#[test]
+fn a_scrolled_view_stays_on_its_lines_as_messages_arrive() {
+    let mut state = session(80, 24);
+    let backlog = (0..40)
+        .map(|n| message("bob", &format!("backlog {n}"), 100 + n, NEXT_MORNING + 300))
+        .collect();
+    feed(&mut state, backlog);
+    if let Some(group) = state.groups.first_mut() {
+        group.scroll = 10;
+    }
+    let rows = |screen: &str| -> Vec<String> {
+        // The timeline's rows but its bottom one, which the notice may take.
+        screen
+            .lines()
+            .skip(1)
+            .take(17)
+            .map(str::to_string)
+            .collect()
+    };
+    let before = rows(&render(&state));
+    feed(
+        &mut state,
+        vec![
+            message("carol", "short", 200, NEXT_MORNING + 360),
+            message(
+                "carol",
+                &"wrapping words ".repeat(12),
+                201,
+                NEXT_MORNING + 360,
+            ),
+        ],
+    );
+    let after = render(&state);
+    assert_eq!(rows(&after), before, "{after}");
+    assert!(after.contains("2 new below"), "{after}");
+}

@@ -244,6 +244,18 @@ fn lines_with_separator(
     lines
 }
 
+/// Wrapped height of one entry of a group's timeline (with the day separator above it, if any).
+pub fn entry_height(group: &GroupView, index: usize, columns: u16, utc_offset: i32) -> usize {
+    lines_with_separator(
+        group,
+        index,
+        usize::from(columns),
+        utc_offset,
+        &Theme::default(),
+    )
+    .len()
+}
+
 /// Wrapped height of a group's timeline, counted from the newest entry and stopping once it
 /// reaches `needed`: scrolling only needs to know whether there is that much, so a long
 /// history is never laid out in full.
@@ -253,11 +265,9 @@ pub fn content_height_up_to(
     utc_offset: i32,
     needed: usize,
 ) -> usize {
-    let theme = Theme::default();
     let mut height = 0;
     for index in (0..group.entries.len()).rev() {
-        height +=
-            lines_with_separator(group, index, usize::from(columns), utc_offset, &theme).len();
+        height += entry_height(group, index, columns, utc_offset);
         if height >= needed {
             break;
         }
