@@ -409,6 +409,48 @@ async fn welcome_without_ratchet_tree_is_refused_with_a_reason() {
     .await;
 }
 
+/// A Welcome delivered in one group but made for another (an insider swapping the Welcome of
+/// its commit): the client refuses it with a reason and joins nothing. Joined, it would file
+/// the other group's state under this group's id, and, when added again to a group it was in,
+/// replace that other group's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_for_another_group_is_refused() {
+    timed(async {
+        let ds = Ds::start().await;
+        let mut erin = Chat::start(&ds, "erin").await;
+        let mut peer = MlsRsPeer::connect(&ds, "rs-swap", PeerOptions::default()).await;
+        let delivered_in = peer.create_group().await;
+        let made_for = peer.create_group().await;
+        let mut commit = peer.prepare_add(&delivered_in, &[user("erin")]).await;
+        let other = peer.prepare_add(&made_for, &[user("erin")]).await;
+        commit.welcome_messages = other.welcome_messages;
+        assert!(matches!(
+            peer.send_commit(&delivered_in, commit, &[user("erin")], &[])
+                .await,
+            CommitOutcome::Accepted { epoch: 1, .. }
+        ));
+        let error = erin
+            .wait_for("the join error", |event| match event {
+                CoreEvent::Error { message } => Some(message.clone()),
+                _ => None,
+            })
+            .await;
+        assert!(
+            error.contains("for another group") && error.contains("rs-swap"),
+            "{error}"
+        );
+        assert!(
+            !erin
+                .history
+                .iter()
+                .any(|event| matches!(event, CoreEvent::Joined { .. })),
+            "erin must not appear to have joined"
+        );
+        erin.stop().await;
+    })
+    .await;
+}
+
 /// KNOWN GAP (docs/interop.md): a KeyPackage with a GREASE extension in its `extensions`,
 /// listed in the leaf's capabilities as RFC 9420 §10 and §13.5 require, is valid, but openmls
 /// 0.9.2 compares the extension (classified `Unknown`) with the capability (classified
