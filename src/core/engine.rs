@@ -924,9 +924,10 @@ impl Engine {
             }
             Some(Request::Fetch(group_id)) => {
                 if code == Some(ErrorCode::NotMember) {
-                    // Nothing of the group is left for us on the DS. Whatever is queued finds
-                    // that out as it is sent.
+                    // Nothing of the group is left for us on the DS: for a group we are in,
+                    // the commit that removed us expired before we fetched it.
                     self.held.remove(&group_id);
+                    self.on_removal_expired(&group_id);
                     self.pump(&group_id);
                 } else if let Some(held) = self.held.get_mut(&group_id) {
                     tracing::warn!(group = %group_id, %message, "fetching held deliveries failed");
