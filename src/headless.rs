@@ -209,6 +209,15 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "removal_expired", "group": name, "group_id": id})
             }
+            CoreEvent::ServerBehind {
+                group,
+                server_epoch,
+                epoch,
+            } => {
+                self.active.insert(group.id.clone(), false);
+                let (name, id) = group_fields(group);
+                json!({"event": "server_behind", "group": name, "group_id": id, "server_epoch": server_epoch, "epoch": epoch})
+            }
             CoreEvent::Left { group, by } => {
                 self.active.insert(group.id.clone(), false);
                 let (name, id) = group_fields(group);

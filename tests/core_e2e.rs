@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{
-    Ds, Peer, STEP, agreed_status, converge, create_group, invite, kick, raw_login, start_peers,
-    stop_clean, timed, user,
+    Ds, Peer, STEP, StoppedDs, agreed_status, converge, create_group, invite, kick, raw_login,
+    start_peers, stop_clean, timed, user,
 };
 use mlschat::core::{Command, ConnectionState, CoreEvent, GroupRef};
 use mlschat_ds::protocol::{DeliveryKind, ErrorCode, Fetch, Frame, GroupId, Send};
@@ -525,6 +525,69 @@ async fn a_member_added_again_after_leaving_commits_nothing_of_its_first_members
             peer.wait_message(&id, "from erin").await;
         }
         stop_clean(&mut [&mut alice, &mut bob, &mut carol, &mut erin]).await;
+    })
+    .await;
+}
+
+/// The database of a stopped DS, as a backup of it (a cleanly stopped DS keeps it in one file).
+fn backup(stopped: &StoppedDs) -> Vec<u8> {
+    std::fs::read(stopped.data_dir().join("ds.sqlite3")).expect("the DS's database reads")
+}
+
+/// Puts a [`backup`] back in place, as docs/operations.md restores one.
+fn restore(stopped: &StoppedDs, backup: &[u8]) {
+    let database = stopped.data_dir().join("ds.sqlite3");
+    std::fs::write(&database, backup).expect("the backup is restored");
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
+    }
+}
+
+/// A DS restored from a backup taken before a commit has lost it: members who processed it are
+/// ahead of the DS for good. A message sent then is refused as `StaleEpoch` with the DS's older
+/// epoch, which the client used to take as "wait for that epoch", already past, and so rebuilt
+/// and sent it again in a tight loop (hundreds of requests a second, for ever, without a word).
+/// It now closes the group, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restored_from_before_a_commit_closes_the_group_instead_of_resending_for_ever() {
+    timed(Duration::from_secs(90), async {
+        let (ds, _root, [mut alice, mut bob]) = start_peers(["alice", "bob"]).await;
+        let group = create_group(&mut alice, "rewound").await;
+        let id = group.id.clone();
+        invite(&mut alice, &group, &mut [&mut bob]).await;
+        let (before, _, _) = converge(&mut [&mut alice, &mut bob], &id).await;
+        let stopped = ds.stop().await;
+        let saved = backup(&stopped);
+        let ds = stopped.start().await;
+
+        alice.command(Command::Update { group: id.clone() });
+        for peer in [&mut alice, &mut bob] {
+            peer.wait_for("the update", |event| {
+                matches!(event, CoreEvent::EpochChanged { group, epoch, .. } if group.id == id && *epoch == before + 1)
+            })
+            .await;
+        }
+        let stopped = ds.stop().await;
+        restore(&stopped, &saved);
+        let _ds = stopped.start().await;
+
+        alice.send_text(&id, "after the restore");
+        alice
+            .wait_for("told", |event| {
+                matches!(event, CoreEvent::ServerBehind { group, server_epoch, epoch }
+                    if group.id == id && *server_epoch == before && *epoch == before + 1)
+            })
+            .await;
+        alice
+            .wait_for("the message failed", |event| {
+                matches!(event, CoreEvent::Failed { group, .. } if group.id == id)
+            })
+            .await;
+        assert!(!alice.in_group(&id));
+        assert_timeline_says(&mut alice, &id, "restored from an older backup").await;
+        assert_eq!(alice.errors(), Vec::<String>::new());
+        alice.stop().await;
+        bob.stop().await;
     })
     .await;
 }

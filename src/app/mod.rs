@@ -328,10 +328,10 @@ impl State {
         self.notice(text.into(), Severity::Info);
     }
 
-    /// A group this client is out of because what it needed expired at the DS while it was
-    /// away (see `CoreEvent::OutOfSync` and `CoreEvent::RemovalExpired`): closed, with `why`
-    /// in its timeline and as a warning.
-    fn closed_by_expiry(&mut self, group: &GroupRef, why: String) {
+    /// A group this client is out of because the DS no longer has what it needs (see
+    /// `CoreEvent::OutOfSync`, `RemovalExpired` and `ServerBehind`): closed, with `why` in its
+    /// timeline and as a warning.
+    fn closed_with(&mut self, group: &GroupRef, why: String) {
         let index = self.group_entry(group);
         self.groups[index].active = false;
         self.system_line(index, why.clone(), true);
@@ -1096,10 +1096,15 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 "leaving {name}: you are out once another member's client takes your leave"
             ));
         }
-        CoreEvent::OutOfSync { group } => state.closed_by_expiry(&group, timeline::out_of_sync()),
+        CoreEvent::OutOfSync { group } => state.closed_with(&group, timeline::out_of_sync()),
         CoreEvent::RemovalExpired { group } => {
-            state.closed_by_expiry(&group, timeline::removal_missed());
+            state.closed_with(&group, timeline::removal_missed());
         }
+        CoreEvent::ServerBehind {
+            group,
+            server_epoch,
+            epoch,
+        } => state.closed_with(&group, timeline::server_behind(server_epoch, epoch)),
         CoreEvent::Left { group, by } => {
             let index = state.group_entry(&group);
             state.groups[index].active = false;

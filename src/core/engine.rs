@@ -2326,6 +2326,18 @@ impl Engine {
                 self.fail_outbox(&group_id, outbox, &row.intent, NOT_A_MEMBER);
                 self.pump(&group_id);
             }
+            Some(ErrorCode::StaleEpoch)
+                if current_epoch.is_some_and(|current| {
+                    self.groups
+                        .get(&group_id)
+                        .is_some_and(|group| current < group.mls.epoch().as_u64())
+                }) =>
+            {
+                // Waiting for the DS to reach our epoch would never end: the message would be
+                // rebuilt and sent again in a tight loop, for good.
+                self.discard_built(&group_id, &row);
+                self.on_server_behind(&group_id, current_epoch.unwrap_or_default());
+            }
             Some(ErrorCode::StaleEpoch) => {
                 tracing::info!(outbox, "the DS had moved to another epoch; rebuilding");
                 self.discard_built(&group_id, &row);
@@ -2404,6 +2416,42 @@ impl Engine {
                 limit: 1,
             })
         });
+    }
+
+    /// The DS answered a send with an epoch older than the group's here: it lost commits it had
+    /// sequenced (restored from an older backup, docs/operations.md). Everyone who processed
+    /// them is ahead of it for good, so the group cannot carry on: it is closed, saying so.
+    fn on_server_behind(&mut self, group_id: &GroupId, server_epoch: u64) {
+        let Some(epoch) = self
+            .groups
+            .get(group_id)
+            .filter(|group| group.active)
+            .map(|group| group.mls.epoch().as_u64())
+        else {
+            return;
+        };
+        tracing::warn!(group = %group_id, server_epoch, epoch, "the DS is behind this group's epoch: it lost commits");
+        let connection = &self.connection;
+        let stepped = db::transaction(connection, || {
+            Engine::deactivate_in_step(
+                connection,
+                group_id,
+                None,
+                &timeline::server_behind(server_epoch, epoch),
+                Unsent::FailAll,
+            )
+        });
+        match stepped {
+            Ok(unsent) => {
+                self.deactivated(group_id, unsent);
+                self.emit(CoreEvent::ServerBehind {
+                    group: self.group_ref(group_id),
+                    server_epoch,
+                    epoch,
+                });
+            }
+            Err(error) => self.error(error.to_string()),
+        }
     }
 
     /// The DS holds nothing of a group for us any more while we still take part in it: see

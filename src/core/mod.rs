@@ -239,6 +239,15 @@ pub mod timeline {
             .to_string()
     }
 
+    /// See [`CoreEvent::ServerBehind`].
+    pub fn server_behind(server_epoch: u64, epoch: u64) -> String {
+        format!(
+            "the server has lost changes to this group (it is at epoch {server_epoch}, this \
+             client at {epoch}: it was restored from an older backup), so the group cannot carry \
+             on; create a new one"
+        )
+    }
+
     /// Our removal, learned from a later Welcome: the DS had deleted the messages up to the
     /// commit that removed us (they expired) before we fetched them.
     pub fn removal_missed() -> String {
@@ -349,6 +358,14 @@ pub enum CoreEvent {
     /// Welcome replaces it if a member adds us again.
     RemovalExpired {
         group: GroupRef,
+    },
+    /// The DS refused a send with an epoch older than the group's here: it lost commits it had
+    /// sequenced (restored from an older backup). The group cannot carry on and is closed here
+    /// as after [`CoreEvent::Left`].
+    ServerBehind {
+        group: GroupRef,
+        server_epoch: u64,
+        epoch: u64,
     },
     /// This client is no longer in the group (removed, or its leave was committed).
     Left {

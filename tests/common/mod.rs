@@ -472,6 +472,7 @@ impl Peer {
                 CoreEvent::Left { group: g, .. }
                 | CoreEvent::OutOfSync { group: g }
                 | CoreEvent::RemovalExpired { group: g }
+                | CoreEvent::ServerBehind { group: g, .. }
                     if g.id == *group =>
                 {
                     Some(false)
