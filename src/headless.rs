@@ -107,7 +107,10 @@ impl Session {
             SlashCommand::Status => Reaction::Core(Command::Status {
                 group: self.current()?,
             }),
-            SlashCommand::Search(_) => return Err("/search is available in the TUI".into()),
+            SlashCommand::Search(text) => Reaction::Core(Command::Search {
+                group: self.current()?,
+                text,
+            }),
             SlashCommand::Help => Reaction::Print(json!({
                 "event": "help",
                 "commands": COMMANDS.iter().map(|(usage, what)| json!({"usage": usage, "description": what})).collect::<Vec<_>>(),
@@ -233,10 +236,19 @@ impl Session {
                 let (name, id) = group_fields(group);
                 json!({"event": "message", "group": name, "group_id": id, "from": from, "text": text, "seq": seq, "at": at})
             }
-            CoreEvent::Queued { .. }
-            | CoreEvent::History { .. }
-            | CoreEvent::SearchResults { .. }
-            | CoreEvent::Stopped => {
+            CoreEvent::SearchResults {
+                group,
+                text,
+                entries,
+            } => {
+                let (name, id) = group_fields(group);
+                let results: Vec<Value> = entries
+                    .iter()
+                    .map(|entry| json!({"seq": entry.seq, "from": entry.sender, "text": entry.text, "at": entry.at}))
+                    .collect();
+                json!({"event": "search_results", "group": name, "group_id": id, "text": text, "results": results})
+            }
+            CoreEvent::Queued { .. } | CoreEvent::History { .. } | CoreEvent::Stopped => {
                 return None;
             }
             CoreEvent::Sent {

@@ -108,6 +108,22 @@ async fn headless_contract() {
         assert_eq!(message["group_id"], room1.as_str());
         let sent = alice.wait_event("sent", |e| e["event"] == "sent").await;
         assert_eq!(sent["group"], "room1");
+
+        // `/search` finds messages of the current group, case-insensitively.
+        bob.send_line("/search HI B").await;
+        let found = bob
+            .wait_event("search_results", |e| e["event"] == "search_results")
+            .await;
+        assert_eq!(found["group_id"], room1.as_str(), "{found}");
+        assert_eq!(found["text"], "HI B");
+        assert_eq!(
+            found["results"].as_array().map(Vec::len),
+            Some(1),
+            "{found}"
+        );
+        assert_eq!(found["results"][0]["from"], "alice");
+        assert_eq!(found["results"][0]["text"], "hi bob");
+        assert_eq!(found["results"][0]["seq"], message["seq"]);
         assert_eq!(sent["group_id"], room1.as_str());
         assert!(message["seq"].as_u64().is_some());
         assert_eq!(sent["seq"], message["seq"]);
