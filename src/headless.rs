@@ -18,9 +18,24 @@ pub struct Session {
     pub current: Option<GroupId>,
     pub names: HashMap<GroupId, String>,
     pub active: HashMap<GroupId, bool>,
+    /// The current group as last recorded in the profile (as the group looked at last), so
+    /// that the next start picks it again.
+    recorded: Option<GroupId>,
 }
 
 impl Session {
+    /// The current group, if it changed since it was last recorded and the core knows it
+    /// (a `/create`d group only once its `group_created` came). The caller records it with
+    /// `Command::MarkRead`.
+    pub fn current_to_record(&mut self) -> Option<GroupId> {
+        let current = self.current.clone()?;
+        if self.recorded.as_ref() == Some(&current) || !self.active.contains_key(&current) {
+            return None;
+        }
+        self.recorded = Some(current.clone());
+        Some(current)
+    }
+
     fn remember(&mut self, group: &GroupRef) {
         self.names.insert(group.id.clone(), group.name.clone());
     }
@@ -131,10 +146,21 @@ impl Session {
                 for listed in groups {
                     self.remember(&listed.group);
                     self.active.insert(listed.group.id.clone(), listed.active);
-                    if listed.active {
-                        self.current = Some(listed.group.id.clone());
-                    }
                 }
+                // The group the script had current when it last ran (recorded as the one
+                // looked at last). Not simply the newest: anyone can add us to a group, and
+                // the script's next message must not go there after a restart either.
+                let active = groups.iter().filter(|listed| listed.active);
+                let recorded = active
+                    .clone()
+                    .filter(|listed| listed.viewed_at > 0)
+                    .max_by_key(|listed| listed.viewed_at);
+                // A profile that never recorded one (from before this was recorded, or whose
+                // groups were all left): the group joined last, as before.
+                self.current = recorded
+                    .or_else(|| active.clone().next_back())
+                    .map(|listed| listed.group.id.clone());
+                self.recorded = recorded.map(|listed| listed.group.id.clone());
                 let list: Vec<Value> = groups
                     .iter()
                     .map(|listed| {
@@ -164,11 +190,13 @@ impl Session {
             CoreEvent::GroupCreated { group } => {
                 // Current since its `/create` line (see `interpret`).
                 self.remember(group);
+                self.active.insert(group.id.clone(), true);
                 let (name, id) = group_fields(group);
                 json!({"event": "group_created", "group": name, "group_id": id})
             }
             CoreEvent::Joined { group, by } => {
                 self.remember(group);
+                self.active.insert(group.id.clone(), true);
                 // Only when there is no current group: anyone can add us to a group, and the
                 // script's next message must not go there instead of where it was going.
                 if self.current.is_none() {
@@ -328,6 +356,19 @@ pub enum Reaction {
     Print(Value),
 }
 
+/// Records a new current group in the profile as the group looked at last (see
+/// [`Session::current_to_record`]); not once quitting, when the core takes no more commands.
+fn record_current(client: &Client, session: &mut Session, quitting: bool) {
+    if quitting {
+        return;
+    }
+    if let Some(group) = session.current_to_record() {
+        let _ = client
+            .inputs
+            .send(CoreInput::Command(Command::MarkRead { group, seq: 0 }));
+    }
+}
+
 async fn write_line(output: &mut (impl AsyncWrite + Unpin), value: &Value) -> std::io::Result<()> {
     let mut line = value.to_string();
     line.push('\n');
@@ -462,7 +503,9 @@ pub async fn run(
                 if line.trim().is_empty() {
                     continue;
                 }
-                match session.interpret(&line) {
+                let reaction = session.interpret(&line);
+                record_current(&client, &mut session, quitting);
+                match reaction {
                     Ok(Reaction::Core(command)) => {
                         if command == Command::Quit {
                             quit(&client, &mut quitting);
@@ -491,7 +534,9 @@ pub async fn run(
                     }
                     break;
                 }
-                if let Some(value) = session.observe(&event)
+                let shown = session.observe(&event);
+                record_current(&client, &mut session, quitting);
+                if let Some(value) = shown
                     && !output.write(&value).await
                 {
                     quit(&client, &mut quitting);

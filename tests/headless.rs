@@ -329,6 +329,17 @@ async fn lines_reach_the_group_the_script_meant() {
             .wait_event("message", |e| e["event"] == "message")
             .await;
         assert_eq!(message["text"], "for public");
+        // Nor after a restart: the script's current group is recorded in the profile.
+        let status = bob.close_stdin().await;
+        assert!(status.success(), "{status:?}");
+        bob.restart().await;
+        bob.send_line("still for public").await;
+        let sent = bob.wait_event("sent", |e| e["event"] == "sent").await;
+        assert_eq!(sent["group_id"], public, "{sent}");
+        let message = alice
+            .wait_event("message", |e| e["event"] == "message")
+            .await;
+        assert_eq!(message["text"], "still for public");
         bob.send_line("/switch outsiders").await;
         bob.wait_event("switched", |e| e["event"] == "switched")
             .await;
