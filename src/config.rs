@@ -101,11 +101,13 @@ fn color(
     }
 }
 
-/// Loads settings from `path`; a missing file gives the defaults.
-pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+/// Loads settings from `path`. A missing file gives the defaults where it is the default path
+/// (`required` false); a file named with `--config` must exist (a typo there would otherwise
+/// leave the defaults in place without a word).
+pub fn load(path: &Path, required: bool) -> Result<Settings, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !required => {
             return Ok(Settings::default());
         }
         Err(source) => {
@@ -164,5 +166,16 @@ mod tests {
         assert!(parse(Path::new("t"), "[colors]\nown = \"sparkly\"\n").is_err());
         assert!(parse(Path::new("t"), "[keys]\nfly = \"f9\"\n").is_err());
         assert!(parse(Path::new("t"), "[sound]\n").is_err());
+    }
+
+    #[test]
+    fn a_missing_file_is_the_defaults_only_where_none_was_named() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let missing = dir.path().join("typo.toml");
+        assert!(matches!(load(&missing, false), Ok(settings) if settings == Settings::default()));
+        match load(&missing, true) {
+            Err(error) => assert!(error.to_string().contains("typo.toml"), "{error}"),
+            Ok(_) => panic!("a named file that does not exist"),
+        }
     }
 }

@@ -151,7 +151,7 @@ fn run_tui(
 ) -> Result<()> {
     let settings_path = cli.config.clone().or_else(mlschat::config::default_path);
     let settings = match &settings_path {
-        Some(path) => mlschat::config::load(path)?,
+        Some(path) => mlschat::config::load(path, cli.config.is_some())?,
         None => mlschat::config::Settings::default(),
     };
     let launch_cli = cli.clone();

@@ -118,6 +118,10 @@ impl KeyBinding {
                 modifiers,
             };
         }
+        // Shift+Tab arrives as BackTab, with Shift set or not depending on the terminal.
+        if event.code == KeyCode::BackTab {
+            modifiers.remove(KeyModifiers::SHIFT);
+        }
         KeyBinding {
             code: event.code,
             modifiers,
@@ -159,7 +163,9 @@ impl KeyBinding {
             function if function.starts_with('f') && function.len() > 1 => {
                 let number: u8 = function[1..]
                     .parse()
-                    .map_err(|_| format!("unknown key {key:?} in {text:?}"))?;
+                    .ok()
+                    .filter(|number| (1..=24).contains(number))
+                    .ok_or_else(|| format!("unknown key {key:?} in {text:?}"))?;
                 KeyCode::F(number)
             }
             single if single.chars().count() == 1 => {
@@ -167,6 +173,29 @@ impl KeyBinding {
             }
             other => return Err(format!("unknown key {other:?} in {text:?}")),
         };
+        // Keys as they arrive (see `from_event`), so that every binding can fire.
+        if code == KeyCode::Tab && modifiers == KeyModifiers::SHIFT {
+            return Ok(KeyBinding {
+                code: KeyCode::BackTab,
+                modifiers: KeyModifiers::NONE,
+            });
+        }
+        if code == KeyCode::BackTab {
+            modifiers.remove(KeyModifiers::SHIFT);
+        }
+        if let KeyCode::Char(c) = code {
+            if modifiers.contains(KeyModifiers::SHIFT) {
+                return Err(format!(
+                    "{text:?}: Shift with a character cannot be told apart from the character \
+                     itself; use Ctrl or Alt"
+                ));
+            }
+            if modifiers.is_empty() && !c.is_control() {
+                return Err(format!(
+                    "{text:?}: a character without Ctrl or Alt could no longer be typed"
+                ));
+            }
+        }
         Ok(KeyBinding { code, modifiers })
     }
 
@@ -257,16 +286,39 @@ impl Default for Keymap {
 }
 
 impl Keymap {
-    /// Applies `action = ["key", ...]` overrides: the listed keys replace the action's defaults.
+    /// Applies `action = ["key", ...]` overrides: the listed keys replace the action's
+    /// defaults, and take their keys from other actions' defaults. One key given to two actions
+    /// is an error (which one won depended on the order of a hash map), and so is leaving
+    /// `send` without a key.
     pub fn with_overrides(overrides: &HashMap<String, Vec<String>>) -> Result<Keymap, String> {
         let mut keymap = Keymap::default();
+        let mut given: HashMap<KeyBinding, (Action, &str)> = HashMap::new();
         for (name, keys) in overrides {
             let action = Action::from_name(name)
                 .ok_or_else(|| format!("unknown action {name:?} in [keys]"))?;
             keymap.bindings.retain(|_, bound| *bound != action);
             for key in keys {
-                keymap.bindings.insert(KeyBinding::parse(key)?, action);
+                let binding = KeyBinding::parse(key)?;
+                if let Some((other, other_name)) = given.insert(binding, (action, name))
+                    && other != action
+                {
+                    let (first, second) = if other_name < name.as_str() {
+                        (other_name, name.as_str())
+                    } else {
+                        (name.as_str(), other_name)
+                    };
+                    return Err(format!(
+                        "{} is given to both {first} and {second} in [keys]",
+                        binding.label()
+                    ));
+                }
             }
+        }
+        for (binding, (action, _)) in given {
+            keymap.bindings.insert(binding, action);
+        }
+        if !keymap.bindings.values().any(|bound| *bound == Action::Send) {
+            return Err("send has no key left in [keys]: messages could not be sent".into());
         }
         Ok(keymap)
     }
@@ -327,5 +379,61 @@ mod tests {
         assert_eq!(keymap.action(&f2), None);
         overrides.insert("no_such_action".to_string(), vec![]);
         assert!(Keymap::with_overrides(&overrides).is_err());
+    }
+
+    fn keymap(pairs: &[(&str, &[&str])]) -> Result<Keymap, String> {
+        let overrides: HashMap<String, Vec<String>> = pairs
+            .iter()
+            .map(|(action, keys)| {
+                (
+                    action.to_string(),
+                    keys.iter().map(|key| key.to_string()).collect(),
+                )
+            })
+            .collect();
+        Keymap::with_overrides(&overrides)
+    }
+
+    /// One key given to two actions used to be taken by whichever came last out of a hash map,
+    /// differently from run to run.
+    #[test]
+    fn a_key_given_to_two_actions_is_refused_every_time() {
+        for _ in 0..20 {
+            let refused = keymap(&[("send", &["ctrl+o"]), ("newline", &["ctrl+o"])]);
+            assert_eq!(
+                refused,
+                Err("Ctrl+O is given to both newline and send in [keys]".to_string())
+            );
+        }
+        // A key taken from another action's defaults moves: send on Ctrl+J, newline keeps
+        // Alt+Enter.
+        let keymap = keymap(&[("send", &["ctrl+j"])]).expect("valid");
+        let ctrl_j = KeyEvent::new(KeyCode::Char('j'), KeyModifiers::CONTROL);
+        assert_eq!(keymap.action(&ctrl_j), Some(Action::Send));
+        let alt_enter = KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT);
+        assert_eq!(keymap.action(&alt_enter), Some(Action::Newline));
+    }
+
+    #[test]
+    fn bindings_that_could_never_fire_or_leave_send_without_a_key_are_refused() {
+        assert!(keymap(&[("send", &[])]).is_err());
+        assert!(
+            keymap(&[("newline", &["enter"])]).is_err(),
+            "send had only Enter"
+        );
+        assert!(keymap(&[("newline", &["enter"]), ("send", &["ctrl+o"])]).is_ok());
+        for key in ["shift+x", "x", "f0", "f25"] {
+            assert!(keymap(&[("next_group", &[key])]).is_err(), "{key}");
+        }
+        // Shift+Tab arrives as BackTab, with or without Shift set.
+        for written in ["backtab", "shift+tab"] {
+            let keymap = keymap(&[("next_group", &[written])]).expect("valid");
+            for modifiers in [KeyModifiers::SHIFT, KeyModifiers::NONE] {
+                let event = KeyEvent::new(KeyCode::BackTab, modifiers);
+                assert_eq!(keymap.action(&event), Some(Action::NextGroup), "{written}");
+            }
+        }
+        // Quitting by key may be given up: /quit remains.
+        assert!(keymap(&[("quit", &[])]).is_ok());
     }
 }
