@@ -13,10 +13,17 @@ use mlschat::headless::Ended;
 use mlschat::tui::{self, Launch};
 use mlschat_ds::protocol::UserName;
 
-fn init_logging(path: &Path) -> Result<()> {
+/// `in_profile`: the log file is the default one, in the profile directory, which is what a
+/// failure to create its directory is then about.
+fn init_logging(path: &Path, in_profile: bool) -> Result<()> {
     if let Some(parent) = path.parent() {
+        let what = if in_profile {
+            "the profile directory"
+        } else {
+            "the log file's directory"
+        };
         std::fs::create_dir_all(parent)
-            .wrap_err_with(|| format!("cannot create {}", parent.display()))?;
+            .wrap_err_with(|| format!("cannot create {what} {}", parent.display()))?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -97,7 +104,7 @@ fn run() -> Result<()> {
         }
         None => None,
     };
-    init_logging(&log_path(&cli, options.as_ref())?)?;
+    init_logging(&log_path(&cli, options.as_ref())?, cli.log_file.is_none())?;
     let runtime = tokio::runtime::Runtime::new().wrap_err("cannot start the async runtime")?;
     let result = if cli.headless {
         run_headless(&runtime, options)

@@ -604,3 +604,59 @@ async fn no_plaintext_in_the_trace_log() {
     })
     .await;
 }
+
+/// A profile that cannot be used says which file or directory is the trouble: "file is not a
+/// database" or "File exists" alone left the user to guess.
+#[test]
+fn profile_trouble_names_the_file() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let run = |args: &[&std::ffi::OsStr]| -> (bool, String) {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mlschat"))
+            .args(["--headless", "--name", "alice", "--server", "127.0.0.1:9"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("the client runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let garbage = root.path().join("garbage");
+    std::fs::create_dir_all(&garbage).expect("profile directory");
+    let database = garbage.join("mlschat.sqlite3");
+    std::fs::write(&database, vec![0x5a; 8192]).expect("not a database");
+    let (ok, stderr) = run(&["--data-dir".as_ref(), garbage.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&database.display().to_string()) && stderr.contains("not a database"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&database).expect("still there"),
+        vec![0x5a; 8192],
+        "left as it was"
+    );
+
+    let file = root.path().join("a-file");
+    std::fs::write(&file, b"").expect("a file");
+    let (ok, stderr) = run(&["--data-dir".as_ref(), file.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("the profile directory {}", file.display())),
+        "{stderr}"
+    );
+    let log = file.join("client.log");
+    let elsewhere = root.path().join("elsewhere");
+    let (ok, stderr) = run(&[
+        "--data-dir".as_ref(),
+        elsewhere.as_os_str(),
+        "--log-file".as_ref(),
+        log.as_os_str(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("the log file's directory {}", file.display())),
+        "{stderr}"
+    );
+}

@@ -205,6 +205,9 @@ pub struct State {
     /// is named by a placeholder until the inviter's name message arrives, and the notice
     /// then takes the name.
     join_notice: Option<(GroupId, String)>,
+    /// When a mention last rang the bell (unix seconds): a catch-up full of mentions rings
+    /// once, not once for each.
+    mention_bell_at: Option<i64>,
     /// When the current group was last marked read (unix seconds).
     read_marked_at: i64,
 }
@@ -263,6 +266,7 @@ impl State {
             dirty: true,
             switch_to_created: false,
             join_notice: None,
+            mention_bell_at: None,
             read_marked_at: now,
         }
     }
@@ -1147,7 +1151,10 @@ fn on_core(state: &mut State, event: CoreEvent) -> Vec<Effect> {
                 if !is_current {
                     view.mentioned = true;
                 }
-                effects.push(Effect::Bell);
+                if state.mention_bell_at != Some(state.now) {
+                    state.mention_bell_at = Some(state.now);
+                    effects.push(Effect::Bell);
+                }
             }
         }
         CoreEvent::Queued {

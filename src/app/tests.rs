@@ -213,6 +213,16 @@ fn unread_counts_mentions_and_the_bell() {
     assert_eq!(effects, vec![Effect::Bell]);
     assert_eq!(state.groups[1].unread, 2);
     assert!(state.groups[1].mentioned);
+    // More mentions within the same second (a catch-up after a restart) ring no more; a
+    // mention a second later rings again.
+    for seq in 10..15 {
+        assert!(update(&mut state, message(&other, "bob", "@alice again", seq)).is_empty());
+    }
+    let later = state.now + 1;
+    update(&mut state, Msg::Tick(later));
+    let effects = update(&mut state, message(&other, "bob", "@alice later", 15));
+    assert_eq!(effects, vec![Effect::Bell]);
+    assert_eq!(state.groups[1].unread, 8);
     // "alicey" is not a mention of alice.
     assert!(update(&mut state, message(&team, "bob", "alicey", 3)).is_empty());
     update(&mut state, ctrl('n'));

@@ -468,9 +468,14 @@ pub fn insert_group(
     let now = now_unix_secs();
     connection
         .execute(
-            // Joining again from a Welcome: what came before it is read.
-            "INSERT OR REPLACE INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at, read_seq, joined_epoch)
-             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5, ?3, ?6)",
+            // Joining again from a Welcome: what came before it is read. The group keeps its
+            // place in the list (`joined_at`, which orders it) and when it was looked at last.
+            "INSERT INTO groups (group_id, name, cursor, active, announced, leaving, last_self_update, joined_at, read_seq, joined_epoch)
+             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?5, ?3, ?6)
+             ON CONFLICT (group_id) DO UPDATE SET name = excluded.name, cursor = excluded.cursor,
+                 active = 1, announced = excluded.announced, leaving = 0,
+                 last_self_update = excluded.last_self_update, read_seq = excluded.read_seq,
+                 joined_epoch = excluded.joined_epoch, name_seq = 0",
             params![
                 group_id,
                 name,
@@ -1130,6 +1135,36 @@ mod tests {
         let rows = groups(&connection).expect("groups");
         assert!(viewed(&rows, b"h") > viewed(&rows, b"g"));
         assert_eq!(unread(rows[0].read_seq), ["newer"]);
+    }
+
+    /// Joined again (a Welcome after a removal), a group keeps its place in the list, which
+    /// Alt+1..9 number, and when it was looked at last; it is active, and what came before is
+    /// read.
+    #[test]
+    fn joining_again_keeps_the_groups_place_and_view() {
+        let connection = Connection::open_in_memory().expect("in-memory database");
+        migrate(&connection).expect("migrates");
+        insert_group(&connection, b"a", Some("first"), 0, true, 0).expect("first");
+        insert_group(&connection, b"b", Some("second"), 0, true, 0).expect("second");
+        connection
+            .execute(
+                "UPDATE groups SET joined_at = joined_at - 10 WHERE group_id = x'61'",
+                [],
+            )
+            .expect("first joined earlier");
+        mark_read(&connection, b"a", 3).expect("looked at");
+        let before = groups(&connection).expect("groups");
+        set_group_flag(&connection, b"a", GroupFlag::Active, false).expect("removed");
+        insert_group(&connection, b"a", Some("first"), 9, true, 4).expect("joined again");
+        let after = groups(&connection).expect("groups");
+        let ids = |rows: &[GroupRow]| -> Vec<Vec<u8>> {
+            rows.iter().map(|row| row.group_id.clone()).collect()
+        };
+        assert_eq!(ids(&after), ids(&before), "the same order");
+        let (old, new) = (&before[0], &after[0]);
+        assert_eq!(new.viewed_at, old.viewed_at);
+        assert!(new.active);
+        assert_eq!((new.cursor, new.read_seq), (9, 9));
     }
 
     #[test]

@@ -465,14 +465,27 @@ impl Engine {
     ) -> Result<Engine, CoreError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|error| {
             CoreError::Invalid(format!(
-                "cannot create {}: {error}",
+                "cannot create the profile directory {}: {error}",
                 config.data_dir.display()
             ))
         })?;
         let profile_lock = lock_profile(&config.data_dir)?;
-        let mut connection = db::open(&config.data_dir.join("mlschat.sqlite3"))?;
-        migrate_openmls_tables(&mut connection).map_err(CoreError::Database)?;
-        db::migrate(&connection)?;
+        let database = config.data_dir.join("mlschat.sqlite3");
+        // Which file: "file is not a database" or "unable to open database file" alone do not
+        // say.
+        let in_profile = |error: CoreError| match error {
+            CoreError::Database(message) => {
+                CoreError::Database(format!("{}: {message}", database.display()))
+            }
+            CoreError::Unavailable(message) => {
+                CoreError::Unavailable(format!("{}: {message}", database.display()))
+            }
+            other => other,
+        };
+        let mut connection = db::open(&database).map_err(in_profile)?;
+        migrate_openmls_tables(&mut connection)
+            .map_err(|message| in_profile(CoreError::Database(message)))?;
+        db::migrate(&connection).map_err(in_profile)?;
         let connection = Rc::new(connection);
         let provider = ClientProvider::new(Rc::clone(&connection));
         let me = config.name.clone();
