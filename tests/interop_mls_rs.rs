@@ -47,6 +47,31 @@ async fn wait_member_removed(chat: &mut Chat, group: &GroupId, removed: &str, by
     .await
 }
 
+/// Waits for the error that refused a Welcome, checks that it says each of `needles`, and that
+/// the client did not join anything.
+async fn refused_to_join(chat: &mut Chat, needles: &[&str]) {
+    let error = chat
+        .wait_for("the join error", |event| match event {
+            CoreEvent::Error { message } => Some(message.clone()),
+            _ => None,
+        })
+        .await;
+    for needle in needles {
+        assert!(
+            error.contains(needle),
+            "the error should say {needle:?}: {error}"
+        );
+    }
+    assert!(
+        !chat
+            .history
+            .iter()
+            .any(|event| matches!(event, CoreEvent::Joined { .. })),
+        "{} must not appear to have joined",
+        chat.name
+    );
+}
+
 async fn wait_left(chat: &mut Chat, group: &GroupId, by: &str) {
     chat.wait_for(&format!("removal by {by}"), |event| match event {
         CoreEvent::Left {
@@ -385,25 +410,7 @@ async fn welcome_without_ratchet_tree_is_refused_with_a_reason() {
             peer.invite(&group, &[user("erin")]).await,
             CommitOutcome::Accepted { epoch: 1, .. }
         ));
-        let error = erin
-            .wait_for("the join error", |event| match event {
-                CoreEvent::Error { message } => Some(message.clone()),
-                _ => None,
-            })
-            .await;
-        for needle in ["Welcome", "ratchet tree", "rs-notree"] {
-            assert!(
-                error.contains(needle),
-                "the error should say {needle:?}: {error}"
-            );
-        }
-        assert!(
-            !erin
-                .history
-                .iter()
-                .any(|event| matches!(event, CoreEvent::Joined { .. })),
-            "erin must not appear to have joined"
-        );
+        refused_to_join(&mut erin, &["Welcome", "ratchet tree", "rs-notree"]).await;
         erin.stop().await;
     })
     .await;
@@ -429,23 +436,7 @@ async fn a_welcome_for_another_group_is_refused() {
                 .await,
             CommitOutcome::Accepted { epoch: 1, .. }
         ));
-        let error = erin
-            .wait_for("the join error", |event| match event {
-                CoreEvent::Error { message } => Some(message.clone()),
-                _ => None,
-            })
-            .await;
-        assert!(
-            error.contains("for another group") && error.contains("rs-swap"),
-            "{error}"
-        );
-        assert!(
-            !erin
-                .history
-                .iter()
-                .any(|event| matches!(event, CoreEvent::Joined { .. })),
-            "erin must not appear to have joined"
-        );
+        refused_to_join(&mut erin, &["for another group", "rs-swap"]).await;
         erin.stop().await;
     })
     .await;

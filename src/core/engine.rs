@@ -2444,24 +2444,34 @@ impl Engine {
             return;
         };
         tracing::warn!(group = %group_id, server_epoch, epoch, "the DS is behind this group's epoch: it lost commits");
+        self.close_group(
+            group_id,
+            &timeline::server_behind(server_epoch, epoch),
+            |group| CoreEvent::ServerBehind {
+                group,
+                server_epoch,
+                epoch,
+            },
+        );
+    }
+
+    /// Ends our part in a group the DS can no longer serve us in (see the callers), in a step
+    /// of its own: the group is closed with `note` in its timeline, what was queued fails, and
+    /// `event` tells the user.
+    fn close_group(
+        &mut self,
+        group_id: &GroupId,
+        note: &str,
+        event: impl FnOnce(GroupRef) -> CoreEvent,
+    ) {
         let connection = &self.connection;
         let stepped = db::transaction(connection, || {
-            Engine::deactivate_in_step(
-                connection,
-                group_id,
-                None,
-                &timeline::server_behind(server_epoch, epoch),
-                Unsent::FailAll,
-            )
+            Engine::deactivate_in_step(connection, group_id, None, note, Unsent::FailAll)
         });
         match stepped {
             Ok(unsent) => {
                 self.deactivated(group_id, unsent);
-                self.emit(CoreEvent::ServerBehind {
-                    group: self.group_ref(group_id),
-                    server_epoch,
-                    epoch,
-                });
+                self.emit(event(self.group_ref(group_id)));
             }
             Err(error) => self.error(error.to_string()),
         }
@@ -2478,25 +2488,9 @@ impl Engine {
             return;
         }
         tracing::warn!(group = %group_id, "the DS no longer counts us as a member; the removal expired");
-        let connection = &self.connection;
-        let stepped = db::transaction(connection, || {
-            Engine::deactivate_in_step(
-                connection,
-                group_id,
-                None,
-                &timeline::removal_missed(),
-                Unsent::FailAll,
-            )
+        self.close_group(group_id, &timeline::removal_missed(), |group| {
+            CoreEvent::RemovalExpired { group }
         });
-        match stepped {
-            Ok(unsent) => {
-                self.deactivated(group_id, unsent);
-                self.emit(CoreEvent::RemovalExpired {
-                    group: self.group_ref(group_id),
-                });
-            }
-            Err(error) => self.error(error.to_string()),
-        }
     }
 
     /// Whether an outbox item was built in an epoch before the one we (last) joined in: before a
