@@ -203,6 +203,9 @@ async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let profile = dir.path().join("profile");
     eprintln!("  fig 8: creating a profile with {GROUPS} groups");
     create_profile(&ds, &profile, &name).await?;
+    // An empty settings file: the defaults, whatever the machine's user has configured.
+    let settings_file = dir.path().join("settings.toml");
+    std::fs::write(&settings_file, b"")?;
     let command = format!(
         "{} --name {} --data-dir {} --server {} --server-cert-sha256 {} --log-file {} --config {}",
         shell_quote(&binary.to_string_lossy()),
@@ -211,7 +214,7 @@ async fn run(settings: &Settings) -> Result<Vec<Row>> {
         ds.target.address,
         ds.target.fingerprint.to_hex(),
         shell_quote(&dir.path().join("tui.log").to_string_lossy()),
-        shell_quote(&dir.path().join("none.toml").to_string_lossy()),
+        shell_quote(&settings_file.to_string_lossy()),
     );
     let baseline = "sh -c 'echo floor-ready; sleep 30'".to_string();
     let repeats = if settings.quick {
