@@ -63,16 +63,7 @@ async fn connection_failures_say_why() {
         database.base_url().split('?').next().unwrap_or_default(),
         "connect_timeout=5"
     );
-    let refused = match PostgresStore::connect(
-        &missing_database,
-        StoreLimits::default(),
-        PostgresOptions::default(),
-    )
-    .await
-    {
-        Ok(_) => panic!("a database that does not exist"),
-        Err(error) => error.to_string(),
-    };
+    let refused = connect_error(&missing_database).await;
     assert!(refused.contains("does not exist"), "{refused}");
 
     // A port nobody listens on.
@@ -81,18 +72,17 @@ async fn connection_failures_say_why() {
         .expect("a free port")
         .port();
     let url = format!("postgres://postgres:s3cret@127.0.0.1:{unused_port}/x");
-    let refused = match PostgresStore::connect(
-        &url,
-        StoreLimits::default(),
-        PostgresOptions::default(),
-    )
-    .await
-    {
-        Ok(_) => panic!("nobody listens there"),
-        Err(error) => error.to_string(),
-    };
+    let refused = connect_error(&url).await;
     assert!(refused.to_lowercase().contains("refused"), "{refused}");
     assert!(!refused.contains("s3cret"), "{refused}");
+}
+
+/// The error of a node that must fail to connect to `url`.
+async fn connect_error(url: &str) -> String {
+    match PostgresStore::connect(url, StoreLimits::default(), PostgresOptions::default()).await {
+        Ok(_) => panic!("connected to {url}"),
+        Err(error) => error.to_string(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
